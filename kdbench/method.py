@@ -1,0 +1,238 @@
+"""The one plugin interface (Method), its context, init stages, and the entry-point registry.
+
+A method is an ``nn.Module`` subclass. Its constructor receives its ``Config`` and a ``MethodContext``;
+it registers adapters as submodules and memory banks / queues as buffers, so they are optimised and
+checkpointed with no hand-kept lists. ``loss`` returns the method's weighted terms; the harness adds
+``ce_weight * CE`` and ``kd_weight * KD`` itself, so nothing outside ``methods/`` branches on a name.
+Built-in methods are found through the ``kdbench.methods`` entry-point group exactly like third-party ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from kdbench.errors import KdbenchError
+from kdbench.models.base import FeatureInfo, ModelOutput
+
+ENTRY_POINT_GROUP = "kdbench.methods"
+NEEDS = frozenset({"logits", "feats", "preact", "pooled", "index"})
+
+
+@dataclass
+class MethodConfig:
+    """Loss weights shared by every method: loss = ce_weight*CE + kd_weight*KD + the method's own terms.
+
+    ce_weight is the papers' gamma, kd_weight their alpha; ``weight`` is beta, the scale of the method's
+    own term (each method sets its reference default). ``temperature`` is the KD softmax temperature T.
+    """
+
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    temperature: float = 4.0
+    weight: float = 0.0
+
+
+@dataclass
+class Batch:
+    """One training or test batch: normalised images, labels, and the sample indices in the split."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class MethodContext:
+    """What a method may know when it is built: shapes, class count, training-set size and labels.
+
+    ``student_head`` / ``teacher_head`` are the final linear classifiers (for methods that need the
+    gradient of the cross-entropy with respect to the pooled features). Do not register them as
+    submodules of the method: they belong to the student (optimised by the harness) and the frozen teacher.
+    """
+
+    student: FeatureInfo
+    teacher: FeatureInfo | None
+    num_classes: int
+    num_train: int
+    train_labels: torch.Tensor
+    image_size: int = 32
+    student_arch: str = ""
+    teacher_arch: str | None = None
+    student_head: nn.Module | None = None
+    teacher_head: nn.Module | None = None
+
+
+@dataclass
+class InitStage:
+    """A pre-training phase run before the main stage (AB, FT, FSP).
+
+    Only ``parameters`` are optimised (SGD with the protocol's settings), for ``epochs`` epochs (None: the
+    protocol's ``init_epochs``), on ``loss(student_out, teacher_out, batch)`` instead of the main loss.
+    After the stage, the main stage optimises the student and the method's parameters that still
+    require a gradient.
+    """
+
+    parameters: list[nn.Parameter]
+    loss: Callable[[ModelOutput, ModelOutput, Batch], dict[str, torch.Tensor]]
+    epochs: int | None = None
+
+
+class Method(nn.Module):
+    """Base class of every distillation method (built-in or plugin)."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    url: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    requires_teacher: ClassVar[bool] = True
+
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        # A generator seeded from (seed, method) by the harness: use it for any sampling (negatives).
+        self.rng: torch.Generator | None = None
+
+    @classmethod
+    def not_applicable(cls, cfg: MethodConfig, ctx: MethodContext) -> str | None:
+        """A reason when the method cannot apply to this pair (recorded as n/a), else None."""
+        return None
+
+    def init_stage(self) -> InitStage | None:
+        return None
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
+        """The method's own weighted loss terms (CE and KD are added by the harness)."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+@dataclass
+class MethodEntry:
+    """One registered method: its class when it loaded, its error when it did not."""
+
+    name: str
+    value: str
+    dist: str
+    version: str
+    cls: type[Method] | None = None
+    error: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.cls is not None
+
+    @property
+    def builtin(self) -> bool:
+        return self.dist == "kdbench"
+
+
+def _allowed(ep_name: str, dist: str) -> bool:
+    if dist == "kdbench":
+        return True
+    if os.environ.get("KDBENCH_BUILTIN_ONLY", "") not in ("", "0"):
+        return False
+    allow = os.environ.get("KDBENCH_PLUGINS")
+    if allow is None:
+        return True
+    return ep_name in {a.strip() for a in allow.split(",") if a.strip()}
+
+
+def discover() -> dict[str, MethodEntry]:
+    """Every method in the entry-point group; a plugin that fails to import is kept with its error.
+
+    ``KDBENCH_BUILTIN_ONLY=1`` keeps only the methods shipped with kdbench; ``KDBENCH_PLUGINS=a,b`` is an
+    allow-list of third-party method names (built-ins are always available).
+    """
+    found: dict[str, MethodEntry] = {}
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        if not _allowed(ep.name, dist):
+            continue
+        entry = MethodEntry(ep.name, ep.value, dist, version)
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Method)):
+                raise TypeError(f"{ep.value} is not a kdbench.method.Method subclass")
+            if cls.name != ep.name:
+                raise TypeError(f"{ep.value}.name is {cls.name!r}, but the entry point is {ep.name!r}")
+            entry.cls = cls
+        except Exception as exc:  # a broken plugin is reported, never fatal
+            entry.error = f"{type(exc).__name__}: {exc}"
+        prev = found.get(ep.name)
+        if prev is not None and prev.builtin and not entry.builtin:
+            continue  # a plugin cannot shadow a built-in
+        found[ep.name] = entry
+    return found
+
+
+def resolve(name: str, registry: dict[str, MethodEntry] | None = None) -> MethodEntry:
+    """A method by name. ``X+kd`` for any registered X that has no variant of its own adds KD (weight 1)."""
+    registry = discover() if registry is None else registry
+    entry = registry.get(name)
+    if entry is None and name.endswith("+kd") and name[:-3] in registry:
+        base = registry[name[:-3]]
+        entry = dataclasses.replace(base, name=name, overrides={**base.overrides, "kd_weight": 1.0})
+    if entry is None:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(registry))}"
+        raise KdbenchError(f"unknown method {name!r}: {hint}")
+    if not entry.ok:
+        raise KdbenchError(f"method {name!r} ({entry.dist}) failed to load: {entry.error}")
+    return entry
+
+
+def make_config(entry: MethodEntry, values: dict[str, Any] | None = None) -> MethodConfig:
+    """The entry's Config with its variant overrides and then ``values`` applied, with type checks."""
+    assert entry.cls is not None
+    cfg_cls = entry.cls.Config
+    valid = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    merged = {**entry.overrides, **(values or {})}
+    kwargs: dict[str, Any] = {}
+    for key, val in merged.items():
+        if key not in valid:
+            raise KdbenchError(
+                f"unknown setting {key!r} for method {entry.name!r}; valid: {', '.join(sorted(valid))}"
+            )
+        kwargs[key] = coerce(val, valid[key].type, f"methods.{entry.name}.{key}")
+    return cfg_cls(**kwargs)
+
+
+def coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check / convert a config value to a dataclass field's declared type (given as a string annotation)."""
+    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    t = t.replace(" ", "")
+    optional = t.endswith("|None") or t.startswith("None|")
+    t = t.replace("|None", "").replace("None|", "")
+    if value is None and optional:
+        return None
+    try:
+        if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t == "bool" and isinstance(value, bool):
+            return value
+        if t == "str" and isinstance(value, str):
+            return value
+        if t.startswith("tuple") and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if t not in ("float", "int", "bool", "str") and not t.startswith("tuple"):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise KdbenchError(f"{where} must be {t}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Published reference numbers shipped with kdbench (see SOURCES.md)."""
