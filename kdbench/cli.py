@@ -1,0 +1,346 @@
+"""The kdbench command line: parses, calls the library, prints. Bad input: one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import kdbench
+from kdbench.errors import KdbenchError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise KdbenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdbenchError(f"device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=False, disable=not err_console.is_terminal)
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise KdbenchError(f"--seeds {text!r}: expected integers such as 0,1,2") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(kdbench.__version__, prog_name="kdbench")
+def cli() -> None:
+    """kdbench: a benchmark of knowledge-distillation methods on CIFAR-style teacher/student pairs."""
+
+
+# ---------------------------------------------------------------------------------------------- list
+
+
+@cli.group("list")
+def list_() -> None:
+    """List models, datasets, methods, pair sets or protocols."""
+
+
+@list_.command("models")
+@click.argument("pattern", default="*")
+def list_models_cmd(pattern: str) -> None:
+    """Registered architectures (PATTERN is a wildcard such as 'resnet*')."""
+    from kdbench.models import feature_info, list_models
+
+    table = Table(title=f"models matching {pattern!r}")
+    for col in ("name", "taps (channels)", "pooled", "reduction"):
+        table.add_column(col)
+    for name in list_models(pattern):
+        fi = feature_info(name)
+        table.add_row(name, " ".join(map(str, fi.channels)), str(fi.pooled_dim), " ".join(map(str, fi.reduction)))
+    console.print(table)
+
+
+@list_.command("datasets")
+def list_datasets_cmd() -> None:
+    """Datasets kdbench can read."""
+    from kdbench.data import list_datasets
+
+    table = Table(title="datasets")
+    table.add_column("name")
+    table.add_column("description")
+    for name, desc in list_datasets():
+        table.add_row(name, desc)
+    console.print(table)
+
+
+@list_.command("methods")
+@click.option("--config", "show_config", default=None, help="Show the default settings of one method.")
+def list_methods_cmd(show_config: str | None) -> None:
+    """Registered distillation methods (built-in and plugins), with their paper and status."""
+    import dataclasses
+
+    from kdbench.method import discover, make_config, resolve
+    from kdbench.sweep import method_order
+
+    if show_config:
+        entry = resolve(show_config)
+        table = Table(title=f"{show_config}: default settings")
+        table.add_column("key")
+        table.add_column("value")
+        for k, v in dataclasses.asdict(make_config(entry)).items():
+            table.add_row(k, repr(v))
+        console.print(table)
+        return
+    reg = discover()
+    table = Table(title="methods")
+    for col in ("name", "paper", "from", "status"):
+        table.add_column(col, overflow="fold")
+    for name in method_order(list(reg)):
+        e = reg[name]
+        status = "ok" if e.ok else f"[red]broken[/red]: {e.error}"
+        table.add_row(name, e.cls.paper if e.cls else e.value, f"{e.dist} {e.version}", status)
+    console.print(table)
+
+
+@list_.command("pairs")
+@click.option("--config", "config_path", type=click.Path(), default=None)
+def list_pairs_cmd(config_path: str | None) -> None:
+    """Pair sets of bench.toml."""
+    from kdbench.config import load_bench
+
+    bench = load_bench(config_path)
+    table = Table(title=f"pair sets ({bench.source})")
+    for col in ("name", "dataset", "protocol", "pairs"):
+        table.add_column(col, overflow="fold")
+    for ps in bench.pair_sets.values():
+        table.add_row(ps.name, ps.data.name, ps.protocol or bench.protocol, ", ".join(ps.pairs))
+    console.print(table)
+
+
+@list_.command("protocols")
+@click.option("--config", "config_path", type=click.Path(), default=None)
+def list_protocols_cmd(config_path: str | None) -> None:
+    """Protocols of bench.toml."""
+    from kdbench.config import load_bench
+
+    bench = load_bench(config_path)
+    table = Table(title=f"protocols ({bench.source})")
+    for col in ("name", "epochs", "batch", "lr (small)", "milestones", "init epochs"):
+        table.add_column(col)
+    for p in bench.protocols.values():
+        table.add_row(p.name, str(p.epochs), str(p.batch_size), f"{p.lr} ({p.lr_small})",
+                      " ".join(map(str, p.milestones)), str(p.init_epochs))
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+_run_options = [
+    click.option("--pairs", "-p", multiple=True, required=True,
+                 help="Pair sets of bench.toml (cifar100, tinyimagenet100, smoke) or teacher:student pairs."),
+    click.option("--seeds", default=None, help="Comma-separated seeds (default: bench.toml defaults.seeds)."),
+    click.option("--protocol", default=None, help="paper, fast, smoke (default: the pair set's or bench.toml's)."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Override a setting: methods.NAME.KEY=V or protocol.KEY=V (repeatable)."),
+    click.option("--dataset", default=None, help="Dataset of pairs named as teacher:student (default cifar100)."),
+    click.option("--data-root", default=None, type=click.Path(), help="Folder holding the dataset files."),
+    click.option("--image-size", default=None, type=int, help="Resize images (tinyimagenet: 32 or 64)."),
+    click.option("--download", is_flag=True, help="Download CIFAR-100 when it is missing (needs internet)."),
+    click.option("--results", default=None, type=click.Path(), help="Results folder (default bench.toml's)."),
+    click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N."),
+    click.option("--config", "config_path", default=None, type=click.Path(), help="bench.toml to use."),
+]
+
+
+def _with_options(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path):
+    from kdbench.config import load_bench
+    from kdbench.results import ResultStore
+    from kdbench.sweep import Request, expand
+
+    bench = load_bench(config_path)
+    store = ResultStore(results or bench.results)
+    req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size)
+    specs = expand(bench, req, store)
+    return bench, store, specs
+
+
+@cli.command()
+@click.option("--methods", "-m", multiple=True, required=True, help="Comma-separated method names, or 'all'.")
+@_with_options(_run_options)
+@click.option("--no-cohort", is_flag=True, help="Train each run alone instead of side by side per (pair, seed).")
+@click.option("--executor", type=click.Choice(["local"]), default="local", help="Where runs execute.")
+@click.option("--dry-run", is_flag=True, help="List the runs and what is already done; train nothing.")
+def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device,
+        config_path, no_cohort, executor, dry_run) -> None:
+    """Train the runs of METHODS x PAIRS x SEEDS (skipping finished runs, resuming interrupted ones)."""
+    from kdbench.sweep import Sweep
+
+    bench, store, specs = _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
+                                   config_path)
+    dev = _device(device)
+    if dry_run:
+        table = Table(title=f"{len(specs)} runs")
+        for col in ("pair", "method", "seed", "protocol", "state"):
+            table.add_column(col)
+        for s in specs:
+            state = "done" if store.finished(s.label) else "resume" if store.checkpoint_path(s.label).exists() else "todo"
+            table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state)
+        console.print(table)
+        return
+    store.ensure_writable()
+    with _progress() as progress:
+        sweep = Sweep(store, dev, cohort=not no_cohort, download=download, progress=progress,
+                      log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+        report = sweep.run(specs)
+    console.print(f"trained {len(report.trained)}, already done {len(report.skipped)}, "
+                  f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
+                  f"-> {store.runs_dir}")
+    for line in report.failed:
+        err_console.print(f"[red]failed[/red] {line}")
+    for line in report.busy:
+        err_console.print(f"[yellow]skipped[/yellow] {line}")
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+@cli.command()
+@click.option("--results", default="results", type=click.Path(), help="Results folder.")
+@click.option("--metric", default="top1_last", help="top1_last, top1_best, top5_last, top5_best.")
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md")
+def table(results: str, metric: str, fmt: str) -> None:
+    """Methods x pairs table of a results folder (mean ± std over seeds; best per column in bold)."""
+    from kdbench.report import METRICS, build_tables, collect, render
+    from kdbench.results import ResultStore
+
+    if metric not in METRICS:
+        raise KdbenchError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    store = ResultStore(results)
+    if not store.runs_dir.is_dir():
+        raise KdbenchError(f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results")
+    col = collect(store)
+    for problem in col.problems:
+        err_console.print(f"[yellow]skipped malformed file[/yellow] {problem}")
+    tables = build_tables(col, metric)
+    if not tables:
+        raise KdbenchError(f"no readable runs in {store.runs_dir}")
+    click.echo(render(tables, fmt, metric), nl=False)
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+
+@cli.group()
+def teachers() -> None:
+    """List, train or import teachers."""
+
+
+@teachers.command("list")
+@click.option("--results", default="results", type=click.Path())
+def teachers_list(results: str) -> None:
+    """Teachers stored in a results folder, with their cards."""
+    from kdbench.results import ResultStore
+    from kdbench.teachers import TeacherStore
+
+    table = Table(title=f"teachers in {Path(results) / 'teachers'}")
+    for col in ("arch", "dataset", "protocol", "seed", "top-1", "source", "file"):
+        table.add_column(col)
+    for c in TeacherStore(ResultStore(results)).list():
+        if "error" in c:
+            table.add_row(c["label"], "", "", "", "", f"[red]{c['error']}[/red]", "")
+            continue
+        top1 = c.get("top1")
+        table.add_row(c["arch"], str(c.get("dataset")), str(c.get("protocol")), str(c.get("seed")),
+                      f"{top1:.2f}" if isinstance(top1, (int, float)) else "-", c.get("source", ""), c.get("weights", ""))
+    console.print(table)
+
+
+@teachers.command("train")
+@_with_options(_run_options)
+def teachers_train(pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device,
+                   config_path) -> None:
+    """Train (or reuse) the teachers that the given pairs need."""
+    from kdbench.sweep import Sweep
+
+    _, store, specs = _prepare(["kd"], pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
+                               config_path)
+    store.ensure_writable()
+    dev = _device(device)
+    with _progress() as progress:
+        sweep = Sweep(store, dev, download=download, progress=progress, log=lambda s: err_console.print(s))
+        done = {}
+        for s in specs:
+            if s.teacher is not None and s.teacher.label not in done:
+                _, card = sweep.teacher(s.teacher, sweep.data.get(s.data))
+                done[s.teacher.label] = card
+    for label, card in done.items():
+        console.print(f"{label}: top-1 {card.get('top1')}")
+
+
+@teachers.command("import")
+@click.argument("file", type=click.Path())
+@click.option("--arch", required=True, help="Architecture of the checkpoint (e.g. resnet32x4).")
+@click.option("--dataset", required=True, help="Dataset it was trained on (e.g. cifar100).")
+@click.option("--image-size", default=None, type=int)
+@click.option("--num-classes", default=100, type=int)
+@click.option("--results", default="results", type=click.Path())
+def teachers_import(file, arch, dataset, image_size, num_classes, results) -> None:
+    """Import a published RepDistiller / mdistiller checkpoint (a dict whose 'model' entry is the state dict),
+    read without executing pickled code; later runs on that dataset use it as the teacher."""
+    from kdbench.config import DataSpec
+    from kdbench.data import DATASETS
+    from kdbench.models.base import check_model_name
+    from kdbench.results import ResultStore
+    from kdbench.teachers import TeacherStore
+
+    check_model_name(arch)
+    if dataset not in DATASETS:
+        raise KdbenchError(f"unknown dataset {dataset!r}; datasets: {', '.join(DATASETS)}")
+    store = ResultStore(results)
+    store.ensure_writable()
+    card = TeacherStore(store).import_checkpoint(Path(file), arch, DataSpec(dataset, None, image_size), num_classes)
+    console.print(f"imported {arch} for {dataset}: {card['weights']}")
+
+
+def main() -> None:
+    """Entry point: KdbenchError and usage errors -> one line on stderr, exit code 2, no traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except KdbenchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if exc.exit_code in (1, 2) else exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume where it stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

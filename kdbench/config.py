@@ -1,0 +1,342 @@
+"""bench.toml -> frozen dataclasses -> one RunSpec per (pair, method, seed).
+
+Every problem with the file or with an override is a KdbenchError naming the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdbench.errors import KdbenchError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PACKAGED_CONFIG = Path(__file__).with_name("bench.toml")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An optimisation recipe (the CRD protocol and its compressions)."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_small: float
+    small_lr_students: tuple[str, ...]
+    momentum: float
+    weight_decay: float
+    milestones: tuple[int, ...]
+    lr_decay: float
+    init_epochs: int
+    eval_every: int = 1
+    drop_last: bool = False
+
+    def base_lr(self, student_arch: str) -> float:
+        return self.lr_small if student_arch in self.small_lr_students else self.lr
+
+    def lr_at(self, base_lr: float, epoch: int) -> float:
+        """Step decay: x lr_decay after each milestone (epochs count from 0; milestone m means 'after m epochs')."""
+        return base_lr * self.lr_decay ** sum(epoch >= m for m in self.milestones)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str
+    data_root: str | None = None
+    image_size: int | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class PairSet:
+    name: str
+    data: DataSpec
+    pairs: tuple[str, ...]
+    protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class Bench:
+    protocols: dict[str, Protocol]
+    pair_sets: dict[str, PairSet]
+    methods: dict[str, dict[str, Any]]
+    seeds: tuple[int, ...]
+    protocol: str
+    results: str
+    teacher_seed: int
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    arch: str
+    data: DataSpec
+    protocol: Protocol
+    seed: int
+    imported: str | None = None  # sha256 of an imported teacher's weights; then protocol and seed do not apply
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.imported:
+            return {"arch": self.arch, "data": _data_dict(self.data), "imported": self.imported}
+        return {"arch": self.arch, "data": _data_dict(self.data), "protocol": dataclasses.asdict(self.protocol),
+                "seed": self.seed}
+
+    @property
+    def teacher_id(self) -> str:
+        return spec_hash(self.to_dict())
+
+    @property
+    def label(self) -> str:
+        if self.imported:
+            return f"{self.data.name}-{self.data.image_size or 'native'}__{self.arch}__imported"
+        return f"{self.data.name}__{self.arch}__{self.protocol.name}__s{self.seed}__{self.teacher_id}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a student trained with a method (or alone) on a dataset, under a protocol, with a seed."""
+
+    student: str
+    method: str
+    method_config: dict[str, Any]
+    seed: int
+    protocol: Protocol
+    data: DataSpec
+    teacher: TeacherSpec | None
+    pair_set: str = field(default="", compare=False)
+
+    @property
+    def pair(self) -> str:
+        return f"{self.teacher.arch if self.teacher else '-'}:{self.student}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student,
+            "teacher": self.teacher.to_dict() if self.teacher else None,
+            "method": self.method,
+            "method_config": self.method_config,
+            "seed": self.seed,
+            "protocol": dataclasses.asdict(self.protocol),
+            "data": _data_dict(self.data),
+        }
+
+    @property
+    def run_id(self) -> str:
+        return spec_hash(self.to_dict())
+
+    @property
+    def label(self) -> str:
+        t = self.teacher.arch if self.teacher else "none"
+        return f"{self.data.name}__{t}__{self.student}__{self.method}__s{self.seed}__{self.run_id}"
+
+    @property
+    def cohort_key(self) -> tuple:
+        """Runs with the same key see the same data stream and the same teacher: they can train side by side."""
+        return (self.data, self.teacher, self.seed, self.protocol)
+
+
+def _data_dict(d: DataSpec) -> dict[str, Any]:
+    # data_root is where the files are, not what they are: it is left out of the identity (the data checksum
+    # in the teacher card and the run JSON says what was read).
+    return {"name": d.name, "image_size": d.image_size, "options": dict(d.options)}
+
+
+def spec_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+_PROTOCOL_TYPES: dict[str, type | tuple] = {
+    "epochs": int, "batch_size": int, "lr": float, "lr_small": float, "small_lr_students": list,
+    "momentum": float, "weight_decay": float, "milestones": list, "lr_decay": float, "init_epochs": int,
+    "eval_every": int, "drop_last": bool,
+}
+_REQUIRED_PROTOCOL = set(_PROTOCOL_TYPES) - {"eval_every", "drop_last"}
+_TOP_KEYS = {"defaults", "protocols", "pairs", "methods"}
+_DEFAULT_KEYS = {"protocol": str, "seeds": list, "results": str, "teacher_seed": int}
+_PAIRSET_KEYS = {"dataset": str, "pairs": list, "protocol": str, "image_size": int, "data_root": str,
+                 "dataset_options": dict}
+
+
+def _bad(src: str, msg: str) -> KdbenchError:
+    return KdbenchError(f"{src}: {msg}")
+
+
+def _check_keys(src: str, where: str, table: Any, allowed: dict[str, Any] | set[str]) -> None:
+    if not isinstance(table, dict):
+        raise _bad(src, f"[{where}] must be a table")
+    for key in table:
+        if key not in allowed:
+            raise _bad(src, f"unknown key {where}.{key}; valid: {', '.join(sorted(allowed))}")
+
+
+def _typed(src: str, where: str, value: Any, typ: type) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool):
+        raise _bad(src, f"{where} must be an integer, got {value!r}")
+    if not isinstance(value, typ):
+        raise _bad(src, f"{where} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def _protocol(src: str, name: str, raw: dict[str, Any]) -> Protocol:
+    _check_keys(src, f"protocols.{name}", raw, _PROTOCOL_TYPES)
+    missing = _REQUIRED_PROTOCOL - set(raw)
+    if missing:
+        raise _bad(src, f"protocols.{name} is missing {', '.join(sorted(missing))}")
+    vals = {k: _typed(src, f"protocols.{name}.{k}", v, _PROTOCOL_TYPES[k]) for k, v in raw.items()}
+    for k in ("epochs", "batch_size", "eval_every"):
+        if k in vals and vals[k] < 1:
+            raise _bad(src, f"protocols.{name}.{k} must be >= 1, got {vals[k]}")
+    if vals["init_epochs"] < 0:
+        raise _bad(src, f"protocols.{name}.init_epochs must be >= 0, got {vals['init_epochs']}")
+    for k in ("lr", "lr_small"):
+        if vals[k] <= 0:
+            raise _bad(src, f"protocols.{name}.{k} must be > 0, got {vals[k]}")
+    if vals["weight_decay"] < 0 or not 0 <= vals["momentum"] < 1 or not 0 < vals["lr_decay"] <= 1:
+        raise _bad(src, f"protocols.{name}: need weight_decay >= 0, 0 <= momentum < 1, 0 < lr_decay <= 1")
+    ms = vals["milestones"]
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in ms) or list(ms) != sorted(ms):
+        raise _bad(src, f"protocols.{name}.milestones must be increasing positive integers, got {ms}")
+    if not all(isinstance(s, str) for s in vals["small_lr_students"]):
+        raise _bad(src, f"protocols.{name}.small_lr_students must be a list of model names")
+    vals["milestones"] = tuple(ms)
+    vals["small_lr_students"] = tuple(vals["small_lr_students"])
+    return Protocol(name=name, **vals)
+
+
+def parse_bench(raw: dict[str, Any], src: str = "bench.toml", base_dir: Path | None = None) -> Bench:
+    """Validate a parsed bench.toml and build the Bench. Relative data_root paths are resolved from base_dir."""
+    _check_keys(src, "top level", raw, _TOP_KEYS)
+    defaults = raw.get("defaults", {})
+    _check_keys(src, "defaults", defaults, _DEFAULT_KEYS)
+    for k, v in defaults.items():
+        _typed(src, f"defaults.{k}", v, _DEFAULT_KEYS[k])
+    seeds = defaults.get("seeds", [0])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise _bad(src, f"defaults.seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+
+    protocols_raw = raw.get("protocols", {})
+    _check_keys(src, "protocols", protocols_raw, set(protocols_raw))
+    protocols = {n: _protocol(src, n, p) for n, p in protocols_raw.items()}
+    if not protocols:
+        raise _bad(src, "no [protocols.*] defined")
+    protocol = defaults.get("protocol", next(iter(protocols)))
+    if protocol not in protocols:
+        raise _bad(src, f"defaults.protocol {protocol!r} is not defined; protocols: {', '.join(protocols)}")
+
+    pair_sets: dict[str, PairSet] = {}
+    for name, ps in raw.get("pairs", {}).items():
+        where = f"pairs.{name}"
+        _check_keys(src, where, ps, _PAIRSET_KEYS)
+        for k, v in ps.items():
+            _typed(src, f"{where}.{k}", v, _PAIRSET_KEYS[k])
+        if "dataset" not in ps or "pairs" not in ps:
+            raise _bad(src, f"{where} needs 'dataset' and 'pairs'")
+        if not ps["pairs"]:
+            raise _bad(src, f"{where}.pairs is empty")
+        for p in ps["pairs"]:
+            if not isinstance(p, str) or p.count(":") != 1:
+                raise _bad(src, f"{where}.pairs: {p!r} is not 'teacher:student'")
+        if ps.get("protocol") is not None and ps["protocol"] not in protocols:
+            raise _bad(src, f"{where}.protocol {ps['protocol']!r} is not defined; protocols: {', '.join(protocols)}")
+        root = ps.get("data_root")
+        if root and base_dir is not None and not Path(root).is_absolute():
+            root = str((base_dir / root).resolve())
+        opts = dict(ps.get("dataset_options", {}))
+        size = ps.get("image_size", opts.pop("image_size", None))
+        data = DataSpec(ps["dataset"], root, size, tuple(sorted(opts.items())))
+        pair_sets[name] = PairSet(name, data, tuple(ps["pairs"]), ps.get("protocol"))
+
+    methods = raw.get("methods", {})
+    for mname, table in methods.items():
+        if not isinstance(table, dict):
+            raise _bad(src, f"[methods.{mname}] must be a table")
+    return Bench(protocols, pair_sets, dict(methods), tuple(seeds), protocol, defaults.get("results", "results"),
+                 defaults.get("teacher_seed", 0), src)
+
+
+def load_bench(path: str | Path | None = None) -> Bench:
+    """Read bench.toml: the given file, else ./bench.toml, else the copy shipped with kdbench."""
+    if path is None:
+        path = Path("bench.toml") if Path("bench.toml").is_file() else PACKAGED_CONFIG
+    path = Path(path)
+    if not path.is_file():
+        raise KdbenchError(f"config file {path} not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise KdbenchError(f"{path}: not valid TOML ({exc})") from None
+    return parse_bench(raw, str(path), path.resolve().parent)
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+
+def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set a.b.c=value` strings -> {"a.b.c": value}; values parsed as YAML scalars/lists (2, 0.5, true, [1,2])."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise KdbenchError(f"--set {item!r}: expected KEY=VALUE, e.g. methods.kd.temperature=2")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        out[key] = value
+    return out
+
+
+def apply_protocol_sets(proto: Protocol, sets: dict[str, Any], src: str = "--set") -> Protocol:
+    """Apply `protocol.KEY=V` overrides to the chosen protocol, validated as in bench.toml."""
+    changes = {k.split(".", 1)[1]: v for k, v in sets.items() if k.startswith("protocol.")}
+    if not changes:
+        return proto
+    raw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(proto).items() if k != "name"}
+    for k in changes:
+        if k not in _PROTOCOL_TYPES:
+            raise KdbenchError(f"{src}: unknown key protocol.{k}; valid: {', '.join(sorted(_PROTOCOL_TYPES))}")
+    raw.update(changes)
+    return _protocol(src, proto.name, raw)
+
+
+def method_sets(sets: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`methods.NAME.KEY=V` overrides grouped by method; any other prefix is an error listing the valid ones."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in sets.items():
+        if key.startswith("protocol."):
+            continue
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "methods":
+            raise KdbenchError(f"--set {key}: keys are methods.NAME.KEY or protocol.KEY")
+        out.setdefault(parts[1], {})[parts[2]] = value
+    return out
+
+
+def check_safe_name(kind: str, name: str) -> str:
+    """Names that become file names must not escape the results folder."""
+    if not SAFE_NAME.match(name) or name in (".", ".."):
+        raise KdbenchError(f"invalid {kind} name {name!r}: use letters, digits and _ . + - only")
+    return name

@@ -1,0 +1,314 @@
+"""From a command line to finished runs: expand the spec, skip what is done, train teachers, train cohorts."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kdbench.config import (Bench, DataSpec, Protocol, RunSpec, TeacherSpec, apply_protocol_sets, check_safe_name,
+                            method_sets, parse_sets)
+from kdbench.data import Dataset, load_dataset
+from kdbench.errors import KdbenchError
+from kdbench.method import MethodEntry, discover, make_config, resolve
+from kdbench.models.base import check_model_name
+from kdbench.results import ResultStore
+from kdbench.teachers import TeacherStore, sha256_file
+from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
+                           run_init_stage, train_cohort)
+
+BUILTIN_ORDER = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
+                 "crd+kd", "crcd", "rrd", "rrd+kd", "rrd-2025"]
+
+
+def method_order(names: list[str]) -> list[str]:
+    rank = {n: i for i, n in enumerate(BUILTIN_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def all_methods(registry: dict[str, MethodEntry] | None = None) -> list[str]:
+    registry = discover() if registry is None else registry
+    return method_order([n for n, e in registry.items() if e.ok])
+
+
+@dataclass
+class Request:
+    """What the user asked for on the command line."""
+
+    methods: list[str]
+    pairs: list[str]
+    seeds: list[int] | None = None
+    protocol: str | None = None
+    sets: list[str] = field(default_factory=list)
+    dataset: str | None = None  # for pairs named on the command line
+    data_root: str | None = None
+    image_size: int | None = None
+
+
+def _split_csv(items: list[str]) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        out += [p.strip() for p in item.split(",") if p.strip()]
+    return out
+
+
+def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list[RunSpec]:
+    """One RunSpec per (pair, method, seed); every name is checked first, so bad input fails before any work."""
+    registry = discover()
+    names = _split_csv(req.methods)
+    if not names:
+        raise KdbenchError("no methods given: use --methods all or a list such as ce,kd")
+    if "all" in names:
+        names = all_methods(registry) + [n for n in names if n != "all" and n not in registry]
+    entries = {n: resolve(check_safe_name("method", n), registry) for n in dict.fromkeys(names)}
+
+    sets = parse_sets(req.sets)
+    per_method = method_sets(sets)
+    for name in per_method:
+        if name not in entries:
+            raise KdbenchError(f"--set methods.{name}.*: method {name!r} is not in this run ({', '.join(entries)})")
+    for name in bench.methods:
+        if name not in registry and not (name.endswith("+kd") and name[:-3] in registry):
+            raise KdbenchError(f"{bench.source}: [methods.{name}]: unknown method")
+
+    seeds = list(req.seeds) if req.seeds is not None else list(bench.seeds)
+    if not seeds or any(s < 0 for s in seeds):
+        raise KdbenchError("--seeds must be non-negative integers, e.g. --seeds 0,1,2")
+
+    groups: list[tuple[str, DataSpec, str, Protocol]] = []
+    pair_names = _split_csv(req.pairs)
+    if not pair_names:
+        raise KdbenchError("no pairs given: use --pairs cifar100, smoke, or teacher:student")
+    for pname in pair_names:
+        if ":" in pname:
+            t, s = pname.split(":", 1)
+            check_model_name(t)
+            check_model_name(s)
+            data = DataSpec(req.dataset or "cifar100", req.data_root, req.image_size)
+            proto_name = req.protocol or bench.protocol
+            groups.append((pname, data, pname, _protocol(bench, proto_name, sets)))
+            continue
+        if pname not in bench.pair_sets:
+            import difflib
+
+            close = difflib.get_close_matches(pname, list(bench.pair_sets), n=2, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"pair sets: {', '.join(bench.pair_sets)}"
+            raise KdbenchError(f"unknown pair set {pname!r} ({hint}); or name a pair as teacher:student")
+        ps = bench.pair_sets[pname]
+        data = ps.data
+        if req.data_root:
+            data = dataclasses.replace(data, data_root=req.data_root)
+        if req.image_size:
+            data = dataclasses.replace(data, image_size=req.image_size)
+        proto_name = req.protocol or ps.protocol or bench.protocol
+        for pair in ps.pairs:
+            t, s = pair.split(":", 1)
+            check_model_name(t)
+            check_model_name(s)
+            groups.append((pname, data, pair, _protocol(bench, proto_name, sets)))
+
+    teachers = TeacherStore(store) if store is not None else None
+    specs: list[RunSpec] = []
+    seen: set[str] = set()
+    for set_name, data, pair, proto in groups:
+        t_arch, s_arch = pair.split(":", 1)
+        for seed in seeds:
+            for name, entry in entries.items():
+                values = {**bench.methods.get(name, {}), **per_method.get(name, {})}
+                cfg = make_config(entry, values)
+                tspec = None
+                if entry.cls.requires_teacher or cfg.kd_weight:
+                    tspec = TeacherSpec(t_arch, data, proto, bench.teacher_seed)
+                    imported = teachers.imported_card(t_arch, data) if teachers else None
+                    if imported is not None:
+                        tspec = dataclasses.replace(tspec, imported=imported["weights_sha256"])
+                spec = RunSpec(s_arch, name, dataclasses.asdict(cfg), seed, proto, data, tspec, pair_set=set_name)
+                if spec.run_id not in seen:  # ce runs are shared by pairs with the same student
+                    seen.add(spec.run_id)
+                    specs.append(spec)
+    return specs
+
+
+def _protocol(bench: Bench, name: str, sets: dict[str, Any]) -> Protocol:
+    if name not in bench.protocols:
+        raise KdbenchError(f"unknown protocol {name!r}; protocols: {', '.join(bench.protocols)}")
+    return apply_protocol_sets(bench.protocols[name], sets)
+
+
+def teacher_run(tspec: TeacherSpec) -> RunSpec:
+    """The vanilla run that trains a teacher."""
+    cfg = make_config(resolve("ce"))
+    return RunSpec(tspec.arch, "ce", dataclasses.asdict(cfg), tspec.seed, tspec.protocol, tspec.data, None,
+                   pair_set="teachers")
+
+
+# ---------------------------------------------------------------------------------------------- execution
+
+
+class DataCache:
+    def __init__(self, download: bool = False):
+        self.download = download
+        self._cache: dict[DataSpec, Dataset] = {}
+
+    def get(self, spec: DataSpec) -> Dataset:
+        if spec not in self._cache:
+            self._cache[spec] = load_dataset(spec.name, spec.data_root, image_size=spec.image_size,
+                                             download=self.download, **spec.kwargs())
+        return self._cache[spec]
+
+
+@dataclass
+class SweepReport:
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    not_applicable: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+class Sweep:
+    """Trains a list of RunSpecs into a results folder; rerunning finishes exactly what is missing."""
+
+    def __init__(self, store: ResultStore, device: torch.device, *, cohort: bool = True, download: bool = False,
+                 progress: Any = None, log: Callable[[str], None] = lambda s: None):
+        self.store = store
+        self.teachers = TeacherStore(store)
+        self.device = device
+        self.cohort = cohort
+        self.data = DataCache(download)
+        self.progress = progress
+        self.log = log
+
+    def pending(self, specs: list[RunSpec]) -> list[RunSpec]:
+        return [s for s in specs if self.store.finished(s.label) is None]
+
+    def run(self, specs: list[RunSpec]) -> SweepReport:
+        report = SweepReport()
+        todo = []
+        for s in specs:
+            if self.store.finished(s.label) is not None:
+                report.skipped.append(s.label)
+            else:
+                todo.append(s)
+        groups: dict[tuple, list[RunSpec]] = defaultdict(list)
+        for s in todo:
+            groups[s.cohort_key].append(s)
+        sweep_task = self.progress.add_task("sweep", total=len(todo)) if self.progress is not None else None
+        for key, group in groups.items():
+            batches = [group] if self.cohort else [[s] for s in group]
+            for cohort in batches:
+                self._run_cohort(cohort, report)
+                if sweep_task is not None:
+                    self.progress.advance(sweep_task, len(cohort))
+        return report
+
+    # -- teachers
+
+    def teacher(self, tspec: TeacherSpec, data: Dataset) -> tuple[torch.nn.Module, dict[str, Any]]:
+        if tspec.imported:
+            model, card = self.teachers.load_imported(tspec.arch, tspec.data, data.num_classes, self.device)
+            if card.get("weights_sha256") != tspec.imported:
+                raise KdbenchError(f"imported teacher {tspec.label} changed since the runs were planned; rerun")
+            return model, card
+        if self.teachers.card(tspec) is None:
+            self._train_teacher(tspec, data)
+        return self.teachers.load(tspec, data.num_classes, self.device)
+
+    def _train_teacher(self, tspec: TeacherSpec, data: Dataset) -> None:
+        spec = teacher_run(tspec)
+        self.log(f"training teacher {tspec.arch} on {data.name} ({tspec.protocol.name} protocol, seed {tspec.seed})")
+        rep = SweepReport()
+        members = self._run_cohort([spec], rep, teacher_for=tspec)
+        if rep.failed or rep.busy or not members:
+            raise KdbenchError(f"teacher {tspec.arch} could not be trained ({'; '.join(rep.failed + rep.busy)})")
+
+    # -- cohorts
+
+    def _run_cohort(self, specs: list[RunSpec], report: SweepReport,
+                    teacher_for: TeacherSpec | None = None) -> list[Member]:
+        data = self.data.get(specs[0].data)
+        tspec = specs[0].teacher
+        teacher, card = (self.teacher(tspec, data) if tspec is not None else (None, None))
+        members: list[Member] = []
+        locks = []
+        try:
+            for spec in specs:
+                if self.store.finished(spec.label) is not None and teacher_for is None:
+                    report.skipped.append(spec.label)
+                    continue
+                reason = not_applicable_reason(spec, data, teacher)
+                if reason is not None:
+                    self._write_na(spec, data, card, reason)
+                    report.not_applicable.append(spec.label)
+                    continue
+                lock = self.store.lock(spec.label)
+                if not lock.acquire():
+                    report.busy.append(f"{spec.label} (being trained by another process)")
+                    continue
+                locks.append(lock)
+                m = build_member(spec, data, teacher, self.device)
+                m.checkpoint_path = self.store.checkpoint_path(spec.label)
+                load_checkpoint(m)
+                members.append(m)
+            for m in members:
+                if m.method.init_stage() is not None:
+                    run_init_stage(m, data, teacher, self.device)
+            by_epoch: dict[int, list[Member]] = defaultdict(list)
+            for m in members:
+                by_epoch[m.epoch].append(m)
+            for _, cohort in sorted(by_epoch.items()):
+                train_cohort(cohort, data, teacher, self.device, progress=self.progress)
+            for m in members:
+                self._finish(m, data, teacher, card, len(members), report, teacher_for)
+        finally:
+            for lock in locks:
+                lock.release()
+        return members
+
+    def _finish(self, m: Member, data: Dataset, teacher, card, cohort_size: int, report: SweepReport,
+                teacher_for: TeacherSpec | None) -> None:
+        from kdbench.evaluate import final_metrics
+
+        extra = {}
+        if m.failed is None:
+            extra = final_metrics(m.student, teacher, data, self.device)
+        diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
+        record = result_record(m, data, card, self.device, cohort_size, extra)
+        if diagnostics:
+            record["diagnostics"] = diagnostics
+        if m.failed is None:
+            from kdbench.teachers import save_weights
+
+            weights = self.store.root / "weights" / f"{m.spec.label}.safetensors"
+            save_weights(weights, m.student.state_dict())
+            record["weights"] = str(weights.relative_to(self.store.root))
+            record["weights_sha256"] = sha256_file(weights)
+        if teacher_for is not None and m.failed is None:
+            self.teachers.save(teacher_for, m.student, {
+                "arch": teacher_for.arch, "dataset": data.name, "image_size": data.image_size,
+                "data_checksum": data.checksum, "protocol": teacher_for.protocol.name, "seed": teacher_for.seed,
+                "source": "trained", "run_id": m.spec.run_id, "top1": record["metrics"]["top1_last"],
+                "top5": record["metrics"]["top5_last"], "top1_best": record["metrics"]["top1_best"],
+            })
+        self.store.write_run(m.spec.label, record)
+        if m.checkpoint_path is not None:
+            Path(m.checkpoint_path).unlink(missing_ok=True)
+        (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed
+                                                               else f"{m.spec.label}: {m.failed}")
+
+    def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str) -> None:
+        from kdbench.results import SCHEMA_VERSION, environment
+
+        entry = resolve(spec.method)
+        self.store.write_run(spec.label, {
+            "schema": SCHEMA_VERSION, "run_id": spec.run_id, "status": "n/a", "reason": reason,
+            "spec": spec.to_dict(), "pair": spec.pair,
+            "method": {"name": spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
+                       "config": dict(spec.method_config)},
+            "teacher": card, "data": {"name": data.name, "checksum": data.checksum}, "metrics": {},
+            "environment": environment(self.device),
+        })

@@ -1,0 +1,175 @@
+"""Teachers: weights-only files (safetensors) with a JSON card, trained by the same loop or imported.
+
+A trained teacher of architecture A on data D under protocol P with seed s *is* the vanilla (``ce``) run of A
+on D under P with seed s: its weights are copied to ``teachers/<label>.safetensors`` with a card beside them.
+An imported teacher (a published RepDistiller / mdistiller checkpoint) takes precedence for its (A, D).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdbench.config import DataSpec, TeacherSpec
+from kdbench.errors import KdbenchError
+from kdbench.models import create_model
+from kdbench.results import ResultStore, atomic_write_json
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Atomic safetensors write of a state dict (weights only: nothing executable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights_into(model: nn.Module, path: Path, what: str) -> None:
+    """Load a safetensors file into a model, with one clear error for a corrupt file or a wrong architecture."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise KdbenchError(f"{what} {path} is corrupt or truncated ({exc}); delete it and train or import it again") from None
+    check_state_dict(model, state, what, path)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path | str) -> None:
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    extra = [k for k in state if k not in ours]
+    shapes = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected keys (e.g. {extra[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        raise KdbenchError(f"{what} {path} does not match architecture {type(model).__name__}: {'; '.join(parts)}")
+
+
+class TeacherStore:
+    def __init__(self, store: ResultStore):
+        self.dir = store.teachers_dir
+
+    def card_path(self, label: str) -> Path:
+        return self.dir / f"{label}.json"
+
+    def weights_path(self, label: str) -> Path:
+        return self.dir / f"{label}.safetensors"
+
+    @staticmethod
+    def imported_label(arch: str, data: DataSpec) -> str:
+        return TeacherSpec(arch, data, None, 0, imported="x").label  # type: ignore[arg-type]
+
+    def imported_card(self, arch: str, data: DataSpec) -> dict[str, Any] | None:
+        path = self.card_path(self.imported_label(arch, data))
+        return self._read_card(path) if path.is_file() else None
+
+    def card(self, spec: TeacherSpec) -> dict[str, Any] | None:
+        path = self.card_path(spec.label)
+        if not path.is_file() or not self.weights_path(spec.label).is_file():
+            return None
+        return self._read_card(path)
+
+    def _read_card(self, path: Path) -> dict[str, Any]:
+        try:
+            card = json.loads(path.read_text())
+            if not isinstance(card, dict) or "arch" not in card:
+                raise ValueError("not a teacher card")
+            return card
+        except (OSError, ValueError) as exc:
+            raise KdbenchError(f"teacher card {path} is malformed ({exc}); delete it and train or import again") from None
+
+    def save(self, spec: TeacherSpec, model: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
+        weights = self.weights_path(spec.label)
+        save_weights(weights, model.state_dict())
+        card = {**card, "weights": weights.name, "weights_sha256": sha256_file(weights), "teacher_id": spec.teacher_id}
+        atomic_write_json(self.card_path(spec.label), card)
+        return card
+
+    def load(self, spec: TeacherSpec, num_classes: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+        card = self.card(spec)
+        if card is None:
+            raise KdbenchError(f"no teacher {spec.arch} for {spec.data.name} in {self.dir}")
+        model = create_model(spec.arch, num_classes=num_classes)
+        load_weights_into(model, self.weights_path(spec.label), "teacher file")
+        model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, card
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                card = self._read_card(path)
+            except KdbenchError as exc:
+                card = {"label": path.stem, "error": str(exc)}
+            out.append({**card, "label": path.stem})
+        return out
+
+    def import_checkpoint(self, file: Path, arch: str, data: DataSpec, num_classes: int) -> dict[str, Any]:
+        """Import a published checkpoint (a dict whose 'model' entry is the state dict, or a bare state dict)
+        without executing pickled code (torch.load with weights_only=True)."""
+        file = Path(file)
+        if not file.is_file():
+            raise KdbenchError(f"teacher checkpoint {file} not found")
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KdbenchError(f"{file} cannot be read as a weights-only checkpoint (refused or corrupt: {first})") from None
+        state = obj.get("model", obj) if isinstance(obj, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise KdbenchError(f"{file}: expected a state dict or a dict with a 'model' state dict")
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model = create_model(arch, num_classes=num_classes)
+        check_state_dict(model, state, "teacher checkpoint", file)
+        model.load_state_dict(state, strict=True)
+        label = self.imported_label(arch, data)
+        weights = self.weights_path(label)
+        save_weights(weights, model.state_dict())
+        card = {
+            "arch": arch, "dataset": data.name, "image_size": data.image_size, "source": "imported",
+            "original_file": file.name, "original_sha256": sha256_file(file), "protocol": None, "seed": None,
+            "top1": (float(obj["accuracy"]) if isinstance(obj, dict) and "accuracy" in obj else None),
+            "weights": weights.name, "weights_sha256": sha256_file(weights), "created": time.time(),
+        }
+        atomic_write_json(self.card_path(label), card)
+        return card
+
+    def load_imported(self, arch: str, data: DataSpec, num_classes: int, device: torch.device):
+        label = self.imported_label(arch, data)
+        card = self.imported_card(arch, data)
+        model = create_model(arch, num_classes=num_classes)
+        load_weights_into(model, self.weights_path(label), "teacher file")
+        model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, card

@@ -1,0 +1,365 @@
+"""One training loop for every method, for teachers (method ``ce``, no teacher) and students.
+
+A *cohort* is a list of runs that share a data stream and a teacher (same data, teacher, seed, protocol): the
+teacher's outputs are computed once per batch and every student steps on the same batch. A run trained alone is
+a cohort of one. Each run owns its student, method, optimizer and generator, all seeded from (seed, method),
+so on the CPU a run gives the same numbers alone or in a cohort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.config import RunSpec
+from kdbench.data import Dataset, GPULoader
+from kdbench.evaluate import evaluate
+from kdbench.losses import kd_loss
+from kdbench.method import Batch, Method, MethodContext, make_config, resolve
+from kdbench.models import ModelOutput, create_model
+from kdbench.results import atomic_torch_save, environment
+
+CHECKPOINT_FORMAT = 1
+TEST_BATCH = 256
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of parts (stable across processes and machines)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Member:
+    """One run inside a cohort."""
+
+    spec: RunSpec
+    student: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    epoch: int = 0  # next epoch of the main stage to run
+    init_done: int = 0  # init-stage epochs done
+    curve: dict[str, Any] = field(default_factory=lambda: {"epoch": [], "lr": [], "loss": {}, "test_top1": [],
+                                                            "test_top5": [], "eval_epoch": []})
+    best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": -1})
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    epoch_seconds: list[float] = field(default_factory=list)
+    init_seconds: float = 0.0
+    failed: str | None = None
+    failed_epoch: int | None = None
+    checkpoint_path: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.failed is not None or self.epoch >= self.spec.protocol.epochs
+
+
+def method_context(spec: RunSpec, data: Dataset, student: nn.Module, teacher: nn.Module | None) -> MethodContext:
+    return MethodContext(
+        student=student.feature_info,
+        teacher=teacher.feature_info if teacher is not None else None,
+        num_classes=data.num_classes,
+        num_train=len(data.train_labels),
+        train_labels=data.train_labels,
+        image_size=data.image_size,
+        student_arch=spec.student,
+        teacher_arch=spec.teacher.arch if spec.teacher else None,
+        student_head=student.head,
+        teacher_head=teacher.head if teacher is not None else None,
+    )
+
+
+def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device: torch.device) -> Member:
+    """Student, method and optimizer for one run, initialised from its own seed (independent of any cohort)."""
+    entry = resolve(spec.method)
+    cfg = make_config(entry, spec.method_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(spec.seed, spec.method, "init"))
+        student = create_model(spec.student, num_classes=data.num_classes)
+        method = entry.cls(cfg, method_context(spec, data, student, teacher))
+    student.to(device)
+    method.to(device)
+    method.rng = torch.Generator(device=device)
+    method.rng.manual_seed(derive_seed(spec.seed, spec.method, "rng"))
+    bind = getattr(method, "bind_student", None)
+    if callable(bind):
+        bind(student)
+    base_lr = spec.protocol.base_lr(spec.student)
+    optimizer = _sgd(list(student.parameters()) + [p for p in method.parameters() if p.requires_grad], spec, base_lr)
+    return Member(spec, student, method, optimizer, base_lr)
+
+
+def _sgd(params: list[nn.Parameter], spec: RunSpec, lr: float) -> torch.optim.SGD:
+    p = spec.protocol
+    return torch.optim.SGD(params, lr=lr, momentum=p.momentum, weight_decay=p.weight_decay)
+
+
+def not_applicable_reason(spec: RunSpec, data: Dataset, teacher: nn.Module | None) -> str | None:
+    entry = resolve(spec.method)
+    cfg = make_config(entry, spec.method_config)
+    with torch.device("meta"):
+        student = create_model(spec.student, num_classes=data.num_classes)
+    return entry.cls.not_applicable(cfg, method_context(spec, data, student, teacher))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(m: Member) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "run_id": m.spec.run_id,
+        "epoch": m.epoch,
+        "init_done": m.init_done,
+        "student": m.student.state_dict(),
+        "method": m.method.state_dict(),
+        "optimizer": m.optimizer.state_dict(),
+        "rng": m.method.rng.get_state() if m.method.rng is not None else None,
+        "curve": m.curve,
+        "best": m.best,
+        "last_eval": m.last_eval,
+        "epoch_seconds": m.epoch_seconds,
+        "init_seconds": m.init_seconds,
+    }
+    atomic_torch_save(m.checkpoint_path, state)
+
+
+def load_checkpoint(m: Member) -> bool:
+    """Restore a member from its checkpoint (weights-only load); False when there is none or it is unusable."""
+    path = m.checkpoint_path
+    if path is None or not path.is_file():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("run_id") != m.spec.run_id:
+            return False
+        m.student.load_state_dict(state["student"])
+        m.method.load_state_dict(state["method"])
+        if state["epoch"] > 0:
+            m.optimizer.load_state_dict(state["optimizer"])
+        if state["rng"] is not None and m.method.rng is not None:
+            m.method.rng.set_state(state["rng"])
+    except Exception:  # a truncated or foreign checkpoint: start the run again rather than crash
+        return False
+    m.epoch, m.init_done = state["epoch"], state["init_done"]
+    m.curve, m.best, m.last_eval = state["curve"], state["best"], state["last_eval"]
+    m.epoch_seconds, m.init_seconds = list(state["epoch_seconds"]), float(state["init_seconds"])
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _teacher_out(teacher: nn.Module | None, x: torch.Tensor) -> ModelOutput | None:
+    if teacher is None:
+        return None
+    with torch.no_grad():
+        return teacher(x)
+
+
+def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
+    """The loss terms of one step: ce_weight*CE + kd_weight*KD (added here for every method) + the method's own."""
+    cfg = m.method.cfg
+    terms: dict[str, torch.Tensor] = {}
+    if cfg.ce_weight:
+        terms["ce"] = cfg.ce_weight * F.cross_entropy(s_out.logits.float(), batch.labels)
+    if cfg.kd_weight:
+        if t_out is None:
+            raise RuntimeError(f"method {m.spec.method} has kd_weight > 0 but no teacher")
+        terms["kd"] = cfg.kd_weight * kd_loss(s_out.logits, t_out.logits, cfg.temperature)
+    own = m.method.loss(s_out, t_out, batch)
+    clash = set(own) & set(terms)
+    if clash:
+        raise RuntimeError(f"method {m.spec.method} returned reserved term names {sorted(clash)}")
+    terms.update(own)
+    return terms
+
+
+def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    total = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    for k, v in terms.items():
+        d = v.detach().float()
+        sums[k] = sums[k] + d if k in sums else d
+    sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()
+
+
+def _check_finite(m: Member, means: dict[str, float], epoch: int) -> None:
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        m.failed = f"non-finite loss ({', '.join(bad)}) in epoch {epoch + 1}"
+        m.failed_epoch = epoch + 1
+
+
+def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: torch.device,
+                   on_batch: Callable[[], None] | None = None, save: bool = True) -> None:
+    """The method's init stage (AB, FT, FSP), run by this member alone on its own data stream."""
+    stage = m.method.init_stage()
+    if stage is None:
+        return
+    epochs = stage.epochs if stage.epochs is not None else m.spec.protocol.init_epochs
+    if m.init_done >= epochs:
+        return
+    params = list(stage.parameters)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = _sgd(params, m.spec, m.base_lr)
+    loader = GPULoader(data.train_images, data.train_labels, batch_size=m.spec.protocol.batch_size, train=True,
+                       mean=data.mean, std=data.std, seed=derive_seed(m.spec.seed, m.spec.method, "init-data"),
+                       drop_last=m.spec.protocol.drop_last, device=device)
+    try:
+        # The init-stage optimizer restarts at a resumed epoch (its momentum is not checkpointed): the
+        # stage is a warm-up of adapters and a few epochs of momentum do not change what it converges to.
+        while m.init_done < epochs:
+            t0 = time.perf_counter()
+            m.student.train()
+            m.method.train()
+            sums: dict[str, torch.Tensor] = {}
+            for batch in loader.epoch(m.init_done):
+                t_out = _teacher_out(teacher, batch.images)
+                s_out = m.student(batch.images)
+                _step(opt, stage.loss(s_out, t_out, batch), sums)
+                if on_batch:
+                    on_batch()
+            means = {k: float(v) / len(loader) for k, v in sums.items()}
+            _check_finite(m, means, -1)
+            if m.failed:
+                m.failed = "init stage: " + m.failed
+                return
+            m.curve.setdefault("init_loss", []).append(means.get("total", 0.0))
+            m.init_done += 1
+            m.init_seconds += time.perf_counter() - t0
+            if save:
+                save_checkpoint(m)
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None, device: torch.device, *,
+                 progress: Any = None, on_epoch: Callable[[Member], None] | None = None, save: bool = True) -> None:
+    """Train the members' main stage side by side on one data stream (all must be at the same epoch)."""
+    active = [m for m in members if not m.done]
+    if not active:
+        return
+    start = {m.epoch for m in active}
+    if len(start) != 1:
+        raise ValueError("cohort members must resume from the same epoch")
+    proto = active[0].spec.protocol
+    loader = GPULoader(data.train_images, data.train_labels, batch_size=proto.batch_size, train=True,
+                       mean=data.mean, std=data.std, seed=derive_seed(active[0].spec.seed, "data"),
+                       drop_last=proto.drop_last, device=device)
+    test_loader = GPULoader(data.test_images, data.test_labels, batch_size=TEST_BATCH, train=False,
+                            mean=data.mean, std=data.std, device=device)
+    if teacher is not None:
+        teacher.eval()
+    task = None
+    if progress is not None:
+        names = ", ".join(m.spec.method for m in active)
+        task = progress.add_task(f"{active[0].spec.pair} [{names}]", total=len(loader))
+    for epoch in range(start.pop(), proto.epochs):
+        active = [m for m in active if not m.done]
+        if not active:
+            break
+        t0 = time.perf_counter()
+        sums = {id(m): {} for m in active}
+        for m in active:
+            for g in m.optimizer.param_groups:
+                g["lr"] = proto.lr_at(m.base_lr, epoch)
+            m.student.train()
+            m.method.train()
+        if task is not None:
+            progress.reset(task, total=len(loader))
+        for batch in loader.epoch(epoch):
+            t_out = _teacher_out(teacher, batch.images)
+            for m in active:
+                s_out = m.student(batch.images)
+                _step(m.optimizer, main_terms(m, s_out, t_out, batch), sums[id(m)])
+            if task is not None:
+                progress.advance(task)
+        seconds = time.perf_counter() - t0
+        for m in active:
+            means = {k: float(v) / len(loader) for k, v in sums[id(m)].items()}
+            m.curve["epoch"].append(epoch + 1)
+            m.curve["lr"].append(proto.lr_at(m.base_lr, epoch))
+            for k, v in means.items():
+                m.curve["loss"].setdefault(k, []).append(v if math.isfinite(v) else None)
+            m.epoch_seconds.append(seconds)
+            _check_finite(m, means, epoch)
+            m.epoch = epoch + 1
+            if m.failed is None and (m.epoch % proto.eval_every == 0 or m.epoch == proto.epochs):
+                ev = evaluate(m.student, test_loader)
+                m.last_eval = {**ev, "epoch": m.epoch}
+                m.curve["eval_epoch"].append(m.epoch)
+                m.curve["test_top1"].append(ev["top1"])
+                m.curve["test_top5"].append(ev["top5"])
+                if ev["top1"] > m.best["top1"]:
+                    m.best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": m.epoch}
+            if save:
+                save_checkpoint(m)
+            if on_epoch:
+                on_epoch(m)
+            if task is not None:
+                loss = m.curve["loss"].get("total", [float("nan")])[-1]
+                top1 = m.last_eval.get("top1", float("nan"))
+                progress.update(task, description=f"{m.spec.pair} ep {m.epoch}/{proto.epochs} "
+                                f"loss {loss if loss is not None else float('nan'):.3f} top1 {top1:.2f}")
+    if task is not None:
+        progress.remove_task(task)
+
+
+def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None, device: torch.device,
+                  cohort_size: int, extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The per-run JSON of a finished (or failed) member."""
+    from kdbench.results import SCHEMA_VERSION
+
+    entry = resolve(m.spec.method)
+    n = len(data.train_labels)
+    steady = m.epoch_seconds[1:] or m.epoch_seconds
+    mean_epoch = sum(steady) / len(steady) if steady else None
+    metrics: dict[str, Any] = {}
+    if m.failed is None:
+        metrics = {
+            "top1_last": m.last_eval["top1"], "top5_last": m.last_eval["top5"],
+            "top1_best": m.best["top1"], "top5_best": m.best["top5"], "best_epoch": m.best["epoch"],
+            **(extra_metrics or {}),
+        }
+    return {
+        "schema": SCHEMA_VERSION,
+        "run_id": m.spec.run_id,
+        "status": "failed" if m.failed else "done",
+        **({"reason": m.failed, "failed_epoch": m.failed_epoch} if m.failed else {}),
+        "spec": m.spec.to_dict(),
+        "pair": m.spec.pair,
+        "method": {"name": m.spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
+                   "config": dict(m.spec.method_config)},
+        "teacher": teacher_card,
+        "data": {"name": data.name, "checksum": data.checksum, "num_classes": data.num_classes,
+                 "image_size": data.image_size, "train_size": n, "test_size": len(data.test_labels)},
+        "metrics": metrics,
+        "curve": m.curve,
+        "timings": {
+            "epoch_seconds": m.epoch_seconds,
+            "init_seconds": m.init_seconds,
+            "total_seconds": sum(m.epoch_seconds) + m.init_seconds,
+            "images_per_second": (n / mean_epoch) if mean_epoch else None,
+            "cohort_size": cohort_size,
+            "note": "epoch_seconds is the wall time of the whole cohort's epoch",
+        },
+        "environment": environment(device),
+    }
