@@ -73,15 +73,19 @@ class MethodContext:
 class InitStage:
     """A pre-training phase run before the main stage (AB, FT, FSP).
 
-    Only ``parameters`` are optimised (SGD with the protocol's settings), for ``epochs`` epochs (None: the
-    protocol's ``init_epochs``), on ``loss(student_out, teacher_out, batch)`` instead of the main loss.
-    After the stage, the main stage optimises the student and the method's parameters that still
-    require a gradient.
+    Only ``parameters`` are optimised (SGD with the protocol's momentum and weight decay, at ``lr``, default the
+    run's base learning rate, held constant), for ``epochs`` epochs (None: the protocol's ``init_epochs``), on
+    ``loss(student_out, teacher_out, batch)`` instead of the main loss. As in the reference (RepDistiller's
+    ``helper/pretrain.py``), the student and teacher run in eval mode during the stage (BN statistics fixed);
+    with ``needs_student=False`` the student is not run at all and ``student_out`` is None. After the stage,
+    the main stage optimises the student and the method's parameters that still require a gradient.
     """
 
     parameters: list[nn.Parameter]
-    loss: Callable[[ModelOutput, ModelOutput, Batch], dict[str, torch.Tensor]]
+    loss: Callable[[ModelOutput | None, ModelOutput, Batch], dict[str, torch.Tensor]]
     epochs: int | None = None
+    lr: float | None = None
+    needs_student: bool = True
 
 
 class Method(nn.Module):

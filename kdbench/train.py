@@ -218,7 +218,7 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = _sgd(params, m.spec, m.base_lr)
+    opt = _sgd(params, m.spec, stage.lr if stage.lr is not None else m.base_lr)
     loader = GPULoader(data.train_images, data.train_labels, batch_size=m.spec.protocol.batch_size, train=True,
                        mean=data.mean, std=data.std, seed=derive_seed(m.spec.seed, m.spec.method, "init-data"),
                        drop_last=m.spec.protocol.drop_last, device=device)
@@ -227,12 +227,12 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
         # stage is a warm-up of adapters and a few epochs of momentum do not change what it converges to.
         while m.init_done < epochs:
             t0 = time.perf_counter()
-            m.student.train()
+            m.student.eval()  # BN statistics fixed during the init stage, as in the reference
             m.method.train()
             sums: dict[str, torch.Tensor] = {}
             for batch in loader.epoch(m.init_done):
                 t_out = _teacher_out(teacher, batch.images)
-                s_out = m.student(batch.images)
+                s_out = m.student(batch.images) if stage.needs_student else None
                 _step(opt, stage.loss(s_out, t_out, batch), sums)
                 if on_batch:
                     on_batch()

@@ -1,0 +1,281 @@
+"""FT: the factor loss by hand, paraphraser / translator shapes, the init stage and the frozen paraphraser."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kdbench.methods.ft import FT, FTConfig, factor_transfer_loss
+from torch import nn
+
+from kdbench.errors import KdbenchError
+from kdbench.method import Batch, MethodContext
+from kdbench.models.base import FeatureInfo, ModelOutput
+
+GOLDEN = Path(__file__).parent / "golden" / "ft.json"
+
+
+def info(channels: tuple[int, ...], reduction: tuple[int, ...]) -> FeatureInfo:
+    return FeatureInfo(channels=channels, reduction=reduction, pooled_dim=channels[-1], num_classes=10)
+
+
+def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8) -> MethodContext:
+    return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
+                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
+
+
+def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 8) -> ModelOutput:
+    pre = [torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
+           for c, r in zip(fi.channels, fi.reduction)]
+    feats = [p.relu() for p in pre]
+    return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre,
+                       pooled=feats[-1].mean(dim=(2, 3)))
+
+
+def batch_of(n: int) -> Batch:
+    return Batch(images=torch.zeros(n, 3, 8, 8), labels=torch.zeros(n, dtype=torch.long), index=torch.arange(n))
+
+
+STUDENT = info((4, 6, 8), (1, 1, 2))
+TEACHER = info((4, 8, 14), (1, 1, 2))  # factor channels int(14 * 0.5) = 7
+
+
+def build(s: FeatureInfo = STUDENT, t: FeatureInfo = TEACHER, image_size: int = 8, **kw) -> FT:
+    torch.manual_seed(0)
+    m = FT(FTConfig(**kw), context(s, t, image_size))
+    m.rng = torch.Generator().manual_seed(0)
+    return m
+
+
+def test_defaults():
+    cfg = FTConfig()
+    assert (cfg.ce_weight, cfg.kd_weight, cfg.weight) == (1.0, 0.0, 200.0)
+    assert (cfg.factor_rate, cfg.factor_mode, cfg.factor_power) == (0.5, "attention", 2.0)
+    assert FT.needs == frozenset({"feats"})
+    with pytest.raises(KdbenchError, match="factor_mode"):
+        build(factor_mode="l2")
+
+
+def test_module_shapes():
+    m = build(t=info((4, 8, 15), (1, 1, 2)))  # odd teacher width: int(15 * 0.5) = 7 factor channels
+    convs = [mod for mod in m.paraphraser.encoder if isinstance(mod, nn.Conv2d)]
+    deconvs = [mod for mod in m.paraphraser.decoder if isinstance(mod, nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(15, 15), (15, 7), (7, 7)]
+    assert [(c.in_channels, c.out_channels) for c in deconvs] == [(7, 7), (7, 15), (15, 15)]
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in m.paraphraser.modules())
+    tconvs = [mod for mod in m.translator.encoder if isinstance(mod, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in tconvs] == [(8, 8), (8, 7), (7, 7)]
+    assert sum(isinstance(mod, nn.BatchNorm2d) for mod in m.translator.modules()) == 3
+    f = torch.randn(2, 15, 4, 4)
+    assert m.paraphraser.encode(f).shape == (2, 7, 4, 4) and m.paraphraser(f).shape == f.shape
+    assert m.translator(torch.randn(2, 8, 4, 4)).shape == (2, 7, 4, 4)
+
+
+def test_factor_loss_by_hand():
+    # attention mode: channel mean of squares [1, 0] vs [1, 1] -> [1, 0] vs [1/sqrt2, 1/sqrt2]
+    f_s = torch.tensor([[[[1.0, 0.0]], [[-1.0, 0.0]]]])  # (1, 2, 1, 2)
+    f_t = torch.tensor([[[[1.0, 1.0]], [[1.0, -1.0]]]])
+    expected = (abs(1 - 1 / math.sqrt(2)) + 1 / math.sqrt(2)) / 2  # = 0.5
+    assert factor_transfer_loss(f_s, f_t).item() == pytest.approx(expected, rel=1e-6)
+    # flatten mode: [3, 4] / 5 vs [4, 3] / 5 -> mean |diff| = 0.2
+    a, b = torch.tensor([[[[3.0, 4.0]]]]), torch.tensor([[[[4.0, 3.0]]]])
+    assert factor_transfer_loss(a, b, mode="flatten").item() == pytest.approx(0.2, rel=1e-6)
+    # the squares drop the sign that the flatten mode keeps
+    assert factor_transfer_loss(a, -a).item() == pytest.approx(0.0, abs=1e-7)
+    assert factor_transfer_loss(a, -a, mode="flatten").item() == pytest.approx(1.4, rel=1e-6)
+
+
+def test_factor_loss_zero_identical_and_scale_invariant():
+    gen = torch.Generator().manual_seed(4)
+    f = torch.randn(3, 5, 4, 4, generator=gen)
+    g = torch.randn(3, 5, 4, 4, generator=gen)
+    for mode in ("attention", "flatten"):
+        assert factor_transfer_loss(f, f.clone(), mode=mode).item() == pytest.approx(0.0, abs=1e-7)
+        torch.testing.assert_close(factor_transfer_loss(3.0 * f, g, mode=mode), factor_transfer_loss(f, g, mode=mode))
+
+
+def test_factor_loss_pools_the_larger_map():
+    gen = torch.Generator().manual_seed(5)
+    big, small = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
+    torch.testing.assert_close(factor_transfer_loss(big, small), factor_transfer_loss(F.avg_pool2d(big, 2), small))
+    torch.testing.assert_close(factor_transfer_loss(small, big), factor_transfer_loss(small, F.avg_pool2d(big, 2)))
+
+
+def test_main_loss_value_and_weight():
+    m = build(weight=3.0)
+    m.eval()
+    gen = torch.Generator().manual_seed(6)
+    out_s, out_t = outputs(gen, STUDENT, 2), outputs(gen, TEACHER, 2)
+    got = m.loss(out_s, out_t, batch_of(2))
+    assert set(got) == {"ft"}
+    with torch.no_grad():
+        ref = factor_transfer_loss(m.translator(out_s.feats[-1]), m.paraphraser.encode(out_t.feats[-1]))
+    torch.testing.assert_close(got["ft"].detach(), 3.0 * ref)
+
+
+def test_reconstruction_loss_with_zero_paraphraser():
+    # All weights and biases zero: every layer outputs LeakyReLU(0) = 0, so the loss is the mean of t^2.
+    m = build()
+    with torch.no_grad():
+        for p in m.paraphraser.parameters():
+            p.zero_()
+    gen = torch.Generator().manual_seed(7)
+    out_s, out_t = outputs(gen, STUDENT, 2), outputs(gen, TEACHER, 2)
+    got = m.init_stage().loss(out_s, out_t, batch_of(2))
+    assert set(got) == {"ft_rec"}
+    assert got["ft_rec"].item() == pytest.approx(out_t.feats[-1].pow(2).mean().item(), rel=1e-6)
+
+
+def test_init_stage_is_exactly_the_paraphraser():
+    m = build()
+    stage = m.init_stage()
+    assert stage.epochs is None
+    assert [id(p) for p in stage.parameters] == [id(p) for p in m.paraphraser.parameters()]
+    assert not set(map(id, stage.parameters)) & set(map(id, m.translator.parameters()))
+
+
+def test_paraphraser_frozen_in_main_stage():
+    m = build()
+    assert not any(p.requires_grad for p in m.paraphraser.parameters())
+    assert all(p.requires_grad for p in m.translator.parameters())
+    m.train()
+    assert m.training and m.translator.training and not m.paraphraser.training
+    gen = torch.Generator().manual_seed(8)
+    out_s, out_t = outputs(gen, STUDENT, 2), outputs(gen, TEACHER, 2)
+    m.loss(out_s, out_t, batch_of(2))["ft"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.translator.parameters())
+    assert all(p.grad is None for p in m.paraphraser.parameters())
+    # During the init stage (the harness turns the gradients on) train() puts it in train mode.
+    for p in m.paraphraser.parameters():
+        p.requires_grad_(True)
+    m.train()
+    assert m.paraphraser.training
+    m.eval()
+    assert not m.paraphraser.training and not m.translator.training
+
+
+def test_init_stage_loss_decreases():
+    m = build()
+    stage = m.init_stage()
+    for p in stage.parameters:
+        p.requires_grad_(True)
+    m.train()
+    gen = torch.Generator().manual_seed(9)
+    out_s, out_t = outputs(gen, STUDENT, 4), outputs(gen, TEACHER, 4)
+    opt = torch.optim.SGD(stage.parameters, lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = sum(stage.loss(out_s, out_t, batch_of(4)).values())
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_state_dict_round_trip():
+    m = build()
+    with torch.no_grad():
+        m.paraphraser.encoder[0].weight.add_(1.0)
+        m.translator.encoder[1].running_var.add_(0.5)
+    assert "translator.encoder.1.running_var" in m.state_dict()
+    m2 = build()
+    m2.load_state_dict(m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_fp32_under_bf16_autocast():
+    m = build()
+    gen = torch.Generator().manual_seed(10)
+    out_s, out_t = outputs(gen, STUDENT, 2), outputs(gen, TEACHER, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.loss(out_s, out_t, batch_of(2))["ft"]
+        rec = m.init_stage().loss(out_s, out_t, batch_of(2))["ft_rec"]
+    assert got.dtype == rec.dtype == torch.float32 and torch.isfinite(got) and torch.isfinite(rec)
+
+
+# ---------------------------------------------------------------------------------------------- golden values
+
+GOLDEN_STUDENT = info((4, 6, 10), (1, 1, 2))
+GOLDEN_TEACHER = info((4, 8, 12), (1, 1, 4))  # the student's last map is twice the teacher's: factors pooled
+
+
+def golden_values() -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1234)
+    out_s, out_t = outputs(gen, GOLDEN_STUDENT, 3), outputs(gen, GOLDEN_TEACHER, 3)
+    values = {}
+    for mode in ("attention", "flatten"):
+        m = build(GOLDEN_STUDENT, GOLDEN_TEACHER, factor_mode=mode)
+        values[f"{mode}/ft"] = float(m.loss(out_s, out_t, batch_of(3))["ft"].detach())
+    values["ft_rec"] = float(m.init_stage().loss(out_s, out_t, batch_of(3))["ft_rec"].detach())
+    return values
+
+
+def test_golden():
+    expected = json.loads(GOLDEN.read_text())
+    got = golden_values()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, rel=1e-5), k
+
+
+# ---------------------------------------------------------------------------------------------- real zoo pairs
+
+# One forward + backward through real networks; the heavier pairs are marked slow.
+ZOO_PAIRS = [
+    ("wrn_40_2", "wrn_16_2", 2),
+    ("resnet20", "mobilenetv2", 2),  # cross-architecture: every tap differs in channels and size
+    pytest.param("resnet32x4", "resnet8x4", 4, marks=pytest.mark.slow),
+    pytest.param("resnet32x4", "shufflenetv2", 2, marks=pytest.mark.slow),
+    pytest.param("vgg13", "mobilenetv2", 2, marks=pytest.mark.slow),
+]
+
+
+@functools.cache
+def zoo_teacher(name: str, batch: int) -> tuple[nn.Module, torch.Tensor, ModelOutput]:
+    """A zoo teacher in eval mode, a fixed input and its outputs under no_grad (built once per module)."""
+    try:
+        from kdbench.models import create_model
+    except ImportError as exc:  # the zoo is written by another developer; skip until it exists
+        pytest.skip(f"model zoo not available: {exc}")
+    torch.manual_seed(0)
+    teacher = create_model(name, num_classes=10).eval()
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return teacher, x, teacher(x)
+
+
+@pytest.mark.parametrize(("t_name", "s_name", "batch"), ZOO_PAIRS)
+def test_zoo_pair_both_stages(t_name, s_name, batch):
+    teacher, x, out_t = zoo_teacher(t_name, batch)
+    from kdbench.models import create_model
+
+    student = create_model(s_name, num_classes=10)
+    ctx = MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=10, num_train=100,
+                        train_labels=torch.zeros(100, dtype=torch.long), student_head=student.head,
+                        teacher_head=teacher.head)
+    m = FT(FTConfig(), ctx).train()
+    loss = m.loss(student(x), out_t, batch_of(batch))["ft"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in m.translator.parameters())
+    assert all(p.grad is None for p in m.paraphraser.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    stage = m.init_stage()
+    for p in stage.parameters:
+        p.requires_grad_(True)
+    rec = sum(stage.loss(student(x), out_t, batch_of(batch)).values())
+    rec.backward()
+    assert all(p.grad is not None for p in m.paraphraser.parameters())
+
+
+if __name__ == "__main__":  # regenerate the golden values: python tests/test_method_ft.py
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(golden_values(), indent=2, sort_keys=True) + "\n")
+    print(GOLDEN.read_text())
