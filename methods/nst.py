@@ -1,0 +1,78 @@
+"""Neuron selectivity transfer (Huang & Wang 2017): MMD between the distributions of channel activation maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kdbench.method import Batch, Method, MethodConfig
+from kdbench.models.base import ModelOutput
+
+
+@dataclass
+class NSTConfig(MethodConfig):
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    weight: float = 50.0
+    kernel_degree: int = 2
+    kernel_offset: float = 0.0
+
+
+def match_spatial(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two maps (adaptively) to the other's height and width."""
+    h, w = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
+    if f_s.shape[2:] != (h, w):
+        f_s = F.adaptive_avg_pool2d(f_s, (h, w))
+    if f_t.shape[2:] != (h, w):
+        f_t = F.adaptive_avg_pool2d(f_t, (h, w))
+    return f_s, f_t
+
+
+def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor, degree: int, offset: float) -> torch.Tensor:
+    """Mean over the batch and all channel pairs of (a_i . b_j + offset)^degree; a: (B, Ca, N), b: (B, Cb, N)."""
+    return (torch.bmm(a, b.transpose(1, 2)) + offset).pow(degree).mean()
+
+
+class NST(Method):
+    """NST on every block-group output: loss = 1 CE + 50 sum_l MMD^2_poly(student channels, teacher channels).
+
+    Taps: ``feats[1:]`` of both networks (the reference's ``feat[1:-1]``). Each channel's H x W map is
+    flattened and L2-normalised over its pixels; a network's channels at a tap are the samples of a
+    distribution, and the squared MMD between the student's and the teacher's channel distributions uses the
+    polynomial kernel k(x, y) = (x . y + c)^d with d = ``kernel_degree`` = 2, c = ``kernel_offset`` = 0:
+    mean k(t, t') + mean k(s, s') - 2 mean k(s, t), each mean over the batch and all channel pairs; the
+    teacher-teacher term is a constant (kept, as the reference's "full loss", so the term is zero when the
+    maps are identical). Summed over layers. Defaults: gamma 1, alpha 0, beta 50, d 2, c 0.
+
+    Choices, following the reference code (HobbitLong/RepDistiller):
+    - Channel counts may differ: the MMD compares two sets of channel maps, each averaged over its own pairs.
+    - Spatial sizes that differ at a tap: the larger map is adaptively average-pooled to the smaller size
+      before normalisation.
+    - Taps are paired by index from the first block group; extra trailing maps of the longer list (VGG,
+      ResNet50 and MobileNetV2 have four block groups, the CIFAR ResNets and WRNs three) are ignored.
+    """
+
+    name = "nst"
+    paper = "Huang & Wang. Like What You Like: Knowledge Distill via Neuron Selectivity Transfer. arXiv 2017"
+    url = "https://arxiv.org/abs/1707.01219"
+    Config = NSTConfig
+    needs = frozenset({"feats"})
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        d, c = self.cfg.kernel_degree, self.cfg.kernel_offset
+        first = student.feats[1]
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            total = first.new_zeros((), dtype=torch.float32)
+            for f_s, f_t in zip(student.feats[1:], teacher.feats[1:]):
+                f_s, f_t = match_spatial(f_s.float(), f_t.float())
+                s = F.normalize(f_s.flatten(2), dim=2)
+                t = F.normalize(f_t.flatten(2), dim=2)
+                mmd = (
+                    poly_kernel_mean(t, t, d, c).detach()
+                    + poly_kernel_mean(s, s, d, c)
+                    - 2.0 * poly_kernel_mean(s, t, d, c)
+                )
+                total = total + mmd
+        return {"nst": self.cfg.weight * total}

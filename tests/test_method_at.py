@@ -1,0 +1,233 @@
+"""AT: zero on identical maps, a hand-computed value, invariances, size/length mismatches, golden values, pairs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kdbench.methods.at import AT, ATConfig
+
+from kdbench.method import Batch, MethodContext, discover
+from kdbench.models.base import FeatureInfo, ModelOutput
+
+GOLDEN = Path(__file__).parent / "golden" / "at.json"
+
+# Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
+STUDENT = FeatureInfo(channels=(4, 4, 6, 8), reduction=(1, 1, 2, 4), pooled_dim=8, num_classes=5)
+TEACHER = FeatureInfo(channels=(8, 8, 12, 16), reduction=(1, 1, 2, 4), pooled_dim=16, num_classes=5)
+# A VGG-like teacher (one more tap, everything one stride coarser).
+TEACHER_X = FeatureInfo(channels=(8, 8, 12, 16, 16), reduction=(1, 2, 4, 8, 8), pooled_dim=16, num_classes=5)
+
+PAIRS = [
+    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "mobilenetv2"),
+    ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"), ("resnet32x4", "shufflenetv1"),
+    ("resnet32x4", "shufflenetv2"), ("wrn_40_2", "shufflenetv1"),
+]
+# One forward + backward through real networks: a cross-family pair by default, three more marked slow.
+REAL_PAIRS = [
+    ("resnet32x4", "shufflenetv2"),
+    pytest.param("wrn_40_2", "wrn_16_2", marks=pytest.mark.slow),
+    pytest.param("resnet32x4", "resnet8x4", marks=pytest.mark.slow),
+    pytest.param("vgg13", "mobilenetv2", marks=pytest.mark.slow),
+]
+
+
+def make_ctx(student: FeatureInfo, teacher: FeatureInfo, image_size: int = 8) -> MethodContext:
+    return MethodContext(student=student, teacher=teacher, num_classes=student.num_classes, num_train=100,
+                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
+
+
+def make_out(info: FeatureInfo, b: int, gen: torch.Generator, image_size: int = 8) -> ModelOutput:
+    preact = [torch.randn(b, c, image_size // r, image_size // r, generator=gen)
+              for c, r in zip(info.channels, info.reduction)]
+    feats = [p.relu() for p in preact]
+    return ModelOutput(logits=torch.randn(b, info.num_classes, generator=gen), feats=feats, preact=preact,
+                       pooled=torch.randn(b, info.pooled_dim, generator=gen).relu())
+
+
+def from_feats(feats: list[torch.Tensor]) -> ModelOutput:
+    b = feats[0].shape[0]
+    return ModelOutput(logits=torch.zeros(b, 5), feats=feats, preact=feats, pooled=torch.zeros(b, 3))
+
+
+def make_batch(b: int) -> Batch:
+    return Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
+
+
+def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, image_size: int = 8, **cfg) -> AT:
+    torch.manual_seed(0)
+    return AT(ATConfig(**cfg), make_ctx(student, teacher, image_size))
+
+
+def at_loss(m: AT, s: ModelOutput, t: ModelOutput) -> float:
+    return m.loss(s, t, make_batch(s.feats[0].shape[0]))["at"].item()
+
+
+def test_registered_with_reference_defaults():
+    assert discover()["at"].cls is AT
+    cfg = ATConfig()
+    assert (cfg.ce_weight, cfg.kd_weight, cfg.weight, cfg.attention_power) == (1.0, 0.0, 1000.0, 2.0)
+    assert AT.needs == {"feats"}
+    assert list(build().parameters()) == [] and list(build().buffers()) == []
+
+
+def test_zero_on_identical_outputs():
+    out = make_out(STUDENT, 4, torch.Generator().manual_seed(1))
+    assert at_loss(build(STUDENT, STUDENT), out, out) == 0.0
+
+
+def test_hand_computed_value():
+    # one sample, one block group, a 1 x 2 map.
+    # student: channels [1, 2] and [3, 0] -> mean of squares per pixel [(1 + 9) / 2, (4 + 0) / 2] = [5, 2]
+    #          -> normalised [5, 2] / sqrt(29)
+    # teacher: one channel [1, 1] -> [1, 1] -> [1, 1] / sqrt(2)
+    # loss = 1000 * mean over the 2 pixels of the squared difference
+    s1 = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])
+    t1 = torch.tensor([[[[1.0, 1.0]]]])
+    stem = torch.zeros(1, 1, 1, 2)
+    a, b, c = 5 / math.sqrt(29), 2 / math.sqrt(29), 1 / math.sqrt(2)
+    expected = 1000.0 * ((a - c) ** 2 + (b - c) ** 2) / 2
+    m = build()
+    assert at_loss(m, from_feats([stem, s1]), from_feats([stem, t1])) == pytest.approx(expected, rel=1e-6)
+    # p = 1: channel means [2, 1] -> [2, 1] / sqrt(5)
+    m1 = build(attention_power=1.0)
+    expected1 = 1000.0 * ((2 / math.sqrt(5) - c) ** 2 + (1 / math.sqrt(5) - c) ** 2) / 2
+    assert at_loss(m1, from_feats([stem, s1]), from_feats([stem, t1])) == pytest.approx(expected1, rel=1e-6)
+
+
+def test_sum_over_layers_and_stem_unused():
+    gen = torch.Generator().manual_seed(2)
+    s, t = make_out(STUDENT, 3, gen), make_out(TEACHER, 3, gen)
+    m = build()
+    total = at_loss(m, s, t)
+    per_layer = [at_loss(m, from_feats([s.feats[0], s.feats[i]]), from_feats([t.feats[0], t.feats[i]]))
+                 for i in (1, 2, 3)]
+    assert total == pytest.approx(sum(per_layer), rel=1e-5)
+    s.feats[0] = s.feats[0] * 5.0 + 1.0
+    assert at_loss(m, s, t) == pytest.approx(total, rel=1e-6)
+
+
+def test_invariant_to_positive_scaling_of_each_network():
+    gen = torch.Generator().manual_seed(3)
+    s, t = make_out(STUDENT, 3, gen), make_out(TEACHER, 3, gen)
+    m = build()
+    ref = at_loss(m, s, t)
+    s2 = from_feats([f * 3.0 for f in s.feats])
+    t2 = from_feats([f * 0.2 for f in t.feats])
+    assert at_loss(m, s2, t2) == pytest.approx(ref, rel=1e-5)
+
+
+def test_larger_map_is_average_pooled_to_the_smaller():
+    gen = torch.Generator().manual_seed(4)
+    small = torch.rand(2, 3, 2, 2, generator=gen)
+    big = torch.rand(2, 5, 4, 4, generator=gen)
+    stem = torch.zeros(2, 1, 4, 4)
+    m = build()
+    pooled = F.avg_pool2d(big, 2)  # 4x4 -> 2x2: what adaptive pooling gives for an exact ratio
+    # teacher larger
+    assert at_loss(m, from_feats([stem, small]), from_feats([stem, big])) == pytest.approx(
+        at_loss(m, from_feats([stem, small]), from_feats([stem, pooled])), rel=1e-6)
+    # student larger
+    assert at_loss(m, from_feats([stem, big]), from_feats([stem, small])) == pytest.approx(
+        at_loss(m, from_feats([stem, pooled]), from_feats([stem, small])), rel=1e-6)
+
+
+def test_extra_trailing_block_groups_are_ignored():
+    gen = torch.Generator().manual_seed(5)
+    s, t = make_out(STUDENT, 3, gen), make_out(TEACHER_X, 3, gen)
+    m = build(STUDENT, TEACHER_X)
+    three = at_loss(m, s, t)
+    assert three == pytest.approx(at_loss(m, s, from_feats(t.feats[:4])), rel=1e-6)
+    assert math.isfinite(three) and three > 0
+
+
+def test_gradient_reaches_student_maps():
+    gen = torch.Generator().manual_seed(6)
+    s, t = make_out(STUDENT, 3, gen), make_out(TEACHER, 3, gen)
+    for f in s.feats:
+        f.requires_grad_(True)
+    build().loss(s, t, make_batch(3))["at"].backward()
+    assert s.feats[0].grad is None
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s.feats[1:])
+
+
+def test_bf16_autocast_gives_fp32_loss():
+    gen = torch.Generator().manual_seed(7)
+    s, t = make_out(STUDENT, 3, gen), make_out(TEACHER, 3, gen)
+    m = build()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m.loss(s, t, make_batch(3))["at"]
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(at_loss(m, s, t), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ golden values
+
+
+def golden_values() -> dict[str, float]:
+    """Each case: inputs from a seeded generator, the method built under torch.manual_seed(0)."""
+    cases = {"same_shape": (STUDENT, TEACHER), "cross_shape": (STUDENT, TEACHER_X)}
+    values = {}
+    for k, (name, (si, ti)) in enumerate(cases.items()):
+        m = build(si, ti)
+        gen = torch.Generator().manual_seed(100 + k)
+        values[name] = at_loss(m, make_out(si, 4, gen), make_out(ti, 4, gen))
+    return values
+
+
+def test_golden_values():
+    expected = json.loads(GOLDEN.read_text())
+    got = golden_values()
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+# ------------------------------------------------------------------------------------------------ zoo pairs
+
+
+@functools.cache
+def zoo_info(name: str) -> FeatureInfo:
+    try:
+        from kdbench.models.base import feature_info, list_models
+    except ImportError as exc:  # the zoo is optional for these unit tests
+        pytest.skip(f"model zoo not available: {exc}")
+    if name not in list_models():
+        pytest.skip(f"{name} is not in the zoo yet")
+    return feature_info(name, 10)
+
+
+@pytest.mark.parametrize("teacher,student", PAIRS)
+def test_zoo_pair_shapes(teacher, student):
+    """Every benchmark pair, with random maps of the declared shapes (no forward pass): finite loss."""
+    ti, si = zoo_info(teacher), zoo_info(student)
+    m = build(si, ti, image_size=32)
+    gen = torch.Generator().manual_seed(8)
+    assert math.isfinite(at_loss(m, make_out(si, 2, gen, 32), make_out(ti, 2, gen, 32)))
+
+
+@pytest.mark.parametrize("teacher,student", REAL_PAIRS)
+def test_real_pair_forward_backward(teacher, student):
+    ti, si = zoo_info(teacher), zoo_info(student)
+    from kdbench.models.base import create_model
+
+    torch.manual_seed(0)
+    t_net, s_net = create_model(teacher, 10).eval(), create_model(student, 10)
+    m = build(si, ti, image_size=32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        t_out = t_net(x)
+    m.loss(s_net(x), t_out, make_batch(2))["at"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s_net.parameters())
+
+
+if __name__ == "__main__":  # regenerate the golden values: python tests/test_method_at.py
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(golden_values(), indent=2, sort_keys=True) + "\n")
+    print(GOLDEN.read_text())

@@ -1,0 +1,207 @@
+"""CC: the reference formula by hand, both embeddings trained, state round trip, golden values, pairs."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from kdbench.methods.cc import CC, CCConfig
+
+from kdbench.method import Batch, MethodContext, discover
+from kdbench.models.base import FeatureInfo, ModelOutput
+
+GOLDEN = Path(__file__).parent / "golden" / "cc.json"
+
+STUDENT = FeatureInfo(channels=(4, 4, 6, 8), reduction=(1, 1, 2, 4), pooled_dim=8, num_classes=5)
+TEACHER = FeatureInfo(channels=(8, 8, 12, 16), reduction=(1, 1, 2, 4), pooled_dim=16, num_classes=5)
+
+PAIRS = [
+    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "mobilenetv2"),
+    ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"), ("resnet32x4", "shufflenetv1"),
+    ("resnet32x4", "shufflenetv2"), ("wrn_40_2", "shufflenetv1"),
+]
+# One forward + backward through real networks: a cross-family pair by default, three more marked slow.
+REAL_PAIRS = [
+    ("resnet32x4", "shufflenetv2"),
+    pytest.param("wrn_40_2", "wrn_16_2", marks=pytest.mark.slow),
+    pytest.param("resnet32x4", "resnet8x4", marks=pytest.mark.slow),
+    pytest.param("vgg13", "mobilenetv2", marks=pytest.mark.slow),
+]
+
+
+def make_ctx(student: FeatureInfo, teacher: FeatureInfo, image_size: int = 8) -> MethodContext:
+    return MethodContext(student=student, teacher=teacher, num_classes=student.num_classes, num_train=100,
+                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
+
+
+def from_pooled(pooled: torch.Tensor) -> ModelOutput:
+    b = pooled.shape[0]
+    f = torch.zeros(b, 1, 1, 1)
+    return ModelOutput(logits=torch.zeros(b, 5), feats=[f], preact=[f], pooled=pooled)
+
+
+def rand_pooled(info: FeatureInfo, b: int, gen: torch.Generator) -> ModelOutput:
+    return from_pooled(torch.randn(b, info.pooled_dim, generator=gen).relu())
+
+
+def make_batch(b: int) -> Batch:
+    return Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
+
+
+def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, image_size: int = 8, **cfg) -> CC:
+    torch.manual_seed(0)
+    return CC(CCConfig(**cfg), make_ctx(student, teacher, image_size))
+
+
+def cc_loss(m: CC, s: ModelOutput, t: ModelOutput) -> torch.Tensor:
+    return m.loss(s, t, make_batch(s.pooled.shape[0]))["cc"]
+
+
+def identity_embeddings(dim: int) -> CC:
+    info = FeatureInfo(channels=(1,), reduction=(1,), pooled_dim=dim, num_classes=5)
+    m = build(info, info, embed_dim=dim)
+    with torch.no_grad():
+        for lin in (m.embed_s, m.embed_t):
+            lin.weight.copy_(torch.eye(dim))
+            lin.bias.zero_()
+    return m
+
+
+def test_registered_with_reference_defaults():
+    assert discover()["cc"].cls is CC
+    cfg = CCConfig()
+    assert (cfg.ce_weight, cfg.kd_weight, cfg.weight, cfg.embed_dim) == (1.0, 0.0, 0.02, 128)
+    assert CC.needs == {"pooled"}
+    m = build()
+    assert m.embed_s.in_features == 8 and m.embed_t.in_features == 16
+    assert m.embed_s.out_features == m.embed_t.out_features == 128
+    assert {n for n, _ in m.named_parameters()} == {"embed_s.weight", "embed_s.bias", "embed_t.weight",
+                                                   "embed_t.bias"}
+
+
+def test_hand_computed_value():
+    # identity embeddings: delta = |s - t| = [[1, 2], [2, 3], [2, 1]]
+    # consecutive pairs: (0, 1) -> 1*2 + 2*3 = 8; (1, 2) -> 2*2 + 3*1 = 7; mean 7.5; times beta 0.02.
+    m = identity_embeddings(2)
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 1.0]])
+    t = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    assert cc_loss(m, from_pooled(s), from_pooled(t)).item() == pytest.approx(0.02 * 7.5, rel=1e-6)
+    # the order of the batch matters: it only pairs neighbours. Swap rows 1 and 2: delta [[1, 2], [2, 1], [2, 3]]
+    # -> (1*2 + 2*1) = 4 and (2*2 + 1*3) = 7 -> 5.5
+    perm = torch.tensor([0, 2, 1])
+    assert cc_loss(m, from_pooled(s[perm]), from_pooled(t[perm])).item() == pytest.approx(0.02 * 5.5, rel=1e-6)
+
+
+def test_zero_on_identical_embeddings_and_single_sample():
+    m = identity_embeddings(3)
+    x = torch.rand(4, 3, generator=torch.Generator().manual_seed(1))
+    assert cc_loss(m, from_pooled(x), from_pooled(x.clone())).item() == 0.0
+    one = cc_loss(build(), rand_pooled(STUDENT, 1, torch.Generator()), rand_pooled(TEACHER, 1, torch.Generator()))
+    assert one.item() == 0.0
+
+
+def test_gradients_reach_both_embeddings_and_student():
+    gen = torch.Generator().manual_seed(2)
+    s, t = rand_pooled(STUDENT, 4, gen), rand_pooled(TEACHER, 4, gen)
+    s.pooled.requires_grad_(True)
+    m = build()
+    cc_loss(m, s, t).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert s.pooled.grad is not None and s.pooled.grad.abs().sum() > 0
+    assert not t.pooled.requires_grad
+
+
+def test_state_dict_round_trip():
+    m = build()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(99)
+    m2 = CC(CCConfig(), make_ctx(STUDENT, TEACHER))
+    assert not torch.equal(m2.embed_t.weight, m.embed_t.weight)
+    m2.load_state_dict(torch.load(buf, weights_only=True))
+    for key, value in m.state_dict().items():
+        assert torch.equal(value, m2.state_dict()[key]), key
+    gen = torch.Generator().manual_seed(3)
+    s, t = rand_pooled(STUDENT, 4, gen), rand_pooled(TEACHER, 4, gen)
+    assert cc_loss(m, s, t).item() == cc_loss(m2, s, t).item()
+
+
+def test_bf16_autocast_gives_fp32_loss():
+    gen = torch.Generator().manual_seed(4)
+    s, t = rand_pooled(STUDENT, 4, gen), rand_pooled(TEACHER, 4, gen)
+    m = build()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cc_loss(m, s, t)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(cc_loss(m, s, t).item(), rel=5e-2)
+
+
+# ------------------------------------------------------------------------------------------------ golden values
+
+
+def golden_values() -> dict[str, float]:
+    """Inputs from a seeded generator, the method (its two embeddings) built under torch.manual_seed(0)."""
+    m = build()
+    gen = torch.Generator().manual_seed(100)
+    return {"default": cc_loss(m, rand_pooled(STUDENT, 6, gen), rand_pooled(TEACHER, 6, gen)).item()}
+
+
+def test_golden_values():
+    expected = json.loads(GOLDEN.read_text())
+    got = golden_values()
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+# ------------------------------------------------------------------------------------------------ zoo pairs
+
+
+@functools.cache
+def zoo_info(name: str) -> FeatureInfo:
+    try:
+        from kdbench.models.base import feature_info, list_models
+    except ImportError as exc:  # the zoo is optional for these unit tests
+        pytest.skip(f"model zoo not available: {exc}")
+    if name not in list_models():
+        pytest.skip(f"{name} is not in the zoo yet")
+    return feature_info(name, 10)
+
+
+@pytest.mark.parametrize("teacher,student", PAIRS)
+def test_zoo_pair_shapes(teacher, student):
+    """Every benchmark pair, with random pooled vectors of the declared sizes (no forward pass): finite loss."""
+    ti, si = zoo_info(teacher), zoo_info(student)
+    m = build(si, ti, image_size=32)
+    gen = torch.Generator().manual_seed(8)
+    assert math.isfinite(cc_loss(m, rand_pooled(si, 2, gen), rand_pooled(ti, 2, gen)).item())
+
+
+@pytest.mark.parametrize("teacher,student", REAL_PAIRS)
+def test_real_pair_forward_backward(teacher, student):
+    ti, si = zoo_info(teacher), zoo_info(student)
+    from kdbench.models.base import create_model
+
+    torch.manual_seed(0)
+    t_net, s_net = create_model(teacher, 10).eval(), create_model(student, 10)
+    m = build(si, ti, image_size=32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        t_out = t_net(x)
+    m.loss(s_net(x), t_out, make_batch(2))["cc"].backward()
+    assert all(p.grad is not None for p in m.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s_net.parameters())
+
+
+if __name__ == "__main__":  # regenerate the golden values: python tests/test_method_cc.py
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(golden_values(), indent=2, sort_keys=True) + "\n")
+    print(GOLDEN.read_text())
