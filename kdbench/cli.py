@@ -190,16 +190,41 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
 @click.option("--methods", "-m", multiple=True, required=True, help="Comma-separated method names, or 'all'.")
 @_with_options(_run_options)
 @click.option("--no-cohort", is_flag=True, help="Train each run alone instead of side by side per (pair, seed).")
-@click.option("--executor", type=click.Choice(["local"]), default="local", help="Where runs execute.")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local",
+              help="local: worker processes on this machine; slurm: a job array through submitit.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes (default: one per visible GPU, or 1 on the CPU).")
+@click.option("--slurm-partition", default=None, help="SLURM partition (default bench.toml [slurm]).")
+@click.option("--slurm-time", type=click.IntRange(min=1), default=None, help="Minutes per array task.")
+@click.option("--slurm-gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task.")
+@click.option("--slurm-cpus", type=click.IntRange(min=1), default=None, help="CPUs per array task.")
 @click.option("--dry-run", is_flag=True, help="List the runs and what is already done; train nothing.")
 def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device,
-        config_path, no_cohort, executor, dry_run) -> None:
+        config_path, no_cohort, executor, workers, slurm_partition, slurm_time, slurm_gpus, slurm_cpus,
+        dry_run) -> None:
     """Train the runs of METHODS x PAIRS x SEEDS (skipping finished runs, resuming interrupted ones)."""
     from kdbench.sweep import Sweep
 
     bench, store, specs = _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
                                    config_path)
-    dev = _device(device)
+    slurm = None
+    if executor == "slurm":
+        from kdbench.slurm import SlurmSettings
+
+        slurm = SlurmSettings.from_dict(bench.slurm, bench.source).with_overrides(
+            partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus)
+        if dry_run:
+            from kdbench.slurm import cohorts, sbatch_script
+
+            click.echo(sbatch_script(store, slurm, max(1, len(cohorts(store, specs, not no_cohort)))))
+            return
+        dev = _device("cpu")  # the tasks choose their own device on the cluster
+    else:
+        dev = _device(device)
+    sweep = Sweep(store, dev, cohort=not no_cohort, download=download,
+                  log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    if not dry_run:
+        sweep.preload(specs)  # a missing or broken dataset fails here, before anything is written
     if dry_run:
         table = Table(title=f"{len(specs)} runs")
         for col in ("pair", "method", "seed", "protocol", "state"):
@@ -210,10 +235,27 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         console.print(table)
         return
     store.ensure_writable()
+    if executor == "slurm":
+        from kdbench.slurm import submit
+
+        jobs = submit(store, specs, slurm, cohort=not no_cohort)
+        console.print(f"submitted {len(jobs)} jobs ({', '.join(j.job_id for j in jobs[:5])}"
+                      f"{' ...' if len(jobs) > 5 else ''}); rerun the same command to finish what is missing")
+        return
+    from kdbench.sweep import run_local
+
+    import torch
+
+    if workers is None:
+        workers = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 1
+    devices = ([f"cuda:{i}" for i in range(workers)] if dev.type == "cuda" and dev.index is None else
+               [str(dev)] * workers)
     with _progress() as progress:
-        sweep = Sweep(store, dev, cohort=not no_cohort, download=download, progress=progress,
-                      log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
-        report = sweep.run(specs)
+        if len(devices) == 1:
+            sweep.progress = progress
+            report = sweep.run(specs)
+        else:
+            report = run_local(store, specs, devices, cohort=not no_cohort, download=download)
     console.print(f"trained {len(report.trained)}, already done {len(report.skipped)}, "
                   f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
                   f"-> {store.runs_dir}")
@@ -226,27 +268,123 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
 # ---------------------------------------------------------------------------------------------- table
 
 
-@cli.command()
-@click.option("--results", default="results", type=click.Path(), help="Results folder.")
-@click.option("--metric", default="top1_last", help="top1_last, top1_best, top5_last, top5_best.")
-@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md")
-def table(results: str, metric: str, fmt: str) -> None:
-    """Methods x pairs table of a results folder (mean ± std over seeds; best per column in bold)."""
-    from kdbench.report import METRICS, build_tables, collect, render
+def _collect(results: str):
+    from kdbench.report import collect
     from kdbench.results import ResultStore
 
-    if metric not in METRICS:
-        raise KdbenchError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
     store = ResultStore(results)
     if not store.runs_dir.is_dir():
         raise KdbenchError(f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results")
     col = collect(store)
     for problem in col.problems:
-        err_console.print(f"[yellow]skipped malformed file[/yellow] {problem}")
-    tables = build_tables(col, metric)
-    if not tables:
+        err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}")
+    if col.runs.empty:
         raise KdbenchError(f"no readable runs in {store.runs_dir}")
+    return col
+
+
+@cli.command()
+@click.option("--results", default="results", type=click.Path(), help="Results folder.")
+@click.option("--metric", default="top1_last",
+              help="Any numeric metric of the run JSON: top1_last, top1_best, top5_*, cka, agreement, ece, kl_t1, "
+                   "kl_t4, corr_diff_mean, corr_diff_max, ...")
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md")
+@click.option("--reference", default=None, metavar="NAME[,NAME]",
+              help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024 or both.")
+@click.option("--vs", default=None, metavar="METHOD",
+              help="Paired differences over seeds against this method (ce = the vanilla student), with a 95% "
+                   "bootstrap interval.")
+def table(results: str, metric: str, fmt: str, reference: str | None, vs: str | None) -> None:
+    """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
+    from kdbench.report import build_tables, render
+
+    col = _collect(results)
+    tables = build_tables(col, metric, reference=reference, vs=vs)
+    for t in tables.values():
+        for note in t.notes:
+            err_console.print(f"[yellow]note:[/yellow] {t.group}: {note}")
     click.echo(render(tables, fmt, metric), nl=False)
+
+
+@cli.command()
+@click.option("--results", default="results", type=click.Path(), help="Results folder.")
+@click.option("--out", default=None, type=click.Path(), help="Report folder (default RESULTS/report).")
+@click.option("--metric", default="top1_last", help="Metric of the tables (figures show top-1).")
+@click.option("--reference", default=None, metavar="NAME[,NAME]", help="Published numbers: crd2020, rrd2024.")
+@click.option("--vs", default=None, metavar="METHOD", help="Baseline of the paired comparisons (default kd).")
+def report(results: str, out: str | None, metric: str, reference: str | None, vs: str | None) -> None:
+    """Write a self-contained Markdown report (report.md + PNG figures) of a results folder."""
+    from kdbench.report import write_report
+
+    _collect(results)
+    path = write_report(results, out or str(Path(results) / "report"), metric=metric, reference=reference, vs=vs)
+    console.print(f"-> {path} ({len(list(path.parent.glob('*.png')))} figures)")
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--dataset", required=True, help="Probe data: tinyimagenet, stl10, cifar100 (any `kdbench list datasets`).")
+@click.option("--protocol", type=click.Choice(["paper", "fast", "smoke"]), default="paper", show_default=True,
+              help="paper: 120 epochs, x0.1 at 30/60/90 (CRD); fast: 20 epochs; smoke: 2 epochs on a subset.")
+@click.option("--data-root", default=None, type=click.Path(), help="Folder holding the probe data set.")
+@click.option("--image-size", default=None, type=int, help="Resize the probe images (default: the run's size).")
+@click.option("--download", is_flag=True, help="Download the probe data when it is missing (needs internet).")
+@click.option("--results", default=None, type=click.Path(),
+              help="Results folder (default: the one holding RUN's JSON, else ./results).")
+@click.option("--seed", default=0, type=int, show_default=True, help="Seed of the probe's head and batches.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--force", is_flag=True, help="Train the probe again even when its JSON exists.")
+def probe(run, dataset, protocol, data_root, image_size, download, results, seed, device, force) -> None:
+    """Linear probe of a finished run's frozen student on another data set (CRD transfer protocol).
+
+    RUN is a run JSON file or a prefix of a run id in RESULTS/runs/. The result goes to RESULTS/probes/."""
+    import json
+
+    from kdbench.data import DATASETS
+    from kdbench.probe import PROBE_PROTOCOLS, probe_label, resolve_run, run_probe
+
+    if dataset not in DATASETS:
+        raise KdbenchError(f"unknown dataset {dataset!r}; datasets: {', '.join(DATASETS)}")
+    path, obj, root = resolve_run(run, results)
+    target = root / "probes" / f"{probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed)}.json"
+    if target.is_file() and not force:
+        rec = json.loads(target.read_text())
+        console.print(f"already probed: top-1 last {rec['top1_last']:.2f}, best {rec['top1_best']:.2f} -> {target} "
+                      "(--force to train it again)")
+        return
+    rec = run_probe(obj, root, dataset, protocol=protocol, data_root=data_root, image_size=image_size,
+                    download=download, device=_device(device), seed=seed, run_file=path,
+                    log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    paper = f" (published: {rec['published']:.1f})" if rec.get("published") is not None else ""
+    console.print(f"{rec['method']} {rec['pair']} -> {dataset}: top-1 last {rec['top1_last']:.2f}, best "
+                  f"{rec['top1_best']:.2f} (epoch {rec['best_epoch']}){paper} -> {rec['path']}")
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+@cli.command()
+@click.option("--pair", default="resnet32x4:resnet8x4", show_default=True, help="teacher:student.")
+@click.option("--methods", "-m", default="kd,crd,rrd", show_default=True, help="Comma-separated method names.")
+@click.option("--batch-size", default=64, type=int, show_default=True)
+@click.option("--steps", default=50, type=int, show_default=True, help="Timed steps per configuration.")
+@click.option("--warmup", default=10, type=int, show_default=True, help="Untimed steps before them.")
+@click.option("--train-size", default=50000, type=int, show_default=True, help="Synthetic training images.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--workers", default=None, type=int, help="Reference DataLoader workers (default min(8, cores)).")
+@click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
+@click.option("--out", default="results/bench", type=click.Path(), show_default=True, help="Folder of the JSON.")
+def bench(pair, methods, batch_size, steps, warmup, train_size, device, workers, cohort_sizes, out) -> None:
+    """Images/s and s per CIFAR-100 epoch: a reference-style DataLoader loop vs kdbench solo and cohorts."""
+    from kdbench.bench import bench_table, run_bench
+
+    record = run_bench(pair, methods, batch_size=batch_size, steps=steps, warmup=warmup, train_size=train_size,
+                       device=device, workers=workers, cohort_sizes=cohort_sizes, out=out,
+                       log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    console.print(bench_table(record))
+    for name, reason in record["skipped"].items():
+        err_console.print(f"[yellow]skipped[/yellow] {name}: {reason}")
+    console.print(f"-> {record['path']}")
 
 
 # ---------------------------------------------------------------------------------------------- teachers
@@ -319,7 +457,6 @@ def teachers_import(file, arch, dataset, image_size, num_classes, results) -> No
     if dataset not in DATASETS:
         raise KdbenchError(f"unknown dataset {dataset!r}; datasets: {', '.join(DATASETS)}")
     store = ResultStore(results)
-    store.ensure_writable()
     card = TeacherStore(store).import_checkpoint(Path(file), arch, DataSpec(dataset, None, image_size), num_classes)
     console.print(f"imported {arch} for {dataset}: {card['weights']}")
 
@@ -335,8 +472,9 @@ def main() -> None:
         err_console.print("aborted")
         sys.exit(1)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(2 if exc.exit_code in (1, 2) else exc.exit_code)
+        # Usage errors too: one line, no usage block, exit code 2.
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun the same command to resume where it stopped")
         sys.exit(130)

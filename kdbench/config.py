@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdbench.errors import KdbenchError
 
 if sys.version_info >= (3, 11):
@@ -82,6 +80,7 @@ class Bench:
     results: str
     teacher_seed: int
     source: str = ""
+    slurm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ _PROTOCOL_TYPES: dict[str, type | tuple] = {
     "eval_every": int, "drop_last": bool,
 }
 _REQUIRED_PROTOCOL = set(_PROTOCOL_TYPES) - {"eval_every", "drop_last"}
-_TOP_KEYS = {"defaults", "protocols", "pairs", "methods"}
+_TOP_KEYS = {"defaults", "protocols", "pairs", "methods", "slurm"}
 _DEFAULT_KEYS = {"protocol": str, "seeds": list, "results": str, "teacher_seed": int}
 _PAIRSET_KEYS = {"dataset": str, "pairs": list, "protocol": str, "image_size": int, "data_root": str,
                  "dataset_options": dict}
@@ -272,8 +271,14 @@ def parse_bench(raw: dict[str, Any], src: str = "bench.toml", base_dir: Path | N
     for mname, table in methods.items():
         if not isinstance(table, dict):
             raise _bad(src, f"[methods.{mname}] must be a table")
+    slurm = raw.get("slurm", {})
+    if not isinstance(slurm, dict):
+        raise _bad(src, "[slurm] must be a table")
+    from kdbench.slurm import SlurmSettings
+
+    SlurmSettings.from_dict(slurm, src)  # validated here, used by --executor slurm
     return Bench(protocols, pair_sets, dict(methods), tuple(seeds), protocol, defaults.get("results", "results"),
-                 defaults.get("teacher_seed", 0), src)
+                 defaults.get("teacher_seed", 0), src, dict(slurm))
 
 
 def load_bench(path: str | Path | None = None) -> Bench:
@@ -293,19 +298,24 @@ def load_bench(path: str | Path | None = None) -> Bench:
 # ---------------------------------------------------------------------------------------------- overrides
 
 
+def parse_value(text: str) -> Any:
+    """A --set value in TOML syntax (2, 0.5, 1e-4, true, [1, 2], "x"); anything else is taken as a plain string."""
+    text = text.strip()
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`--set a.b.c=value` strings -> {"a.b.c": value}; values parsed as YAML scalars/lists (2, 0.5, true, [1,2])."""
+    """`--set a.b.c=value` strings -> {"a.b.c": value}."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise KdbenchError(f"--set {item!r}: expected KEY=VALUE, e.g. methods.kd.temperature=2")
         key, _, text = item.partition("=")
         key = key.strip()
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        out[key] = value
+        out[key] = parse_value(text)
     return out
 
 

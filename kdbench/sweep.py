@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,10 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
     if not seeds or any(s < 0 for s in seeds):
         raise KdbenchError("--seeds must be non-negative integers, e.g. --seeds 0,1,2")
 
+    from kdbench.data import DATASETS
+
+    if req.dataset is not None and req.dataset not in DATASETS:
+        raise KdbenchError(f"unknown dataset {req.dataset!r}; datasets: {', '.join(DATASETS)}")
     groups: list[tuple[str, DataSpec, str, Protocol]] = []
     pair_names = _split_csv(req.pairs)
     if not pair_names:
@@ -183,6 +189,11 @@ class Sweep:
         self.progress = progress
         self.log = log
 
+    def preload(self, specs: list[RunSpec]) -> None:
+        """Load every dataset the unfinished runs need (bad data roots fail here, before any file is written)."""
+        for spec in {s.data: s for s in self.pending(specs)}.values():
+            self.data.get(spec.data)
+
     def pending(self, specs: list[RunSpec]) -> list[RunSpec]:
         return [s for s in specs if self.store.finished(s.label) is None]
 
@@ -214,12 +225,35 @@ class Sweep:
             if card.get("weights_sha256") != tspec.imported:
                 raise KdbenchError(f"imported teacher {tspec.label} changed since the runs were planned; rerun")
             return model, card
-        if self.teachers.card(tspec) is None:
-            self._train_teacher(tspec, data)
+        waited = False
+        while self.teachers.card(tspec) is None:
+            lock = self.store.lock(f"teacher__{tspec.label}")
+            if lock.acquire():
+                try:
+                    if self.teachers.card(tspec) is None:
+                        self._train_teacher(tspec, data)
+                finally:
+                    lock.release()
+            else:  # another process trains this teacher: wait for its card (a dead holder's lock goes stale)
+                if not waited:
+                    self.log(f"waiting for another process to train teacher {tspec.arch}")
+                    waited = True
+                time.sleep(2.0)
         return self.teachers.load(tspec, data.num_classes, self.device)
 
     def _train_teacher(self, tspec: TeacherSpec, data: Dataset) -> None:
         spec = teacher_run(tspec)
+        done = self.store.finished(spec.label)
+        weights = self.store.root / "weights" / f"{spec.label}.safetensors"
+        if done is not None and done["status"] == "done" and weights.is_file():
+            # The vanilla run of this architecture exists already: its weights are the teacher.
+            from kdbench.models import create_model
+            from kdbench.teachers import load_weights_into
+
+            model = create_model(tspec.arch, num_classes=data.num_classes)
+            load_weights_into(model, weights, "run weights")
+            self.teachers.save(tspec, model, self._card(tspec, data, spec, done["metrics"]))
+            return
         self.log(f"training teacher {tspec.arch} on {data.name} ({tspec.protocol.name} protocol, seed {tspec.seed})")
         rep = SweepReport()
         members = self._run_cohort([spec], rep, teacher_for=tspec)
@@ -288,17 +322,20 @@ class Sweep:
             record["weights"] = str(weights.relative_to(self.store.root))
             record["weights_sha256"] = sha256_file(weights)
         if teacher_for is not None and m.failed is None:
-            self.teachers.save(teacher_for, m.student, {
-                "arch": teacher_for.arch, "dataset": data.name, "image_size": data.image_size,
-                "data_checksum": data.checksum, "protocol": teacher_for.protocol.name, "seed": teacher_for.seed,
-                "source": "trained", "run_id": m.spec.run_id, "top1": record["metrics"]["top1_last"],
-                "top5": record["metrics"]["top5_last"], "top1_best": record["metrics"]["top1_best"],
-            })
+            self.teachers.save(teacher_for, m.student, self._card(teacher_for, data, m.spec, record["metrics"]))
         self.store.write_run(m.spec.label, record)
         if m.checkpoint_path is not None:
             Path(m.checkpoint_path).unlink(missing_ok=True)
         (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed
                                                                else f"{m.spec.label}: {m.failed}")
+
+    @staticmethod
+    def _card(tspec: TeacherSpec, data: Dataset, spec: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "arch": tspec.arch, "dataset": data.name, "image_size": data.image_size, "data_checksum": data.checksum,
+            "protocol": tspec.protocol.name, "seed": tspec.seed, "source": "trained", "run_id": spec.run_id,
+            "top1": metrics["top1_last"], "top5": metrics["top5_last"], "top1_best": metrics["top1_best"],
+        }
 
     def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str) -> None:
         from kdbench.results import SCHEMA_VERSION, environment
@@ -312,3 +349,44 @@ class Sweep:
             "teacher": card, "data": {"name": data.name, "checksum": data.checksum}, "metrics": {},
             "environment": environment(self.device),
         })
+
+
+# ---------------------------------------------------------------------------------------------- executors
+
+
+def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int) -> SweepReport:
+    if threads:
+        torch.set_num_threads(threads)
+    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download).run(specs)
+
+
+def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
+              download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None) -> SweepReport:
+    """The local executor: one worker per device (each GPU, or N CPU workers), coordinated only through the run
+    locks of the results folder, so workers, and other processes on the same folder, never train a run twice."""
+    if len(devices) <= 1:
+        return Sweep(store, torch.device(devices[0] if devices else "cpu"), cohort=cohort, download=download,
+                     progress=progress, log=log).run(specs)
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    # Each worker starts at a different cohort so they do not queue behind one another's locks.
+    keys = list(dict.fromkeys(s.cohort_key for s in specs))
+    cpu_threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 0
+    merged = SweepReport()
+    with cf.ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn")) as pool:
+        futures = []
+        for i, dev in enumerate(devices):
+            order = keys[i * len(keys) // len(devices):] + keys[: i * len(keys) // len(devices)]
+            rank = {k: j for j, k in enumerate(order)}
+            mine = sorted(specs, key=lambda s: rank[s.cohort_key])
+            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads))
+        for fut in futures:
+            rep = fut.result()
+            for f in dataclasses.fields(SweepReport):
+                getattr(merged, f.name).extend(getattr(rep, f.name))
+    # A run trained by one worker shows as skipped or busy in another's report: count each run once.
+    merged.skipped = sorted(set(merged.skipped) - set(merged.trained) - set(merged.not_applicable))
+    merged.busy = []
+    merged.not_applicable = sorted(set(merged.not_applicable))
+    return merged

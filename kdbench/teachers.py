@@ -75,6 +75,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str
 
 class TeacherStore:
     def __init__(self, store: ResultStore):
+        self.store = store
         self.dir = store.teachers_dir
 
     def card_path(self, label: str) -> Path:
@@ -152,6 +153,7 @@ class TeacherStore:
         model = create_model(arch, num_classes=num_classes)
         check_state_dict(model, state, "teacher checkpoint", file)
         model.load_state_dict(state, strict=True)
+        self.store.ensure_writable()  # only now that the checkpoint is known to be good
         label = self.imported_label(arch, data)
         weights = self.weights_path(label)
         save_weights(weights, model.state_dict())

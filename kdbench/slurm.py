@@ -1,0 +1,132 @@
+"""`--executor slurm`: one job-array task per cohort, submitted through submitit (``pip install 'kdbench[slurm]'``).
+
+A task that is preempted or reaches its time limit is requeued by submitit (``Checkpointable``) and resumes from
+the per-run checkpoints in the results folder; runs already finished are skipped, so a requeue, or a rerun of the
+same command after any failure, trains exactly what is missing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kdbench.config import RunSpec
+from kdbench.errors import KdbenchError
+from kdbench.results import ResultStore
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """Resources of each array task (bench.toml [slurm], overridden by --slurm-* options)."""
+
+    partition: str | None = None
+    time_min: int = 24 * 60
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    array_parallelism: int = 64
+    cluster: str = "slurm"  # submitit's cluster: slurm, or local / debug to test without a cluster
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], src: str = "bench.toml") -> SlurmSettings:
+        types = {"partition": str, "time_min": int, "gpus_per_task": int, "cpus_per_task": int, "mem_gb": int,
+                 "array_parallelism": int, "cluster": str}
+        for key, value in raw.items():
+            if key not in types:
+                raise KdbenchError(f"{src}: unknown key slurm.{key}; valid: {', '.join(sorted(types))}")
+            if not isinstance(value, types[key]) or isinstance(value, bool):
+                raise KdbenchError(f"{src}: slurm.{key} must be {types[key].__name__}, got {value!r}")
+            if types[key] is int and value < (0 if key == "gpus_per_task" else 1):
+                raise KdbenchError(f"{src}: slurm.{key} must be positive, got {value}")
+        if raw.get("cluster", "slurm") not in ("slurm", "local", "debug"):
+            raise KdbenchError(f"{src}: slurm.cluster must be slurm, local or debug")
+        return cls(**raw)
+
+    def with_overrides(self, **kw: Any) -> SlurmSettings:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None and k in {f.name for f in fields(self)}})
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise KdbenchError("--executor slurm needs submitit: pip install 'kdbench[slurm]'") from None
+    return submitit
+
+
+class CohortTask:
+    """One array task: trains its runs (a cohort) into the results folder; requeued on preemption / timeout
+    (submitit calls ``checkpoint`` on any callable that has one)."""
+
+    def __init__(self, root: str, specs: list[RunSpec], cohort: bool = True):
+        self.root = root
+        self.specs = specs
+        self.cohort = cohort
+
+    def __call__(self) -> dict[str, list[str]]:
+        import torch
+
+        from kdbench.sweep import Sweep
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        report = Sweep(ResultStore(self.root), device, cohort=self.cohort).run(self.specs)
+        return {"trained": report.trained, "skipped": report.skipped, "failed": report.failed,
+                "not_applicable": report.not_applicable, "busy": report.busy}
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Called by submitit on preemption or timeout: resubmit the same task; it resumes from the run checkpoints."""
+        return _submitit().helpers.DelayedSubmission(CohortTask(self.root, self.specs, self.cohort))
+
+
+def make_executor(store: ResultStore, settings: SlurmSettings):
+    submitit = _submitit()
+    ex = submitit.AutoExecutor(folder=str(Path(store.root) / "slurm" / "%j"), cluster=settings.cluster)
+    params: dict[str, Any] = {"name": "kdbench", "timeout_min": settings.time_min,
+                              "cpus_per_task": settings.cpus_per_task}
+    if settings.cluster == "slurm":
+        params.update(slurm_array_parallelism=settings.array_parallelism, gpus_per_node=settings.gpus_per_task,
+                      slurm_signal_delay_s=120)
+        if settings.partition:
+            params["slurm_partition"] = settings.partition
+        if settings.mem_gb:
+            params["mem_gb"] = settings.mem_gb
+    ex.update_parameters(**params)
+    return ex
+
+
+def cohorts(store: ResultStore, specs: list[RunSpec], cohort: bool = True) -> list[list[RunSpec]]:
+    """The pending runs grouped as the array's tasks (one cohort each, or one run each with cohort=False)."""
+    groups: dict[tuple, list[RunSpec]] = defaultdict(list)
+    for s in specs:
+        if store.finished(s.label) is None:
+            groups[s.cohort_key].append(s)
+    if cohort:
+        return list(groups.values())
+    return [[s] for g in groups.values() for s in g]
+
+
+def submit(store: ResultStore, specs: list[RunSpec], settings: SlurmSettings, cohort: bool = True) -> list[Any]:
+    """Submit one array task per pending cohort; returns submitit jobs (empty when everything is done)."""
+    tasks = cohorts(store, specs, cohort)
+    if not tasks:
+        return []
+    ex = make_executor(store, settings)
+    with ex.batch():
+        jobs = [ex.submit(CohortTask(str(store.root), group, cohort)) for group in tasks]
+    return jobs
+
+
+def sbatch_script(store: ResultStore, settings: SlurmSettings, n_tasks: int) -> str:
+    """The batch script submitit would generate for an array of n_tasks (shown by --dry-run; tested without SLURM)."""
+    _submitit()
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(
+        command="python -u -m submitit.core._submit '%s'" % (Path(store.root) / "slurm" / "%j"),
+        folder=str(Path(store.root) / "slurm" / "%j"), job_name="kdbench", partition=settings.partition,
+        time=settings.time_min, cpus_per_task=settings.cpus_per_task, gpus_per_node=settings.gpus_per_task,
+        mem=f"{settings.mem_gb}GB" if settings.mem_gb else None, array_parallelism=settings.array_parallelism,
+        map_count=n_tasks, signal_delay_s=120,
+    )

@@ -1,0 +1,150 @@
+"""The training harness: cohort == solo on the CPU, same seed -> same numbers, resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbench.config import load_bench
+from kdbench.results import ResultStore, load_run
+from kdbench.sweep import Request, Sweep, expand
+from kdbench.train import Member
+
+CPU = torch.device("cpu")
+
+
+def _specs(toml: Path, methods: list[str], pairs: str = "tiny", store: ResultStore | None = None, sets=()):
+    return expand(load_bench(toml), Request(methods, [pairs], sets=list(sets)), store)
+
+
+def _metrics(store: ResultStore) -> dict[str, tuple]:
+    out = {}
+    for path, run, err in store.iter_runs():
+        assert err is None, err
+        out[run["spec"]["method"]] = (run["status"], run["metrics"].get("top1_last"), run["metrics"].get("top5_best"),
+                                      json.dumps(run["curve"]["loss"], sort_keys=True))
+    return out
+
+
+def _weights(store: ResultStore, method: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = [p for p in (store.root / "weights").glob(f"*__{method}__*.safetensors")]
+    return load_file(str(path))
+
+
+def test_cohort_equals_solo(tiny_toml, tmp_path):
+    methods = ["kd", "fitnet", "crd", "ab"]
+    stores = {}
+    for cohort in (True, False):
+        store = ResultStore(tmp_path / f"cohort{cohort}")
+        Sweep(store, CPU, cohort=cohort).run(_specs(tiny_toml, methods, store=store))
+        stores[cohort] = store
+    a, b = _metrics(stores[True]), _metrics(stores[False])
+    assert set(a) == set(methods) | {"ce"}  # the teacher's own vanilla run is recorded too
+    assert a == b
+    for m in methods:
+        wa, wb = _weights(stores[True], m), _weights(stores[False], m)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_same_seed_same_numbers_other_seed_differs(tiny_toml, tmp_path):
+    results = []
+    for i, seed in enumerate(("0", "0", "1")):
+        store = ResultStore(tmp_path / f"r{i}")
+        specs = expand(load_bench(tiny_toml), Request(["kd"], ["tiny"], seeds=[int(seed)]), store)
+        Sweep(store, CPU).run(specs)
+        (run,) = [r for _, r, _ in store.iter_runs() if r["spec"]["method"] == "kd"]
+        results.append((run["metrics"], run["curve"]["loss"]))
+    assert results[0] == results[1]
+    assert results[0] != results[2]
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_toml, tmp_path, monkeypatch):
+    import kdbench.train as train
+
+    ref = ResultStore(tmp_path / "ref")
+    Sweep(ref, CPU).run(_specs(tiny_toml, ["kd", "ab"], store=ref))
+
+    store = ResultStore(tmp_path / "killed")
+    real = train.train_cohort
+
+    class Killed(Exception):
+        pass
+
+    def dying(members, *a, **kw):
+        def on_epoch(m: Member):
+            if m.epoch == 1:
+                raise Killed()
+        return real(members, *a, on_epoch=on_epoch, **kw)
+
+    monkeypatch.setattr("kdbench.sweep.train_cohort", dying)
+    specs = _specs(tiny_toml, ["kd", "ab"], store=store)
+    with pytest.raises(Killed):
+        Sweep(store, CPU).run(specs)
+    assert list((store.root / "checkpoints").glob("*.pt")), "a checkpoint must exist after the interruption"
+    assert not list(store.root.glob("locks/*.lock")), "locks are released on the way out"
+    monkeypatch.setattr("kdbench.sweep.train_cohort", real)
+    report = Sweep(store, CPU).run(specs)
+    assert _metrics(store) == _metrics(ref)
+    assert not list((store.root / "checkpoints").glob("*.pt"))
+    # A finished run is skipped on the next call.
+    again = Sweep(store, CPU).run(specs)
+    assert again.trained == [] and len(again.skipped) == len(specs)
+    assert report.trained
+
+
+def test_run_json_schema(tiny_toml, tmp_path):
+    store = ResultStore(tmp_path / "r")
+    Sweep(store, CPU).run(_specs(tiny_toml, ["kd"], store=store))
+    (path,) = [p for p in store.runs_dir.glob("*__kd__*.json")]
+    run = load_run(path)
+    assert run["status"] == "done" and run["schema"] == 1
+    assert run["run_id"] in path.name
+    assert run["method"]["dist"] == "kdbench" and run["method"]["config"]["temperature"] == 4.0
+    assert run["teacher"]["arch"] == "resnet14" and run["teacher"]["source"] == "trained"
+    assert run["teacher"]["data_checksum"] == run["data"]["checksum"]
+    for key in ("top1_last", "top1_best", "top5_last", "top5_best", "agreement", "kl_t1", "kl_t4", "cka", "ece"):
+        assert isinstance(run["metrics"][key], float), key
+    assert len(run["curve"]["test_top1"]) == 2 and set(run["curve"]["loss"]) == {"ce", "kd", "total"}
+    assert len(run["timings"]["epoch_seconds"]) == 2 and run["timings"]["images_per_second"] > 0
+    assert run["environment"]["torch"] == torch.__version__
+    assert len(run["diagnostics"]["corr_diff"]) == 8
+    # The teacher's card and weights are stored once and reused.
+    cards = list(store.teachers_dir.glob("*.json"))
+    assert len(cards) == 1 and cards[0].with_suffix(".safetensors").is_file()
+
+
+def test_not_applicable_is_recorded(tiny_toml, tmp_path):
+    store = ResultStore(tmp_path / "r")
+    report = Sweep(store, CPU).run(_specs(tiny_toml, ["fsp"], pairs="tiny2", store=store))
+    assert len(report.not_applicable) == 1
+    (run,) = [r for _, r, _ in store.iter_runs() if r["spec"]["method"] == "fsp"]
+    assert run["status"] == "n/a" and "channel" in run["reason"]
+
+
+def test_diverging_run_is_recorded_as_failed_and_others_go_on(tiny_toml, tmp_path):
+    store = ResultStore(tmp_path / "r")
+    specs = _specs(tiny_toml, ["kd", "fitnet"], store=store, sets=["methods.fitnet.weight=1e30"])
+    report = Sweep(store, CPU).run(specs)
+    runs = {r["spec"]["method"]: r for _, r, _ in store.iter_runs()}
+    assert runs["fitnet"]["status"] == "failed" and "non-finite" in runs["fitnet"]["reason"]
+    assert runs["fitnet"]["failed_epoch"] == 1
+    assert runs["kd"]["status"] == "done"
+    assert len(report.failed) == 1
+
+
+def test_lr_schedule_matches_reference_protocol():
+    bench = load_bench(Path(__file__).resolve().parents[1] / "bench.toml")
+    p = bench.protocols["paper"]
+    assert (p.epochs, p.batch_size, p.milestones) == (240, 64, (150, 180, 210))
+    # RepDistiller decays after epoch 150 (1-based), i.e. from our 0-based epoch 150 on.
+    assert p.lr_at(0.05, 149) == pytest.approx(0.05)
+    assert p.lr_at(0.05, 150) == pytest.approx(0.005)
+    assert p.lr_at(0.05, 239) == pytest.approx(0.05 * 1e-3)
+    assert p.base_lr("mobilenetv2") == 0.01 and p.base_lr("resnet8x4") == 0.05
+    fast = bench.protocols["fast"]
+    assert [m / fast.epochs for m in fast.milestones] == [m / p.epochs for m in p.milestones]
