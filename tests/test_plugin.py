@@ -1,0 +1,84 @@
+"""A third-party method package, really installed (pip), is discovered through the entry-point group and runs;
+its broken sibling is listed with its error and nothing else breaks."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURE = Path(__file__).parent / "fixtures" / "toy_plugin"
+
+
+@pytest.fixture(scope="module")
+def installed_plugin(tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    import shutil
+
+    src = build / "toy_plugin"
+    shutil.copytree(FIXTURE, src)  # build outside the source tree: nothing is left in tests/
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                           "--quiet", "--target", str(target), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    yield target
+    sys.path.remove(str(target))
+    for mod in [m for m in sys.modules if m.startswith("kdbench_toy")]:
+        del sys.modules[mod]
+    importlib.invalidate_caches()
+
+
+def test_plugin_is_discovered_broken_one_is_listed(installed_plugin):
+    from kdbench.method import discover, resolve
+
+    reg = discover()
+    assert reg["toy"].ok and reg["toy"].dist == "kdbench-toy-plugin" and reg["toy"].version == "0.0.1"
+    assert not reg["toy-broken"].ok and "kdbench_toy_missing_dependency" in reg["toy-broken"].error
+    assert reg["kd"].ok and reg["kd"].builtin  # everything else keeps working
+    assert resolve("toy").cls.__module__ == "kdbench_toy"
+
+
+def test_plugin_runs_end_to_end(installed_plugin, tiny_toml, tmp_path):
+    from kdbench.config import load_bench
+    from kdbench.results import ResultStore
+    from kdbench.sweep import Request, Sweep, expand
+
+    store = ResultStore(tmp_path / "r")
+    specs = expand(load_bench(tiny_toml), Request(["toy"], ["tiny"]), store)
+    Sweep(store, torch.device("cpu")).run(specs)
+    (run,) = [r for _, r, _ in store.iter_runs() if r["spec"]["method"] == "toy"]
+    assert run["status"] == "done"
+    assert run["method"]["dist"] == "kdbench-toy-plugin" and "toy" in run["curve"]["loss"]
+    # `all` takes every method that loads, the plugin included, and skips the broken one.
+    names = {s.method for s in expand(load_bench(tiny_toml), Request(["all"], ["tiny"]))}
+    assert "toy" in names and "toy-broken" not in names
+
+
+def test_allow_list_and_builtin_only(installed_plugin, monkeypatch):
+    from kdbench.method import discover
+
+    monkeypatch.setenv("KDBENCH_PLUGINS", "toy")
+    reg = discover()
+    assert "toy" in reg and "toy-broken" not in reg and "kd" in reg
+    monkeypatch.setenv("KDBENCH_BUILTIN_ONLY", "1")
+    reg = discover()
+    assert "toy" not in reg and "kd" in reg
+
+
+def test_list_methods_shows_broken_plugin(installed_plugin, monkeypatch, capsys):
+    from kdbench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["kdbench", "list", "methods"])
+    monkeypatch.setenv("COLUMNS", "250")
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out
+    assert "toy-broken" in out and "broken" in out and "kdbench-toy-plugin" in out
