@@ -6,7 +6,8 @@ Every metric here is computed on the unaugmented test split with both networks i
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

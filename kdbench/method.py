@@ -13,7 +13,8 @@ import dataclasses
 import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
+from collections.abc import Callable
 
 import torch
 from torch import nn

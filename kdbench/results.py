@@ -18,7 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -125,7 +126,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 @dataclass
 class Lock:
-    """An exclusive lock file (O_EXCL); a lock whose process is gone (same host) or older than `stale_s` is taken over."""
+    """An exclusive lock file (O_EXCL).
+
+    A lock whose process is gone (same host) or that is older than `stale_s` (another host) is taken over."""
 
     path: Path
     stale_s: float = 6 * 3600.0
@@ -190,7 +193,8 @@ class ResultStore:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise KdbenchError(f"results folder {self.root} is not writable ({exc.strerror}); pass --results DIR") from None
+            raise KdbenchError(
+                f"results folder {self.root} is not writable ({exc.strerror}); pass --results DIR") from None
 
     def run_path(self, label: str) -> Path:
         return self.runs_dir / f"{label}.json"

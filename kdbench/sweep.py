@@ -8,7 +8,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -209,7 +210,7 @@ class Sweep:
         for s in todo:
             groups[s.cohort_key].append(s)
         sweep_task = self.progress.add_task("sweep", total=len(todo)) if self.progress is not None else None
-        for key, group in groups.items():
+        for group in groups.values():
             batches = [group] if self.cohort else [[s] for s in group]
             for cohort in batches:
                 self._run_cohort(cohort, report)

@@ -52,7 +52,8 @@ def load_weights_into(model: nn.Module, path: Path, what: str) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise KdbenchError(f"{what} {path} is corrupt or truncated ({exc}); delete it and train or import it again") from None
+        raise KdbenchError(
+            f"{what} {path} is corrupt or truncated ({exc}); delete it and train or import it again") from None
     check_state_dict(model, state, what, path)
     model.load_state_dict(state, strict=True)
 
@@ -105,7 +106,8 @@ class TeacherStore:
                 raise ValueError("not a teacher card")
             return card
         except (OSError, ValueError) as exc:
-            raise KdbenchError(f"teacher card {path} is malformed ({exc}); delete it and train or import again") from None
+            raise KdbenchError(
+                f"teacher card {path} is malformed ({exc}); delete it and train or import again") from None
 
     def save(self, spec: TeacherSpec, model: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
         weights = self.weights_path(spec.label)
@@ -145,7 +147,8 @@ class TeacherStore:
             obj = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise KdbenchError(f"{file} cannot be read as a weights-only checkpoint (refused or corrupt: {first})") from None
+            raise KdbenchError(
+                f"{file} cannot be read as a weights-only checkpoint (refused or corrupt: {first})") from None
         state = obj.get("model", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KdbenchError(f"{file}: expected a state dict or a dict with a 'model' state dict")

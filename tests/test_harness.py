@@ -22,7 +22,7 @@ def _specs(toml: Path, methods: list[str], pairs: str = "tiny", store: ResultSto
 
 def _metrics(store: ResultStore) -> dict[str, tuple]:
     out = {}
-    for path, run, err in store.iter_runs():
+    for _, run, err in store.iter_runs():
         assert err is None, err
         out[run["spec"]["method"]] = (run["status"], run["metrics"].get("top1_last"), run["metrics"].get("top5_best"),
                                       json.dumps(run["curve"]["loss"], sort_keys=True))
