@@ -148,3 +148,33 @@ def test_lr_schedule_matches_reference_protocol():
     assert p.base_lr("mobilenetv2") == 0.01 and p.base_lr("resnet8x4") == 0.05
     fast = bench.protocols["fast"]
     assert [m / fast.epochs for m in fast.milestones] == [m / p.epochs for m in p.milestones]
+
+
+def test_import_repdistiller_checkpoint_then_runs_use_it(tiny_toml, tmp_path):
+    """The published layout: a dict with 'model' (state dict), 'epoch', 'accuracy' and 'optimizer'."""
+    from kdbench.config import DataSpec
+    from kdbench.models import create_model
+    from kdbench.teachers import TeacherStore
+
+    torch.manual_seed(7)
+    teacher = create_model("resnet14", num_classes=8)
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
+    teacher(torch.randn(2, 3, 16, 16)).logits.sum().backward()
+    opt.step()
+    ckpt = tmp_path / "resnet14_best.pth"
+    torch.save({"epoch": 240, "model": {f"module.{k}": v for k, v in teacher.state_dict().items()},
+                "accuracy": torch.tensor(71.5), "optimizer": opt.state_dict()}, ckpt)
+
+    store = ResultStore(tmp_path / "r")
+    (spec0,) = expand(load_bench(tiny_toml), Request(["kd"], ["tiny"]), store)
+    card = TeacherStore(store).import_checkpoint(ckpt, "resnet14", spec0.data, num_classes=8)
+    assert card["source"] == "imported" and card["top1"] == pytest.approx(71.5)
+    (spec,) = expand(load_bench(tiny_toml), Request(["kd"], ["tiny"]), store)
+    assert spec.teacher.imported == card["weights_sha256"] and spec.run_id != spec0.run_id
+    report = Sweep(store, CPU).run([spec])
+    assert len(report.trained) == 1  # no teacher was trained: the imported one was used
+    run = load_run(store.run_path(spec.label))
+    assert run["teacher"]["source"] == "imported"
+    assert not list(store.runs_dir.glob("*__ce__*"))
+    loaded, _ = TeacherStore(store).load_imported("resnet14", DataSpec(**{**spec.data.__dict__}), 8, CPU)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in teacher.state_dict().items())
