@@ -277,7 +277,7 @@ def _collect(results: str):
         raise KdbenchError(f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results")
     col = collect(store)
     for problem in col.problems:
-        err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}")
+        err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}", soft_wrap=True)
     if col.runs.empty:
         raise KdbenchError(f"no readable runs in {store.runs_dir}")
     return col
@@ -355,7 +355,10 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
     rec = run_probe(obj, root, dataset, protocol=protocol, data_root=data_root, image_size=image_size,
                     download=download, device=_device(device), seed=seed, run_file=path,
                     log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
-    paper = f" (published: {rec['published']:.1f})" if rec.get("published") is not None else ""
+    paper = ""
+    if rec.get("published") is not None:
+        same = "" if rec.get("published_comparable") else ", another setting: see published_note"
+        paper = f" (published: {rec['published']:.1f}{same})"
     console.print(f"{rec['method']} {rec['pair']} -> {dataset}: top-1 last {rec['top1_last']:.2f}, best "
                   f"{rec['top1_best']:.2f} (epoch {rec['best_epoch']}){paper} -> {rec['path']}")
 
@@ -368,17 +371,20 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @click.option("--methods", "-m", default="kd,crd,rrd", show_default=True, help="Comma-separated method names.")
 @click.option("--batch-size", default=64, type=int, show_default=True)
 @click.option("--steps", default=50, type=int, show_default=True, help="Timed steps per configuration.")
-@click.option("--warmup", default=10, type=int, show_default=True, help="Untimed steps before them.")
+@click.option("--warmup", default=10, type=int, show_default=True, help="Untimed steps before them (every round).")
+@click.option("--rounds", default=1, type=int, show_default=True,
+              help="Interleave the configurations over this many rounds (a machine with a changing load).")
 @click.option("--train-size", default=50000, type=int, show_default=True, help="Synthetic training images.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--workers", default=None, type=int, help="Reference DataLoader workers (default min(8, cores)).")
 @click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
 @click.option("--out", default="results/bench", type=click.Path(), show_default=True, help="Folder of the JSON.")
-def bench(pair, methods, batch_size, steps, warmup, train_size, device, workers, cohort_sizes, out) -> None:
+def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out) -> None:
     """Images/s and s per CIFAR-100 epoch: a reference-style DataLoader loop vs kdbench solo and cohorts."""
     from kdbench.bench import bench_table, run_bench
 
-    record = run_bench(pair, methods, batch_size=batch_size, steps=steps, warmup=warmup, train_size=train_size,
+    record = run_bench(pair, methods, batch_size=batch_size, steps=steps, warmup=warmup, rounds=rounds,
+                       train_size=train_size,
                        device=device, workers=workers, cohort_sizes=cohort_sizes, out=out,
                        log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     console.print(bench_table(record))
