@@ -322,9 +322,11 @@ class Sweep:
             save_weights(weights, m.student.state_dict())
             record["weights"] = str(weights.relative_to(self.store.root))
             record["weights_sha256"] = sha256_file(weights)
+        # The run JSON first, the teacher card last: killed in between, the next call finds the finished run and
+        # makes the card from its weights (_train_teacher), so neither is lost.
+        self.store.write_run(m.spec.label, record)
         if teacher_for is not None and m.failed is None:
             self.teachers.save(teacher_for, m.student, self._card(teacher_for, data, m.spec, record["metrics"]))
-        self.store.write_run(m.spec.label, record)
         if m.checkpoint_path is not None:
             Path(m.checkpoint_path).unlink(missing_ok=True)
         (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed

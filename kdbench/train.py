@@ -228,7 +228,7 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
         # stage is a warm-up of adapters and a few epochs of momentum do not change what it converges to.
         while m.init_done < epochs:
             t0 = time.perf_counter()
-            m.student.eval()  # BN statistics fixed during the init stage, as in the reference
+            m.student.train()  # not eval as in RepDistiller: see InitStage (untrained BN statistics diverge)
             m.method.train()
             sums: dict[str, torch.Tensor] = {}
             for batch in loader.epoch(m.init_done):

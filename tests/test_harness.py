@@ -178,3 +178,19 @@ def test_import_repdistiller_checkpoint_then_runs_use_it(tiny_toml, tmp_path):
     assert not list(store.runs_dir.glob("*__ce__*"))
     loaded, _ = TeacherStore(store).load_imported("resnet14", DataSpec(**{**spec.data.__dict__}), 8, CPU)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_killed_between_teacher_run_json_and_card_loses_nothing(tiny_toml, tmp_path):
+    """A kill after the teacher's vanilla run is written but before its card: the card is rebuilt from the run's
+    weights, nothing is retrained, and both files exist."""
+    store = ResultStore(tmp_path / "r")
+    specs = _specs(tiny_toml, ["kd"], store=store)
+    Sweep(store, CPU).run(specs)
+    ref = _metrics(store)
+    for card in store.teachers_dir.glob("*"):
+        card.unlink()
+    for run in store.runs_dir.glob("*__kd__*.json"):
+        run.unlink()
+    report = Sweep(store, CPU).run(specs)
+    assert len(report.trained) == 1 and list(store.teachers_dir.glob("*.json"))
+    assert _metrics(store) == ref
