@@ -72,3 +72,15 @@ def tiny_data():
     from kdbench.data import load_dataset
 
     return load_dataset("synthetic", None, image_size=16, num_classes=8, train_size=96, test_size=48, seed=0)
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data beside the checkout (CI's layout), or of $KDBENCH_SHARED, or /work/shared."""
+    import os
+
+    candidates = [Path(os.environ["KDBENCH_SHARED"])] if os.environ.get("KDBENCH_SHARED") else []
+    candidates += [Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")]
+    for root in candidates:
+        if (root / "data" / name).is_dir():
+            return root / "data" / name
+    return candidates[0] / "data" / name

@@ -31,8 +31,9 @@ from kdbench.data import (
     load_dataset,
 )
 from kdbench.errors import KdbenchError
+from tests.conftest import shared_data
 
-SHARED_TINY = Path("/work/shared/data/tiny-imagenet-100")
+SHARED_TINY = shared_data("tiny-imagenet-100")
 
 
 @pytest.fixture(autouse=True)

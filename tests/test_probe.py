@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from kdbench.errors import KdbenchError
 from kdbench.probe import PROBE_PROTOCOLS, ProbeProtocol, load_student, resolve_run, run_probe, train_linear_probe
 from kdbench.results import ResultStore
+from tests.conftest import shared_data
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_known"
-TINY_IMAGENET = Path("/work/shared/data/tiny-imagenet-100")
+TINY_IMAGENET = shared_data("tiny-imagenet-100")
 SMALL = {"num_classes": 5, "train_size": 96, "test_size": 40, "seed": 3}  # synthetic probe data
 QUICK = ProbeProtocol("quick", 3, (2,), batch_size=32)
 
