@@ -12,3 +12,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-average-pool the larger of two maps (B, C, H, W) to the other's height and width, as the reference
+    code does wherever a method pairs maps of different sizes (AT, NST, VID, FT, FSP)."""
+    h, w = min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3])
+    if a.shape[2:] != (h, w):
+        a = F.adaptive_avg_pool2d(a, (h, w))
+    if b.shape[2:] != (h, w):
+        b = F.adaptive_avg_pool2d(b, (h, w))
+    return a, b

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdbench.losses import match_spatial
 from kdbench.method import Batch, Method, MethodConfig
 from kdbench.models.base import ModelOutput
 
@@ -17,16 +18,6 @@ class ATConfig(MethodConfig):
     kd_weight: float = 0.0
     weight: float = 1000.0
     attention_power: float = 2.0
-
-
-def match_spatial(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool the larger of two maps (adaptively) to the other's height and width."""
-    h, w = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
-    if f_s.shape[2:] != (h, w):
-        f_s = F.adaptive_avg_pool2d(f_s, (h, w))
-    if f_t.shape[2:] != (h, w):
-        f_t = F.adaptive_avg_pool2d(f_t, (h, w))
-    return f_s, f_t
 
 
 def attention_map(f: torch.Tensor, power: float) -> torch.Tensor:

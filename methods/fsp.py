@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import NotApplicable
+from kdbench.losses import match_spatial
 from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext
 from kdbench.models.base import ModelOutput
 
@@ -27,11 +27,8 @@ def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
     The larger of the two maps is adaptively average-pooled to the smaller one's size first.
     """
-    h, w = min(bottom.shape[2], top.shape[2]), min(bottom.shape[3], top.shape[3])
-    if bottom.shape[2:] != (h, w):
-        bottom = F.adaptive_avg_pool2d(bottom, (h, w))
-    if top.shape[2:] != (h, w):
-        top = F.adaptive_avg_pool2d(top, (h, w))
+    bottom, top = match_spatial(bottom, top)
+    h, w = bottom.shape[2:]
     return torch.bmm(top.flatten(2), bottom.flatten(2).transpose(1, 2)) / (h * w)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import KdbenchError, NotApplicable
+from kdbench.losses import match_spatial
 from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext
 from kdbench.models.base import ModelOutput
 
@@ -85,11 +86,7 @@ def factor_transfer_loss(
     f_s: torch.Tensor, f_t: torch.Tensor, mode: str = "attention", power: float = 2.0
 ) -> torch.Tensor:
     """Mean absolute difference of the two normalised factor vectors (the larger map pooled to the smaller)."""
-    h, w = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
-    if f_s.shape[2:] != (h, w):
-        f_s = F.adaptive_avg_pool2d(f_s, (h, w))
-    if f_t.shape[2:] != (h, w):
-        f_t = F.adaptive_avg_pool2d(f_t, (h, w))
+    f_s, f_t = match_spatial(f_s, f_t)
     return (factor_vector(f_s, mode, power) - factor_vector(f_t, mode, power)).abs().mean()
 
 

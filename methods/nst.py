@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdbench.losses import match_spatial
 from kdbench.method import Batch, Method, MethodConfig
 from kdbench.models.base import ModelOutput
 
@@ -18,16 +19,6 @@ class NSTConfig(MethodConfig):
     weight: float = 50.0
     kernel_degree: int = 2
     kernel_offset: float = 0.0
-
-
-def match_spatial(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool the larger of two maps (adaptively) to the other's height and width."""
-    h, w = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
-    if f_s.shape[2:] != (h, w):
-        f_s = F.adaptive_avg_pool2d(f_s, (h, w))
-    if f_t.shape[2:] != (h, w):
-        f_t = F.adaptive_avg_pool2d(f_t, (h, w))
-    return f_s, f_t
 
 
 def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor, degree: int, offset: float) -> torch.Tensor:

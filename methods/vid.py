@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import NotApplicable
+from kdbench.losses import match_spatial
 from kdbench.method import Batch, Method, MethodConfig, MethodContext
 from kdbench.models.base import ModelOutput
 
@@ -22,16 +23,6 @@ class VIDConfig(MethodConfig):
     weight: float = 1.0
     init_pred_var: float = 5.0
     eps: float = 1e-5
-
-
-def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool whichever map is larger to the other's height and width."""
-    h, w = min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3])
-    if f_s.shape[2:] != (h, w):
-        f_s = F.adaptive_avg_pool2d(f_s, (h, w))
-    if f_t.shape[2:] != (h, w):
-        f_t = F.adaptive_avg_pool2d(f_t, (h, w))
-    return f_s, f_t
 
 
 def softplus_inverse(y: float) -> float:
@@ -61,7 +52,7 @@ class VIDLayer(nn.Module):
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         """Mean over batch, channels and pixels of the Gaussian negative log-likelihood (without log 2pi / 2)."""
-        f_s, f_t = pool_to_smaller(f_s, f_t)
+        f_s, f_t = match_spatial(f_s, f_t)
         mean = self.regressor(f_s).float()
         with torch.autocast(device_type=mean.device.type, enabled=False):
             var = self.variance().view(1, -1, 1, 1)
