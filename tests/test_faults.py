@@ -369,3 +369,19 @@ def test_slurm_batch_script_and_local_submitit_executor(tmp_path, tiny_toml):
     assert all(store.finished(s.label) for s in specs)
     assert submit(store, specs, SlurmSettings(cluster="local")) == []  # nothing left: nothing submitted
     assert hasattr(jobs[0].submission().function, "checkpoint")  # requeue on preemption / timeout
+
+
+@pytest.mark.slow
+def test_local_executor_with_two_workers_trains_each_run_once(tmp_path, tiny_toml):
+    from kdbench.config import load_bench
+    from kdbench.results import ResultStore
+    from kdbench.sweep import Request, expand, run_local
+
+    store = ResultStore(tmp_path / "res")
+    specs = expand(load_bench(tiny_toml), Request(["kd", "fitnet"], ["tiny", "tiny2"]), store)
+    report = run_local(store, specs, ["cpu", "cpu"])
+    assert {s.label for s in specs} <= set(report.trained)
+    runs = [json.loads(p.read_text()) for p in store.runs_dir.glob("*.json")]
+    assert len(runs) == len(specs) + 2  # + the two teachers' vanilla runs, each once
+    assert len({r["run_id"] for r in runs}) == len(runs)
+    assert len(list(store.teachers_dir.glob("*.json"))) == 2
