@@ -230,7 +230,8 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         for col in ("pair", "method", "seed", "protocol", "state"):
             table.add_column(col)
         for s in specs:
-            state = "done" if store.finished(s.label) else "resume" if store.checkpoint_path(s.label).exists() else "todo"
+            resumable = store.checkpoint_path(s.label).exists()
+            state = "done" if store.finished(s.label) else "resume" if resumable else "todo"
             table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state)
         console.print(table)
         return
@@ -274,7 +275,8 @@ def _collect(results: str):
 
     store = ResultStore(results)
     if not store.runs_dir.is_dir():
-        raise KdbenchError(f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results")
+        raise KdbenchError(
+            f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results")
     col = collect(store)
     for problem in col.problems:
         err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}", soft_wrap=True)
@@ -323,7 +325,8 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
 
 @cli.command()
 @click.argument("run")
-@click.option("--dataset", required=True, help="Probe data: tinyimagenet, stl10, cifar100 (any `kdbench list datasets`).")
+@click.option("--dataset", required=True,
+              help="Probe data: tinyimagenet, stl10, cifar100 (any `kdbench list datasets`).")
 @click.option("--protocol", type=click.Choice(["paper", "fast", "smoke"]), default="paper", show_default=True,
               help="paper: 120 epochs, x0.1 at 30/60/90 (CRD); fast: 20 epochs; smoke: 2 epochs on a subset.")
 @click.option("--data-root", default=None, type=click.Path(), help="Folder holding the probe data set.")
@@ -417,7 +420,8 @@ def teachers_list(results: str) -> None:
             continue
         top1 = c.get("top1")
         table.add_row(c["arch"], str(c.get("dataset")), str(c.get("protocol")), str(c.get("seed")),
-                      f"{top1:.2f}" if isinstance(top1, (int, float)) else "-", c.get("source", ""), c.get("weights", ""))
+                      f"{top1:.2f}" if isinstance(top1, (int, float)) else "-", c.get("source", ""),
+                      c.get("weights", ""))
     console.print(table)
 
 

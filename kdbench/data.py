@@ -867,9 +867,9 @@ def load_dataset(name: str, data_root: str | Path | None = None, *, image_size: 
 
     ``data_root`` is where its files are (default ``~/.cache/kdbench/data`` or ``$KDBENCH_DATA_ROOT``);
     ``download`` fetches missing files there. Decoded caches go into ``cache_dir`` when it is given, else next to
-    the data, or into ``~/.cache/kdbench`` (``$KDBENCH_CACHE_DIR``) when the data's folder is read-only. ``options`` are the
-    dataset's own (synthetic: num_classes, train_size, test_size, seed, noise, grid; tinyimagenet: progress,
-    num_workers, cache).
+    the data, or into ``~/.cache/kdbench`` (``$KDBENCH_CACHE_DIR``) when the data's folder is read-only.
+    ``options`` are the dataset's own (synthetic: num_classes, train_size, test_size, seed, noise, grid;
+    tinyimagenet: progress, num_workers, cache).
     """
     spec = DATASETS.get(name)
     if spec is None:

@@ -152,9 +152,11 @@ def test_cifar100_agrees_with_torchvision_reader(cifar, monkeypatch):
 def test_cifar100_reads_python3_pickles_too(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    src = {"train": cifar_split(8, 2), "test": cifar_split(4, 3), "meta": {"fine_label_names": [str(i) for i in range(100)]}}
+    meta = {"fine_label_names": [str(i) for i in range(100)]}
+    src = {"train": cifar_split(8, 2), "test": cifar_split(4, 3), "meta": meta}
     for name, obj in src.items():
-        (folder / name).write_bytes(pickle.dumps({k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}))
+        plain = {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+        (folder / name).write_bytes(pickle.dumps(plain))
     monkeypatch.setattr(kd, "CIFAR100_MD5", {p: md5(folder / p) for p in src})
     ds = load_dataset("cifar100", tmp_path)
     assert ds.train_images.shape == (8, 3, 32, 32) and ds.classes[7] == "7"
@@ -398,7 +400,9 @@ def expected_fake(base: Path, size: int):
             imgs.append(_pil_decode((base / "train" / w / "images" / f"{w}_{k}.JPEG").read_bytes(), size))
             labels.append(c)
     test = [_pil_decode((base / "val" / "images" / f"val_{k}.JPEG").read_bytes(), size) for k in range(9)]
-    as_t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2)
+    def as_t(a):
+        return torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2)
+
     return as_t(imgs), torch.tensor(labels), as_t(test), torch.tensor([k % 3 for k in range(9)])
 
 

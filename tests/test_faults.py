@@ -263,7 +263,7 @@ def _wait_for_writes(folder: Path, n: int, proc: subprocess.Popen, timeout: floa
 def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(tmp_path, tiny_toml):
     """SIGKILL a sweep at random moments (mid-epoch, mid-checkpoint, mid-JSON, during the teacher or an init stage),
     several times over, then finish it: the metrics equal those of an uninterrupted sweep. Each kill waits for a
-    random number of file writes plus a random delay, so it lands while the sweep works, whatever the machine's speed."""
+    random number of file writes plus a random delay, so it lands while the sweep works on any machine."""
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
     args = ["run", "--methods", "kd,ab,crd", "--pairs", "tiny", "--device", "cpu", "--set", "protocol.epochs=8"]
     ref = _kdbench(args + ["--results", "ref"], tmp_path)

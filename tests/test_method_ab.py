@@ -128,8 +128,8 @@ def test_zero_when_student_agrees_beyond_margin():
     assert m.ab_loss(out_t, out_t).item() > 0  # matching values inside the margin still pay
 
 
-@pytest.mark.parametrize(("s_size", "t_size", "kind"), [(8, 8, nn.Conv2d), (8, 4, nn.Conv2d), (4, 8, nn.ConvTranspose2d),
-                                                        (6, 4, nn.Conv2d), (2, 8, nn.ConvTranspose2d)])
+@pytest.mark.parametrize(("s_size", "t_size", "kind"), [
+    (8, 8, nn.Conv2d), (8, 4, nn.Conv2d), (4, 8, nn.ConvTranspose2d), (6, 4, nn.Conv2d), (2, 8, nn.ConvTranspose2d)])
 def test_connector_maps_to_teacher_shape(s_size, t_size, kind):
     conn = make_connector(3, s_size, 5, t_size)
     assert isinstance(conn[0], kind) and conn[0].bias is None and isinstance(conn[1], nn.BatchNorm2d)

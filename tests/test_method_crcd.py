@@ -71,7 +71,8 @@ def test_registered_with_defaults():
 
 
 def test_relation_cosines_by_hand():
-    """Pairs (0, 1) and (1, 0): x - anchor = (1, 1) both times; the memory relations are (1, 1) and (-1, 1) / (1, -1)."""
+    """Pairs (0, 1) and (1, 0): x - anchor = (1, 1) both times; the memory relations are (1, 1) and
+    (-1, 1) / (1, -1)."""
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     anchors = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])
     contrast = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]], [[0.0, 1.0], [0.0, -1.0]]])
