@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import platform
 import re
 import resource
 import time
@@ -37,6 +36,7 @@ from kdbench.data import Dataset, GPULoader, data_checksum, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import Batch
 from kdbench.models import create_model
+from kdbench.results import device_name, resolve_device
 
 BENCH_SCHEMA = 1
 CIFAR100_EPOCH = 50_000  # training images per CIFAR-100 epoch: the scale of the extrapolation
@@ -79,33 +79,10 @@ def default_workers() -> int:
     return max(1, min(8, _usable_cores()))
 
 
-def device_name(device: torch.device) -> str:
-    """The CUDA device's name, or the CPU model from /proc/cpuinfo (platform's description elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise KdbenchError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    dev = resolve_device(device)
     if dev.type not in ("cpu", "cuda"):
         raise KdbenchError(f"device {dev} is not supported by kdbench bench: use cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdbenchError(f"device {str(device)!r} asked for, but no CUDA GPU is visible; use --device cpu")
     return dev
 
 

@@ -18,17 +18,9 @@ err_console = Console(stderr=True)
 
 
 def _device(name: str):
-    import torch
+    from kdbench.results import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise KdbenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdbenchError(f"device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
-    return dev
+    return resolve_device(name)
 
 
 def _progress() -> Progress:

@@ -103,19 +103,22 @@ def alignment(student_logits: torch.Tensor, student_pooled: torch.Tensor, teache
     }
 
 
-def final_metrics(student: nn.Module, teacher: nn.Module | None, data: Any, device: torch.device) -> dict[str, Any]:
+def predict_test_split(model: nn.Module, data: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Logits, pooled features and labels of a model over the test split."""
+    return predict(model, data.test_loader(256, device=device).epoch(0))
+
+
+def final_metrics(student: nn.Module, teacher: nn.Module | None, data: Any, device: torch.device,
+                  teacher_predictions: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
     """Metrics stored in a finished run's JSON: calibration, and alignment with the teacher when there is one.
 
-    The correlation-difference matrix is returned under "corr_diff" as nested lists (rounded to 4 decimals).
+    ``teacher_predictions`` (from ``predict_test_split``) spares a cohort one teacher pass per member. The
+    correlation-difference matrix is returned under "corr_diff" as nested lists (rounded to 4 decimals).
     """
-    from kdbench.data import GPULoader
-
-    loader = GPULoader(data.test_images, data.test_labels, batch_size=256, train=False, mean=data.mean, std=data.std,
-                       device=device)
-    s_logits, s_pooled, labels = predict(student, loader.epoch(0))
+    s_logits, s_pooled, labels = predict_test_split(student, data, device)
     out: dict[str, Any] = {"ece": expected_calibration_error(s_logits, labels)}
     if teacher is not None:
-        t_logits, t_pooled, _ = predict(teacher, loader.epoch(0))
+        t_logits, t_pooled, _ = teacher_predictions or predict_test_split(teacher, data, device)
         al = alignment(s_logits, s_pooled, t_logits, t_pooled)
         matrix = al.pop("_corr_diff")
         out.update(al)

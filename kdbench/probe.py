@@ -128,7 +128,6 @@ def train_linear_probe(model: nn.Module, data: Any, proto: ProbeProtocol, base_l
                        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Train a linear head on the pooled features of a frozen `model` (kept in eval mode, never updated) over
     `data` (a kdbench Dataset, already subsampled if wanted); returns the curve and the last and best top-1."""
-    from kdbench.data import GPULoader
     from kdbench.train import derive_seed
 
     device = torch.device(device)
@@ -142,10 +141,8 @@ def train_linear_probe(model: nn.Module, data: Any, proto: ProbeProtocol, base_l
     head.to(device)
     opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=proto.momentum, weight_decay=proto.weight_decay)
     pad = max(1, data.image_size // 8)  # 4 at 32x32, as in the CIFAR recipe
-    loader = GPULoader(data.train_images, data.train_labels, batch_size=proto.batch_size, train=True, mean=data.mean,
-                       std=data.std, seed=derive_seed(seed, "probe-data"), device=device, pad=pad)
-    test_loader = GPULoader(data.test_images, data.test_labels, batch_size=256, train=False, mean=data.mean,
-                            std=data.std, device=device)
+    loader = data.train_loader(proto.batch_size, seed=derive_seed(seed, "probe-data"), device=device, pad=pad)
+    test_loader = data.test_loader(256, device=device)
     test_feats = torch.cat([_features(model, b.images) for b in test_loader.epoch(0)])
     test_labels = test_loader.labels
 

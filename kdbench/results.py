@@ -9,6 +9,7 @@ Layout of a results folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -30,19 +31,26 @@ STATUSES = ("done", "failed", "n/a")
 _REQUIRED = {"schema": int, "run_id": str, "status": str, "spec": dict, "method": dict, "metrics": dict}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """Yield a temporary file name in path's folder; once the body has written it, fsync it and rename it onto
+    path, so readers never see half a file. On any error (or a kill) the target is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -50,17 +58,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def validate_run(obj: Any, name: str) -> dict[str, Any]:
@@ -105,6 +104,35 @@ def git_commit() -> str | None:
         return None
 
 
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name, or the CPU model from /proc/cpuinfo (platform's description elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N; a clear error otherwise."""
+    if isinstance(name, torch.device):
+        dev = name
+    elif name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise KdbenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdbenchError(f"device {str(name)!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import kdbench
 
@@ -116,11 +144,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "git_commit": git_commit(),
     }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
     return env
 
 

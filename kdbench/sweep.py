@@ -297,20 +297,25 @@ class Sweep:
                 by_epoch[m.epoch].append(m)
             for _, cohort in sorted(by_epoch.items()):
                 train_cohort(cohort, data, teacher, self.device, progress=self.progress)
+            t_pred = None
+            if teacher is not None and any(m.failed is None for m in members):
+                from kdbench.evaluate import predict_test_split
+
+                t_pred = predict_test_split(teacher, data, self.device)
             for m in members:
-                self._finish(m, data, teacher, card, len(members), report, teacher_for)
+                self._finish(m, data, teacher, card, len(members), report, teacher_for, t_pred)
         finally:
             for lock in locks:
                 lock.release()
         return members
 
     def _finish(self, m: Member, data: Dataset, teacher, card, cohort_size: int, report: SweepReport,
-                teacher_for: TeacherSpec | None) -> None:
+                teacher_for: TeacherSpec | None, teacher_predictions=None) -> None:
         from kdbench.evaluate import final_metrics
 
         extra = {}
         if m.failed is None:
-            extra = final_metrics(m.student, teacher, data, self.device)
+            extra = final_metrics(m.student, teacher, data, self.device, teacher_predictions)
         diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
         record = result_record(m, data, card, self.device, cohort_size, extra)
         if diagnostics:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from torch import nn
 from kdbench.config import DataSpec, TeacherSpec
 from kdbench.errors import KdbenchError
 from kdbench.models import create_model
-from kdbench.results import ResultStore, atomic_write_json
+from kdbench.results import ResultStore, atomic_path, atomic_write_json
 
 
 def sha256_file(path: Path) -> str:
@@ -36,15 +34,8 @@ def sha256_file(path: Path) -> str:
 
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Atomic safetensors write of a state dict (weights only: nothing executable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_weights_into(model: nn.Module, path: Path, what: str) -> None:
@@ -120,12 +111,16 @@ class TeacherStore:
         card = self.card(spec)
         if card is None:
             raise KdbenchError(f"no teacher {spec.arch} for {spec.data.name} in {self.dir}")
-        model = create_model(spec.arch, num_classes=num_classes)
-        load_weights_into(model, self.weights_path(spec.label), "teacher file")
+        return self._frozen(spec.arch, spec.label, num_classes, device), card
+
+    def _frozen(self, arch: str, label: str, num_classes: int, device: torch.device) -> nn.Module:
+        """A teacher from its weights file: eval mode, no gradients."""
+        model = create_model(arch, num_classes=num_classes)
+        load_weights_into(model, self.weights_path(label), "teacher file")
         model.to(device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        return model, card
+        return model
 
     def list(self) -> list[dict[str, Any]]:
         out = []
@@ -170,11 +165,5 @@ class TeacherStore:
         return card
 
     def load_imported(self, arch: str, data: DataSpec, num_classes: int, device: torch.device):
-        label = self.imported_label(arch, data)
         card = self.imported_card(arch, data)
-        model = create_model(arch, num_classes=num_classes)
-        load_weights_into(model, self.weights_path(label), "teacher file")
-        model.to(device).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model, card
+        return self._frozen(arch, self.imported_label(arch, data), num_classes, device), card

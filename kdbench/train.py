@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.config import RunSpec
-from kdbench.data import Dataset, GPULoader
+from kdbench.data import Dataset
 from kdbench.evaluate import evaluate
 from kdbench.losses import kd_loss
 from kdbench.method import Batch, Method, MethodContext, make_config, resolve
@@ -220,9 +220,8 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
     for p in params:
         p.requires_grad_(True)
     opt = _sgd(params, m.spec, stage.lr if stage.lr is not None else m.base_lr)
-    loader = GPULoader(data.train_images, data.train_labels, batch_size=m.spec.protocol.batch_size, train=True,
-                       mean=data.mean, std=data.std, seed=derive_seed(m.spec.seed, m.spec.method, "init-data"),
-                       drop_last=m.spec.protocol.drop_last, device=device)
+    loader = data.train_loader(m.spec.protocol.batch_size, seed=derive_seed(m.spec.seed, m.spec.method, "init-data"),
+                               drop_last=m.spec.protocol.drop_last, device=device)
     try:
         # The init-stage optimizer restarts at a resumed epoch (its momentum is not checkpointed): the
         # stage is a warm-up of adapters and a few epochs of momentum do not change what it converges to.
@@ -262,11 +261,9 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
     if len(start) != 1:
         raise ValueError("cohort members must resume from the same epoch")
     proto = active[0].spec.protocol
-    loader = GPULoader(data.train_images, data.train_labels, batch_size=proto.batch_size, train=True,
-                       mean=data.mean, std=data.std, seed=derive_seed(active[0].spec.seed, "data"),
-                       drop_last=proto.drop_last, device=device)
-    test_loader = GPULoader(data.test_images, data.test_labels, batch_size=TEST_BATCH, train=False,
-                            mean=data.mean, std=data.std, device=device)
+    loader = data.train_loader(proto.batch_size, seed=derive_seed(active[0].spec.seed, "data"),
+                               drop_last=proto.drop_last, device=device)
+    test_loader = data.test_loader(TEST_BATCH, device=device)
     if teacher is not None:
         teacher.eval()
     task = None
