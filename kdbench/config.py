@@ -68,6 +68,7 @@ class PairSet:
     data: DataSpec
     pairs: tuple[str, ...]
     protocol: str | None = None
+    teacher_protocol: str | None = None  # the teachers' own protocol (default: the students')
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,8 @@ _PROTOCOL_TYPES: dict[str, type | tuple] = {
 _REQUIRED_PROTOCOL = set(_PROTOCOL_TYPES) - {"eval_every", "drop_last"}
 _TOP_KEYS = {"defaults", "protocols", "pairs", "methods", "slurm"}
 _DEFAULT_KEYS = {"protocol": str, "seeds": list, "results": str, "teacher_seed": int}
-_PAIRSET_KEYS = {"dataset": str, "pairs": list, "protocol": str, "image_size": int, "data_root": str,
-                 "dataset_options": dict}
+_PAIRSET_KEYS = {"dataset": str, "pairs": list, "protocol": str, "teacher_protocol": str, "image_size": int,
+                 "data_root": str, "dataset_options": dict}
 
 
 def _bad(src: str, msg: str) -> KdbenchError:
@@ -257,15 +258,16 @@ def parse_bench(raw: dict[str, Any], src: str = "bench.toml", base_dir: Path | N
         for p in ps["pairs"]:
             if not isinstance(p, str) or p.count(":") != 1:
                 raise _bad(src, f"{where}.pairs: {p!r} is not 'teacher:student'")
-        if ps.get("protocol") is not None and ps["protocol"] not in protocols:
-            raise _bad(src, f"{where}.protocol {ps['protocol']!r} is not defined; protocols: {', '.join(protocols)}")
+        for key in ("protocol", "teacher_protocol"):
+            if ps.get(key) is not None and ps[key] not in protocols:
+                raise _bad(src, f"{where}.{key} {ps[key]!r} is not defined; protocols: {', '.join(protocols)}")
         root = ps.get("data_root")
         if root and base_dir is not None and not Path(root).is_absolute():
             root = str((base_dir / root).resolve())
         opts = dict(ps.get("dataset_options", {}))
         size = ps.get("image_size", opts.pop("image_size", None))
         data = DataSpec(ps["dataset"], root, size, tuple(sorted(opts.items())))
-        pair_sets[name] = PairSet(name, data, tuple(ps["pairs"]), ps.get("protocol"))
+        pair_sets[name] = PairSet(name, data, tuple(ps["pairs"]), ps.get("protocol"), ps.get("teacher_protocol"))
 
     methods = raw.get("methods", {})
     for mname, table in methods.items():

@@ -104,8 +104,14 @@ class Dataset:
         return int(self.test_images.shape[0])
 
     def train_loader(self, batch_size: int, *, device: str | torch.device = "cpu", seed: int = 0,
-                     drop_last: bool = False, pad: int = 4) -> GPULoader:
-        """Shuffled, augmented batches of the training split."""
+                     drop_last: bool = False, pad: int | None = None) -> GPULoader:
+        """Shuffled, augmented batches of the training split.
+
+        ``pad`` is the random crop's zero padding; by default an eighth of the image side, which is CIFAR's 4 pixels
+        at 32x32 and keeps the same relative jitter at other sizes (2 pixels at 16x16).
+        """
+        if pad is None:
+            pad = max(1, self.image_size // 8)
         return GPULoader(self.train_images, self.train_labels, batch_size=batch_size, train=True, mean=self.mean,
                          std=self.std, seed=seed, drop_last=drop_last, device=device, pad=pad)
 

@@ -86,7 +86,8 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
 
     if req.dataset is not None and req.dataset not in DATASETS:
         raise KdbenchError(f"unknown dataset {req.dataset!r}; datasets: {', '.join(DATASETS)}")
-    groups: list[tuple[str, DataSpec, str, Protocol]] = []
+    # (pair set, data, pair, student protocol, teacher protocol)
+    groups: list[tuple[str, DataSpec, str, Protocol, Protocol]] = []
     pair_names = _split_csv(req.pairs)
     if not pair_names:
         raise KdbenchError("no pairs given: use --pairs cifar100, smoke, or teacher:student")
@@ -96,8 +97,8 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
             check_model_name(t)
             check_model_name(s)
             data = DataSpec(req.dataset or "cifar100", req.data_root, req.image_size)
-            proto_name = req.protocol or bench.protocol
-            groups.append((pname, data, pname, _protocol(bench, proto_name, sets)))
+            proto = _protocol(bench, req.protocol or bench.protocol, sets)
+            groups.append((pname, data, pname, proto, proto))
             continue
         if pname not in bench.pair_sets:
             import difflib
@@ -111,17 +112,20 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
             data = dataclasses.replace(data, data_root=req.data_root)
         if req.image_size:
             data = dataclasses.replace(data, image_size=req.image_size)
-        proto_name = req.protocol or ps.protocol or bench.protocol
+        proto = _protocol(bench, req.protocol or ps.protocol or bench.protocol, sets)
+        # A pair set may train its teachers longer than its students (teacher_protocol); --protocol and
+        # --set protocol.* then change the students' protocol only.
+        t_proto = bench.protocols[ps.teacher_protocol] if ps.teacher_protocol and not req.protocol else proto
         for pair in ps.pairs:
             t, s = pair.split(":", 1)
             check_model_name(t)
             check_model_name(s)
-            groups.append((pname, data, pair, _protocol(bench, proto_name, sets)))
+            groups.append((pname, data, pair, proto, t_proto))
 
     teachers = TeacherStore(store) if store is not None else None
     specs: list[RunSpec] = []
     seen: set[str] = set()
-    for set_name, data, pair, proto in groups:
+    for set_name, data, pair, proto, t_proto in groups:
         t_arch, s_arch = pair.split(":", 1)
         for seed in seeds:
             for name, entry in entries.items():
@@ -129,7 +133,7 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
                 cfg = make_config(entry, values)
                 tspec = None
                 if entry.cls.requires_teacher or cfg.kd_weight:
-                    tspec = TeacherSpec(t_arch, data, proto, bench.teacher_seed)
+                    tspec = TeacherSpec(t_arch, data, t_proto, bench.teacher_seed)
                     imported = teachers.imported_card(t_arch, data) if teachers else None
                     if imported is not None:
                         tspec = dataclasses.replace(tspec, imported=imported["weights_sha256"])
