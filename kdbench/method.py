@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kdbench.data.loader import Batch  # re-exported: plugins import Batch from here
 from kdbench.errors import KdbenchError
 from kdbench.models.base import FeatureInfo, ModelOutput
 
@@ -38,15 +39,6 @@ class MethodConfig:
     kd_weight: float = 0.0
     temperature: float = 4.0
     weight: float = 0.0
-
-
-@dataclass
-class Batch:
-    """One training or test batch: normalised images, labels, and the sample indices in the split."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-import kdbench.data as kd
+import kdbench.data.cifar100 as cifar_mod
+import kdbench.data.tinyimagenet as tiny_mod
 from kdbench.data import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -100,7 +101,8 @@ def cifar(tmp_path, monkeypatch):
     """A small cifar-100-python/ in the real pickle format; the md5 table patched to its files."""
     root = tmp_path / "data"
     parts = write_cifar(root / "cifar-100-python")
-    monkeypatch.setattr(kd, "CIFAR100_MD5", {p: md5(root / "cifar-100-python" / p) for p in ("train", "test", "meta")})
+    md5s = {p: md5(root / "cifar-100-python" / p) for p in ("train", "test", "meta")}
+    monkeypatch.setattr(cifar_mod, "CIFAR100_MD5", md5s)
     return root, parts
 
 
@@ -109,9 +111,9 @@ def test_cifar_md5_table_is_torchvisions():
 
     published = dict(CIFAR100.train_list + CIFAR100.test_list)
     published[CIFAR100.meta["filename"]] = CIFAR100.meta["md5"]
-    assert published == kd.CIFAR100_MD5
-    assert CIFAR100.tgz_md5 == kd.CIFAR100_ARCHIVE_MD5 and CIFAR100.filename == kd.CIFAR100_ARCHIVE
-    assert CIFAR100.base_folder == kd.CIFAR100_FOLDER and CIFAR100.url == kd.CIFAR100_URL
+    assert published == cifar_mod.CIFAR100_MD5
+    assert CIFAR100.tgz_md5 == cifar_mod.CIFAR100_ARCHIVE_MD5 and CIFAR100.filename == cifar_mod.CIFAR100_ARCHIVE
+    assert CIFAR100.base_folder == cifar_mod.CIFAR100_FOLDER and CIFAR100.url == cifar_mod.CIFAR100_URL
 
 
 def test_cifar100_reads_the_pickles(cifar):
@@ -137,10 +139,10 @@ def test_cifar100_agrees_with_torchvision_reader(cifar, monkeypatch):
     from torchvision.datasets import CIFAR100
 
     root, _ = cifar
-    monkeypatch.setattr(CIFAR100, "train_list", [["train", kd.CIFAR100_MD5["train"]]])
-    monkeypatch.setattr(CIFAR100, "test_list", [["test", kd.CIFAR100_MD5["test"]]])
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", cifar_mod.CIFAR100_MD5["train"]]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", cifar_mod.CIFAR100_MD5["test"]]])
     monkeypatch.setattr(CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names",
-                                           "md5": kd.CIFAR100_MD5["meta"]})
+                                           "md5": cifar_mod.CIFAR100_MD5["meta"]})
     ds = load_dataset("cifar100", root)
     for train, images, labels in ((True, ds.train_images, ds.train_labels), (False, ds.test_images, ds.test_labels)):
         tv = CIFAR100(str(root), train=train)
@@ -157,7 +159,7 @@ def test_cifar100_reads_python3_pickles_too(tmp_path, monkeypatch):
     for name, obj in src.items():
         plain = {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
         (folder / name).write_bytes(pickle.dumps(plain))
-    monkeypatch.setattr(kd, "CIFAR100_MD5", {p: md5(folder / p) for p in src})
+    monkeypatch.setattr(cifar_mod, "CIFAR100_MD5", {p: md5(folder / p) for p in src})
     ds = load_dataset("cifar100", tmp_path)
     assert ds.train_images.shape == (8, 3, 32, 32) and ds.classes[7] == "7"
 
@@ -185,7 +187,7 @@ def test_cifar100_corrupt_file(cifar):
     with pytest.raises(KdbenchError) as err:
         load_dataset("cifar100", root)
     msg = str(err.value)
-    assert "\n" not in msg and "corrupt" in msg and str(path) in msg and kd.CIFAR100_MD5["train"] in msg
+    assert "\n" not in msg and "corrupt" in msg and str(path) in msg and cifar_mod.CIFAR100_MD5["train"] in msg
 
 
 def test_cifar100_truncated_folder(cifar):
@@ -204,7 +206,7 @@ def test_cifar100_never_unpickles_code(tmp_path, monkeypatch):
 
     write_cifar(tmp_path / "cifar-100-python")
     (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": Evil()}, protocol=2))
-    monkeypatch.setattr(kd, "CIFAR100_MD5", {p: md5(tmp_path / "cifar-100-python" / p) for p in ("train", "test",
+    monkeypatch.setattr(cifar_mod, "CIFAR100_MD5", {p: md5(tmp_path / "cifar-100-python" / p) for p in ("train", "test",
                                                                                                  "meta")})
     with pytest.raises(KdbenchError, match="refusing to load the global"):
         load_dataset("cifar100", tmp_path)
@@ -214,10 +216,10 @@ def test_cifar100_from_the_tar_gz(cifar, tmp_path, monkeypatch):
     root, _ = cifar
     arch_dir = tmp_path / "archive"
     arch_dir.mkdir()
-    archive = arch_dir / kd.CIFAR100_ARCHIVE
+    archive = arch_dir / cifar_mod.CIFAR100_ARCHIVE
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root / "cifar-100-python", arcname="cifar-100-python")
-    monkeypatch.setattr(kd, "CIFAR100_ARCHIVE_MD5", md5(archive))
+    monkeypatch.setattr(cifar_mod, "CIFAR100_ARCHIVE_MD5", md5(archive))
     ds = load_dataset("cifar100", arch_dir)
     assert ds.checksum == load_dataset("cifar100", root).checksum
     archive.write_bytes(archive.read_bytes()[:-100])
@@ -237,9 +239,9 @@ def test_cifar100_download(tmp_path, monkeypatch):
     monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
     root = tmp_path / "new"
     write_cifar(tmp_path / "probe", 10, 5)  # same content as the download writes: learn its md5s
-    monkeypatch.setattr(kd, "CIFAR100_MD5", {p: md5(tmp_path / "probe" / p) for p in ("train", "test", "meta")})
+    monkeypatch.setattr(cifar_mod, "CIFAR100_MD5", {p: md5(tmp_path / "probe" / p) for p in ("train", "test", "meta")})
     ds = load_dataset("cifar100", root, download=True)
-    assert calls == [(kd.CIFAR100_URL, kd.CIFAR100_ARCHIVE, kd.CIFAR100_ARCHIVE_MD5)]
+    assert calls == [(cifar_mod.CIFAR100_URL, cifar_mod.CIFAR100_ARCHIVE, cifar_mod.CIFAR100_ARCHIVE_MD5)]
     assert ds.num_train == 10 and ds.num_test == 5
 
 
@@ -253,7 +255,7 @@ def test_cifar100_download_failure_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(KdbenchError) as err:
         load_dataset("cifar100", tmp_path, download=True)
     msg = str(err.value)
-    assert "\n" not in msg and kd.CIFAR100_URL in msg and "--data-root" in msg
+    assert "\n" not in msg and cifar_mod.CIFAR100_URL in msg and "--data-root" in msg
 
 
 def test_cifar100_is_32px_only(cifar):
@@ -342,7 +344,7 @@ def test_tiny100_cache_is_reused(tiny100, monkeypatch):
     def no_decoding(*args, **kw):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(kd, "_decode_all", no_decoding)
+    monkeypatch.setattr(tiny_mod, "_decode_all", no_decoding)
     start = time.perf_counter()
     again = load_dataset("tinyimagenet", SHARED_TINY, cache_dir=cache)
     print(f"Tiny-ImageNet-100 from the cache: {time.perf_counter() - start:.2f} s")
@@ -451,8 +453,8 @@ def test_tiny_zip_archives_read_directly(fake_tiny, tmp_path):
 def test_tiny_cache_next_to_the_data_and_reused(fake_tiny, tmp_path, monkeypatch):
     root, base = fake_tiny
     calls = []
-    real_decode = kd._decode_all
-    monkeypatch.setattr(kd, "_decode_all", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    real_decode = tiny_mod._decode_all
+    monkeypatch.setattr(tiny_mod, "_decode_all", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
     first = load_dataset("tinyimagenet", root)
     assert len(calls) == 1 and len(list(root.glob("tinyimagenet3-32px-*.pt"))) == 1
     second = load_dataset("tinyimagenet", root)
@@ -488,14 +490,14 @@ def test_tiny_cache_falls_back_when_the_data_is_read_only(fake_tiny, tmp_path, m
     assert not list(root.glob("*.pt"))
     assert len(list((tmp_path / "default-cache").glob("tinyimagenet3-32px-*.pt"))) == 1
     calls = []
-    monkeypatch.setattr(kd, "_decode_all", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(tiny_mod, "_decode_all", lambda *a, **k: calls.append(1))
     assert load_dataset("tinyimagenet", root).checksum == first.checksum
     assert not calls
 
 
 def test_tiny_progress_and_worker_pool(fake_tiny, monkeypatch):
     root, _ = fake_tiny
-    monkeypatch.setattr(kd, "_CHUNK", 4)  # small chunks so the pool path runs on the tiny fake set
+    monkeypatch.setattr(tiny_mod, "_CHUNK", 4)  # small chunks so the pool path runs on the tiny fake set
     pooled = load_dataset("tinyimagenet", root, num_workers=2, progress=True, cache=False)
     serial = load_dataset("tinyimagenet", root, num_workers=1, cache=False)
     assert pooled.checksum == serial.checksum
@@ -516,7 +518,7 @@ def test_tiny_download(fake_tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvu, "download_url", fake_download)
     ds = load_dataset("tinyimagenet", tmp_path / "fresh", download=True)
-    assert calls == [(kd.TINY_IMAGENET_URL, "tiny-imagenet-200.zip")]
+    assert calls == [(tiny_mod.TINY_IMAGENET_URL, "tiny-imagenet-200.zip")]
     assert ds.checksum == load_dataset("tinyimagenet", src_root, cache=False).checksum
     load_dataset("tinyimagenet", tmp_path / "fresh", download=True)  # present now: no second download
     assert len(calls) == 1
