@@ -86,7 +86,7 @@ def list_methods_cmd(show_config: str | None) -> None:
     import dataclasses
 
     from kdbench.method import discover, make_config, resolve
-    from kdbench.sweep import method_order
+    from kdbench.catalog import method_order
 
     if show_config:
         entry = resolve(show_config)
@@ -262,7 +262,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
 
 
 def _collect(results: str):
-    from kdbench.report import collect
+    from kdbench.tables import collect
     from kdbench.results import ResultStore
 
     store = ResultStore(results)
@@ -290,7 +290,8 @@ def _collect(results: str):
                    "bootstrap interval.")
 def table(results: str, metric: str, fmt: str, reference: str | None, vs: str | None) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
-    from kdbench.report import build_tables, render
+    from kdbench.render import render
+    from kdbench.tables import build_tables
 
     col = _collect(results)
     tables = build_tables(col, metric, reference=reference, vs=vs)

@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from kdbench.report import STUDENT, TEACHER, Collected, Table, load_corr_diff
+from kdbench.catalog import method_order
+from kdbench.tables import STUDENT, TEACHER, Collected, Table, load_corr_diff
 
 PALETTE = sns.color_palette("colorblind", 10)
 GREY = PALETTE[7]  # the vanilla student
@@ -45,8 +46,6 @@ def styles_for(methods: list[str]) -> dict[str, Style]:
     """(colour, hatch, marker, line style) per method, in the built-in order: pass the methods of the whole report
     so a method keeps its look in every figure. Nine colours; past nine methods the hatch, marker and line style
     change too."""
-    from kdbench.sweep import method_order
-
     out: dict[str, Style] = {"ce": (GREY, "", "o", "-"), STUDENT: (GREY, "", "o", "-")}
     k = len(METHOD_COLOURS)
     for i, m in enumerate(m for m in method_order(list(dict.fromkeys(methods))) if m not in out):
@@ -179,8 +178,6 @@ def _series(curves: list[dict[str, Any]], x_key: str, y_get) -> tuple[np.ndarray
 
 
 def _method_curves(col: Collected, runs: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
-    from kdbench.sweep import method_order
-
     out: dict[str, list[dict[str, Any]]] = {}
     for m in method_order(list(runs["method"].unique())):
         curves = [col.curves[rid] for rid in runs[runs["method"] == m]["run_id"] if rid in col.curves]
@@ -327,8 +324,6 @@ def loss_terms(col: Collected, group: str, pair: str, path: Path,
 
 def corr_diff_figure(col: Collected, group: str, pair: str, methods: list[str] | None = None) -> Figure | None:
     """|corr(teacher logits) - corr(student logits)| per method (CRD, Figure 3), averaged over seeds."""
-    from kdbench.sweep import method_order
-
     runs = _runs(col, group, pair)
     runs = runs[runs["method"] != "ce"]
     present = method_order(list(runs["method"].unique()))
@@ -422,8 +417,6 @@ def alignment_figure(col: Collected, group: str, metric: str = "top1_last",
     (its mean). With several pairs the accuracy is taken relative to the pair's vanilla student (the mean of its
     ce runs), so that pairs of different difficulty share one axis; the marker then tells the pair (up to nine
     methods; past that it tells the method)."""
-    from kdbench.sweep import method_order
-
     runs = col.runs[(col.runs["group"] == group) & (col.runs["status"] == "done")]
     r = runs[runs["method"] != "ce"].copy()
     if metric not in r:

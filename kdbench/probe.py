@@ -189,7 +189,7 @@ def run_probe(run: dict[str, Any], root: Path, dataset: str, *, protocol: str | 
               log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Train and evaluate the linear probe of one finished run; returns (and by default saves) its record."""
     from kdbench.data import Dataset, load_dataset
-    from kdbench.report import PAPER_NAMES, load_transfer_reference
+    from kdbench.tables import PAPER_NAMES, load_transfer_reference
     from kdbench.train import derive_seed
 
     proto = PROBE_PROTOCOLS.get(protocol) if isinstance(protocol, str) else protocol

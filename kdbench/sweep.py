@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from kdbench.catalog import BUILTIN_ORDER, method_order  # noqa: F401 (BUILTIN_ORDER: re-exported)
 from kdbench.config import (Bench, DataSpec, Protocol, RunSpec, TeacherSpec, apply_protocol_sets, check_safe_name,
                             method_sets, parse_sets)
 from kdbench.data import Dataset, load_dataset
@@ -23,15 +24,6 @@ from kdbench.results import ResultStore
 from kdbench.teachers import TeacherStore, sha256_file
 from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
                            run_init_stage, train_cohort)
-
-BUILTIN_ORDER = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
-                 "crd+kd", "crcd", "rrd", "rrd+kd", "rrd-2025"]
-
-
-def method_order(names: list[str]) -> list[str]:
-    rank = {n: i for i, n in enumerate(BUILTIN_ORDER)}
-    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
-
 
 def all_methods(registry: dict[str, MethodEntry] | None = None) -> list[str]:
     registry = discover() if registry is None else registry

@@ -1,4 +1,6 @@
-"""Paper-style tables from the per-run JSON alone (Markdown, LaTeX, CSV) and the Markdown report around them.
+"""The table model: runs collected from the per-run JSON, one Table per (dataset, protocol) group, and the
+statistics behind it (mean ± sample std over seeds, ranks, published numbers, paired differences with a seeded
+bootstrap interval). Rendering lives in ``kdbench.render``, the Markdown report in ``kdbench.report``.
 
 One table per (dataset, protocol) group: rows are the teacher, the vanilla student (method ``ce``) and the
 distillation methods; columns are teacher:student pairs. A cell is the mean ± sample std of one metric over the
@@ -10,9 +12,7 @@ differences over seeds against a baseline method with a seeded bootstrap interva
 from __future__ import annotations
 
 import csv
-import io
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kdbench.catalog import PAPER_NAMES
+from kdbench.catalog import method_order as default_order
 from kdbench.errors import KdbenchError
 from kdbench.results import ResultStore, load_run
 
@@ -33,12 +35,6 @@ DIGITS = {"cka": 3, "kl_t1": 3, "kl_t4": 3, "corr_diff_mean": 4, "corr_diff_max"
 # Published numbers: the name given to --reference -> the prefix of the CSV's `source` column.
 REFERENCES = {"crd2020": "CRD (Tian et al. ICLR 2020)", "rrd2024": "RRD (Giakoumoglou"}
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
-# Our method names -> the names in the published tables.
-PAPER_NAMES = {
-    "ce": "Student", "kd": "KD", "fitnet": "FitNet", "at": "AT", "sp": "SP", "cc": "CC", "vid": "VID", "rkd": "RKD",
-    "pkt": "PKT", "ab": "AB", "ft": "FT", "fsp": "FSP", "nst": "NST", "crd": "CRD", "crd+kd": "CRD+KD",
-    "crcd": "CRCD", "rrd": "RRD", "rrd+kd": "RRD+KD",
-}
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 TEACHER, STUDENT = "Teacher", "Student"
@@ -313,8 +309,6 @@ def _paired(cell: Cell | None, base: Cell | None) -> Paired | None:
 def build_tables(col: Collected, metric: str = "top1_last", method_order: list[str] | None = None,
                  reference: str | list[str] | None = None, vs: str | None = None) -> dict[str, Table]:
     """One Table per (dataset, protocol) group of the results."""
-    from kdbench.sweep import method_order as default_order
-
     runs = col.runs
     out: dict[str, Table] = {}
     if runs.empty:
@@ -397,385 +391,6 @@ def _add_ranks(table: Table) -> None:
         got = [table.ranks[(r, p)] for p in table.pairs if (r, p) in table.ranks]
         if got:
             table.avg_rank[r] = float(np.mean(got))
-
-
-# ---------------------------------------------------------------------------------------------- rendering
-
-
-def _latex_escape(text: str) -> str:
-    out = []
-    for ch in text:
-        out.append({"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
-                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "±": r"$\pm$", "Δ": r"$\Delta$", "→": r"$\rightarrow$"}.get(ch, ch))
-    return "".join(out)
-
-
-def _published(table: Table, row: str, pair: str) -> str:
-    ref = table.reference or {}
-    if (row, pair) not in ref:
-        return ""
-    value = ref[(row, pair)]
-    return "n/a" if value is None else _num(value, table.digits)
-
-
-def _num(x: float, digits: int) -> str:
-    return f"{x:.{digits}f}"
-
-
-def _signed(x: float, digits: int) -> str:
-    return f"{x:+.{digits}f}"
-
-
-def _marks(table: Table, pair: str) -> tuple[float | None, float | None]:
-    """The best and second-best distinct means of a pair (Teacher excluded)."""
-    if table.direction == 0:
-        return None, None
-    means = sorted({round(c.mean, 9) for r in table.rows if r != TEACHER
-                    and (c := table.cell(r, pair)) is not None and c.n}, reverse=table.direction > 0)
-    return (means[0] if means else None), (means[1] if len(means) > 1 else None)
-
-
-def _cell_text(table: Table, row: str, pair: str, fmt: str, marks: tuple[float | None, float | None]) -> str:
-    c = table.cell(row, pair)
-    if c is None:
-        return ""
-    if not c.n:
-        return {"missing": "-"}.get(c.status, c.status)
-    d = table.digits
-    text = _num(c.mean, d) + (f" ± {_num(c.std, d)}" if c.n > 1 else "")
-    if c.n != table.common_n() and row != TEACHER:
-        text += f" (n={c.n})"
-    if c.failed:
-        text += f" ({c.failed} failed)"
-    if fmt == "latex":
-        text = _latex_escape(text)
-    if row != TEACHER:
-        key = round(c.mean, 9)
-        if key == marks[0]:
-            text = f"**{text}**" if fmt == "md" else f"\\textbf{{{text}}}"
-        elif key == marks[1]:
-            text = f"*{text}*" if fmt == "md" else f"\\underline{{{text}}}"
-    return text
-
-
-def _paired_text(table: Table, pr: Paired | None, fmt: str) -> str:
-    if pr is None:
-        return ""
-    if pr.status != "done":
-        return pr.status
-    d = table.digits
-    text = _signed(pr.mean, d) if pr.mean is not None else ""
-    if pr.lo is not None and pr.hi is not None:
-        text += f" [{_signed(pr.lo, d)}, {_signed(pr.hi, d)}]"
-    if pr.n != table.paired_n():
-        text += f" (n={pr.n})"
-    significant = pr.lo is not None and pr.hi is not None and (pr.lo > 0 or pr.hi < 0)
-    if fmt == "latex":
-        text = _latex_escape(text)
-        return f"\\textbf{{{text}}}" if significant else text
-    return f"**{text}**" if significant else text
-
-
-def _caption(table: Table, fmt: str) -> str:
-    n = table.common_n()
-    pm = "$\\pm$" if fmt == "latex" else "±"
-    if n is None:
-        seeds = "no finished runs"
-    elif n == 1:
-        seeds = "one seed per cell"
-    else:
-        seeds = f"mean {pm} sample std over {n} seeds"
-    parts = [seeds]
-    if any(c.n and c.n != n for (r, _), c in table.cells.items() if r != TEACHER):
-        parts.append("(n=k): a cell with another seed count")
-    if table.direction:
-        bold, second = ("bold", "underlined") if fmt == "latex" else ("**bold**", "*italic*")
-        better = "higher" if table.direction > 0 else "lower"
-        parts.append(f"{bold}: best, {second}: second best per pair ({better} is better); avg rank: mean of the "
-                     "per-pair ranks of the rows below the teacher")
-    if table.reference is not None:
-        delta = "$\\Delta$" if fmt == "latex" else "Δ"
-        parts.append(f"paper: published last-epoch top-1 ({', '.join(table.reference_names)}); {delta} = ours - paper")
-    return "; ".join(parts) + "."
-
-
-def _paired_caption(table: Table, fmt: str) -> str:
-    n = table.paired_n()
-    seeds = f"the {n} seeds both have" if n and n > 1 else "the seeds both have"
-    one = "; n=1: no interval" if any(p.n == 1 for p in table.paired.values()) else ""
-    metric, vs, bold = table.metric, table.vs or "", "**bold**"
-    if fmt == "latex":
-        metric, vs, bold = _latex_escape(metric), _latex_row_name(vs), "bold"
-    pct = "95\\%" if fmt == "latex" else "95%"
-    few = "; with 3 seeds or fewer this interval is the range of the differences" if n is not None and n <= 3 else ""
-    return (f"{metric}: mean paired difference (method - {vs}) over {seeds}, with a {pct} percentile "
-            f"bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}){one}{few}; "
-            f"{bold}: the interval excludes 0.")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-
-
-def render_md(table: Table, level: int = 3) -> str:
-    ref = table.reference is not None
-    ranked = bool(table.avg_rank)
-    head = ["method"]
-    for p in table.pairs:
-        head += [p, "paper", "Δ"] if ref else [p]
-    head += (["avg rank"] if ranked else []) + (["mean Δ"] if ref else [])
-    lines = [f"{'#' * level} {table.group} — {table.metric}", "", "| " + " | ".join(head) + " |",
-             "|---|" + "---:|" * (len(head) - 1)]
-    d = table.digits
-    for row in table.rows:
-        cells = [row]
-        for p in table.pairs:
-            cells.append(_cell_text(table, row, p, "md", _marks(table, p)))
-            if ref:
-                diff = table.diff(row, p)
-                cells += [_published(table, row, p), _signed(diff, d) if diff is not None else ""]
-        if ranked:
-            cells.append(f"{table.avg_rank[row]:.2f}" if row in table.avg_rank else "")
-        if ref:
-            md = table.mean_diff(row)
-            cells.append(_signed(md, d) if md is not None else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _caption(table, "md")]
-    lines += [f"Note: {n}." for n in table.notes]
-    if table.vs is not None and table.paired:
-        lines += ["", f"{'#' * (level + 1)} {table.group} — {table.metric} vs {table.vs}", "",
-                  "| method | " + " | ".join(table.pairs) + " |", "|---|" + "---:|" * len(table.pairs)]
-        for row in table.rows:
-            if not any((row, p) in table.paired for p in table.pairs):
-                continue
-            lines.append(f"| {row} | " + " | ".join(_paired_text(table, table.paired.get((row, p)), "md")
-                                                    for p in table.pairs) + " |")
-        lines += ["", _paired_caption(table, "md")]
-    return "\n".join(lines)
-
-
-def render_rank_md(table: Table) -> str:
-    """The per-pair ranks as a Markdown table (the report shows it under the main table)."""
-    if not table.ranks:
-        return ""
-    lines = ["| method | " + " | ".join(table.pairs) + " | avg rank |", "|---|" + "---:|" * (len(table.pairs) + 1)]
-    for row in table.rows:
-        if row == TEACHER:
-            continue
-        ranks = [f"{table.ranks[(row, p)]:g}" if (row, p) in table.ranks else "" for p in table.pairs]
-        avg = f"{table.avg_rank[row]:.2f}" if row in table.avg_rank else ""
-        lines.append(f"| {row} | " + " | ".join(ranks) + f" | {avg} |")
-    return "\n".join(lines)
-
-
-def _latex_row_name(row: str) -> str:
-    return row if row in (TEACHER, STUDENT) else _latex_escape(PAPER_NAMES.get(row, row))
-
-
-def render_latex(table: Table) -> str:
-    ref = table.reference is not None
-    ranked = bool(table.avg_rank)
-    span = 3 if ref else 1
-    extra = int(ranked) + int(ref)
-    ncols = 1 + span * len(table.pairs) + extra
-    d = table.digits
-    label = f"tab:kdbench-{_slug(table.group)}-{_slug(table.metric)}"
-    caption = (f"{_latex_escape(table.metric)} on {_latex_escape(table.group)}: " + _caption(table, "latex"))
-    lines = [f"% kdbench table: {table.group}, {table.metric}; needs \\usepackage{{booktabs}}",
-             "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}", f"\\label{{{label}}}",
-             "\\begin{tabular}{l" + "c" * (ncols - 1) + "}", "\\toprule"]
-    tail_head = (["Avg.\\ rank"] if ranked else []) + (["Mean $\\Delta$"] if ref else [])
-    for i, who in enumerate((TEACHER, STUDENT)):
-        names = [_latex_escape(p.split(":")[i]) for p in table.pairs]
-        cells = [f"\\multicolumn{{{span}}}{{c}}{{{n}}}" if ref else n for n in names]
-        tail = tail_head if i == 1 else [""] * extra
-        lines.append(" & ".join([who, *cells, *tail]) + " \\\\")
-    if ref:
-        rules = " ".join(f"\\cmidrule(lr){{{2 + span * k}-{1 + span * (k + 1)}}}" for k in range(len(table.pairs)))
-        lines.append(rules)
-        lines.append(" & ".join(["", *["Ours & Paper & $\\Delta$"] * len(table.pairs), *[""] * extra]) + " \\\\")
-    lines.append("\\midrule")
-    for row in table.rows:
-        cells = [_latex_row_name(row)]
-        for p in table.pairs:
-            cells.append(_cell_text(table, row, p, "latex", _marks(table, p)))
-            if ref:
-                diff = table.diff(row, p)
-                cells += [_published(table, row, p), f"${_signed(diff, d)}$" if diff is not None else ""]
-        if ranked:
-            cells.append(f"{table.avg_rank[row]:.2f}" if row in table.avg_rank else "")
-        if ref:
-            md = table.mean_diff(row)
-            cells.append(f"${_signed(md, d)}$" if md is not None else "")
-        lines.append(" & ".join(cells) + " \\\\")
-        if row == STUDENT:
-            lines.append("\\midrule")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    lines += [f"% note: {n}" for n in table.notes]
-    lines.append("\\end{table}")
-    if table.vs is not None and table.paired:
-        vs_label = label + f"-vs-{_slug(table.vs)}"
-        cap = _latex_escape(table.group) + ": " + _paired_caption(table, "latex")
-        lines += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{cap}}}", f"\\label{{{vs_label}}}",
-                  "\\begin{tabular}{l" + "c" * len(table.pairs) + "}", "\\toprule"]
-        for i, who in enumerate((TEACHER, STUDENT)):
-            lines.append(" & ".join([who, *[_latex_escape(p.split(":")[i]) for p in table.pairs]]) + " \\\\")
-        lines.append("\\midrule")
-        for row in table.rows:
-            if not any((row, p) in table.paired for p in table.pairs):
-                continue
-            lines.append(" & ".join([_latex_row_name(row), *[_paired_text(table, table.paired.get((row, p)), "latex")
-                                                              for p in table.pairs]]) + " \\\\")
-        lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    return "\n".join(lines)
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def render_csv(tables: dict[str, Table]) -> str:
-    """Long format: one line per (group, pair, row); reference and paired columns only when asked for."""
-    ref = any(t.reference is not None for t in tables.values())
-    vs = any(t.vs is not None for t in tables.values())
-    head = ["group", "metric", "pair", "row", "mean", "std", "n", "failed", "status", "rank", "avg_rank"]
-    head += ["paper", "diff"] if ref else []
-    head += ["vs", "vs_n", "vs_mean", "vs_lo", "vs_hi"] if vs else []
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(head)
-    for table in tables.values():
-        for pair in table.pairs:
-            for row in table.rows:
-                c = table.cell(row, pair)
-                if c is None:
-                    continue
-                rank = table.ranks.get((row, pair))
-                line = [table.group, table.metric, pair, row, _f(c.mean) if c.n else "", _f(c.std) if c.n else "",
-                        c.n, c.failed, c.status, f"{rank:g}" if rank is not None else "",
-                        _f(table.avg_rank.get(row))]
-                if ref:
-                    line += [_published(table, row, pair) if (table.reference or {}).get((row, pair)) is None
-                             else _f(table.reference[(row, pair)]), _f(table.diff(row, pair))]
-                if vs:
-                    pr = table.paired.get((row, pair))
-                    line += ["", "", "", "", ""] if pr is None else [table.vs, pr.n, _f(pr.mean), _f(pr.lo), _f(pr.hi)]
-                w.writerow(line)
-    return buf.getvalue()
-
-
-def render(tables: dict[str, Table], fmt: str = "md", metric: str | None = None) -> str:
-    """Markdown, LaTeX or CSV text of the tables (`metric` is kept for callers of the old signature)."""
-    if fmt == "csv":
-        return render_csv(tables)
-    if fmt == "md":
-        return "\n\n".join(render_md(t) for t in tables.values()) + "\n"
-    if fmt == "latex":
-        return "\n\n".join(render_latex(t) for t in tables.values()) + "\n"
-    raise ValueError(f"unknown format {fmt!r}")
-
-
-# ---------------------------------------------------------------------------------------------- the report
-
-
-def _probe_rows(root: Path) -> list[dict[str, Any]]:
-    import json
-
-    out = []
-    for path in sorted((root / "probes").glob("*.json")):
-        try:
-            obj = json.loads(path.read_text())
-            if isinstance(obj, dict) and "top1_last" in obj:
-                out.append(obj)
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def write_report(results: str | Path, out: str | Path, *, metric: str = "top1_last",
-                 reference: str | list[str] | None = None, vs: str | None = None) -> Path:
-    """report.md and its PNG figures in `out`, from the run JSONs of `results` alone."""
-    from kdbench import __version__, plots
-
-    store = ResultStore(results)
-    if not store.runs_dir.is_dir():
-        raise KdbenchError(f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first")
-    col = collect(store)
-    if col.runs.empty:
-        raise KdbenchError(f"no readable runs in {store.runs_dir}")
-    present = set(col.runs["method"])
-    if vs is None and "kd" in present and len(present - {"ce", "kd"}) > 0:
-        vs = "kd"
-    tables = build_tables(col, metric, reference=reference, vs=vs)
-    acc_metric = metric if metric.startswith("top") else "top1_last"
-    acc_tables = tables if acc_metric == metric else build_tables(col, acc_metric)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    runs = col.runs
-    counts = Counter(runs["status"])
-    lines = ["# kdbench report", "",
-             (f"Results folder `{store.root}`: {len(runs)} runs ({counts.get('done', 0)} done, "
-              f"{counts.get('failed', 0)} failed, {counts.get('n/a', 0)} n/a), read from the run JSON alone by "
-              f"kdbench {__version__}."), "",
-             f"Tables show `{metric}`" + (f" beside the published numbers ({reference})" if reference else "")
-             + (f", with paired differences against `{vs}`" if vs else "") + f"; figures show `{acc_metric}`. "
-             "The correlation-difference maps compare a student's test-set logit correlations with its teacher's "
-             "(CRD, Figure 3); a vanilla student is trained without a teacher and has none."]
-    if col.problems:
-        lines += ["", "Files skipped or worth a look:", ""] + [f"- {p}" for p in col.problems]
-    figures: list[Path] = []
-    styles = plots.styles_for(list(runs["method"].unique()))
-    for group, table in tables.items():
-        acc = acc_tables[group]
-        slug = _slug(group)
-        lines += ["", f"## {group}", "", render_md(table, level=3)]
-        if table.ranks:
-            lines += ["", f"### {group} — rank per pair ({table.metric})", "", render_rank_md(table)]
-        gain = plots.gain_heatmap(acc, out_dir / f"gain-{slug}.png")
-        scatter = plots.accuracy_vs_alignment(col, group, acc_metric, out_dir / f"alignment-{slug}.png", styles)
-        for title, path in (("Gain over the vanilla student", gain), ("Accuracy vs alignment", scatter)):
-            if path is not None:
-                figures.append(path)
-                lines += ["", f"### {title}", "", f"![{title}]({path.name})"]
-        for pair in table.pairs:
-            pslug = f"{slug}-{_slug(pair)}"
-            tc = acc.cell(TEACHER, pair)
-            made = [("Top-1 per method", plots.bar_chart(acc, pair, out_dir / f"top1-{pslug}.png", styles)),
-                    ("Training curves", plots.training_curves(col, group, pair, out_dir / f"curves-{pslug}.png",
-                                                              tc.mean if tc is not None and tc.n else None, styles)),
-                    ("Loss terms", plots.loss_terms(col, group, pair, out_dir / f"losses-{pslug}.png", styles)),
-                    ("Correlation difference", plots.corr_diff_heatmaps(col, group, pair,
-                                                                        out_dir / f"corrdiff-{pslug}.png"))]
-            made = [(t, p) for t, p in made if p is not None]
-            if made:
-                lines += ["", f"### {pair}"]
-                for title, path in made:
-                    figures.append(path)
-                    lines += ["", f"![{title}: {pair}]({path.name})"]
-    bad = runs[runs["status"] != "done"]
-    if not bad.empty:
-        lines += ["", "## Failed and n/a runs", "", "| group | pair | method | seed | status | reason |",
-                  "|---|---|---|---:|---|---|"]
-        for _, r in bad.iterrows():
-            reason = str(r["reason"] or "").replace("|", "\\|")
-            lines.append(f"| {r['group']} | {r['teacher'] or '-'}:{r['student']} | {r['method']} | {r['seed']} | "
-                         f"{r['status']} | {reason} |")
-    probes = _probe_rows(store.root)
-    if probes:
-        lines += ["", "## Transfer (linear probe on frozen students)", "",
-                  "| pair | method | seed | dataset | protocol | top-1 last | top-1 best | paper |",
-                  "|---|---|---:|---|---|---:|---:|---:|"]
-        for p in probes:
-            paper = p.get("published")
-            lines.append(f"| {p.get('pair', '')} | {p.get('method', '')} | {p.get('seed', '')} | "
-                         f"{p.get('dataset', {}).get('name', '')} | {p.get('protocol', {}).get('name', '')} | "
-                         f"{p['top1_last']:.2f} | {p.get('top1_best', float('nan')):.2f} | "
-                         f"{'' if paper is None else f'{paper:.1f}'} |")
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
 
 
 def load_corr_diff(col: Collected, run_id: str) -> np.ndarray | None:

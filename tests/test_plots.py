@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from kdbench import plots
-from kdbench.report import build_tables, collect, write_report
+from kdbench.report import write_report
+from kdbench.tables import build_tables, collect
 from kdbench.results import ResultStore
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_known"
@@ -117,7 +118,7 @@ def test_nothing_to_draw_gives_none(col, table):
 
 
 def test_method_styles_are_distinct_and_stable():
-    from kdbench.sweep import BUILTIN_ORDER
+    from kdbench.catalog import BUILTIN_ORDER
 
     styles = plots.styles_for(list(reversed(BUILTIN_ORDER)))
     looks = [styles[m] for m in BUILTIN_ORDER if m != "ce"]

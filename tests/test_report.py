@@ -29,7 +29,8 @@ from click.testing import CliRunner
 
 from kdbench.cli import cli
 from kdbench.errors import KdbenchError
-from kdbench.report import bootstrap_ci, build_tables, collect, load_reference, render
+from kdbench.render import render
+from kdbench.tables import bootstrap_ci, build_tables, collect, load_reference
 from kdbench.results import ResultStore
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_known"
