@@ -77,19 +77,12 @@ def register_model(fn: Callable[..., ZooModel]) -> Callable[..., ZooModel]:
     return fn
 
 
-def _ensure_loaded() -> None:
-    # Importing the families registers their constructors.
-    from kdbench.models import mobilenetv2, resnet, resnetv2, shufflenet, vgg, wrn  # noqa: F401
-
-
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style wildcard, sorted."""
-    _ensure_loaded()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
 def check_model_name(name: str) -> str:
-    _ensure_loaded()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see `kdbench list models`"
