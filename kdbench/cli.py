@@ -201,7 +201,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
                                    config_path)
     slurm = None
     if executor == "slurm":
-        from kdbench.slurm import SlurmSettings
+        from kdbench.config import SlurmSettings
 
         slurm = SlurmSettings.from_dict(bench.slurm, bench.source).with_overrides(
             partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus)

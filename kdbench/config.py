@@ -225,6 +225,38 @@ def _protocol(src: str, name: str, raw: dict[str, Any]) -> Protocol:
     return Protocol(name=name, **vals)
 
 
+@dataclass(frozen=True)
+class SlurmSettings:
+    """Resources of each array task (bench.toml [slurm], overridden by --slurm-* options)."""
+
+    partition: str | None = None
+    time_min: int = 24 * 60
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    array_parallelism: int = 64
+    cluster: str = "slurm"  # submitit's cluster: slurm, or local / debug to test without a cluster
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], src: str = "bench.toml") -> SlurmSettings:
+        types = {"partition": str, "time_min": int, "gpus_per_task": int, "cpus_per_task": int, "mem_gb": int,
+                 "array_parallelism": int, "cluster": str}
+        for key, value in raw.items():
+            if key not in types:
+                raise KdbenchError(f"{src}: unknown key slurm.{key}; valid: {', '.join(sorted(types))}")
+            if not isinstance(value, types[key]) or isinstance(value, bool):
+                raise KdbenchError(f"{src}: slurm.{key} must be {types[key].__name__}, got {value!r}")
+            if types[key] is int and value < (0 if key == "gpus_per_task" else 1):
+                raise KdbenchError(f"{src}: slurm.{key} must be positive, got {value}")
+        if raw.get("cluster", "slurm") not in ("slurm", "local", "debug"):
+            raise KdbenchError(f"{src}: slurm.cluster must be slurm, local or debug")
+        return cls(**raw)
+
+    def with_overrides(self, **kw: Any) -> SlurmSettings:
+        names = {f.name for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None and k in names})
+
+
 def parse_bench(raw: dict[str, Any], src: str = "bench.toml", base_dir: Path | None = None) -> Bench:
     """Validate a parsed bench.toml and build the Bench. Relative data_root paths are resolved from base_dir."""
     _check_keys(src, "top level", raw, _TOP_KEYS)
@@ -276,8 +308,6 @@ def parse_bench(raw: dict[str, Any], src: str = "bench.toml", base_dir: Path | N
     slurm = raw.get("slurm", {})
     if not isinstance(slurm, dict):
         raise _bad(src, "[slurm] must be a table")
-    from kdbench.slurm import SlurmSettings
-
     SlurmSettings.from_dict(slurm, src)  # validated here, used by --executor slurm
     return Bench(protocols, pair_sets, dict(methods), tuple(seeds), protocol, defaults.get("results", "results"),
                  defaults.get("teacher_seed", 0), src, dict(slurm))

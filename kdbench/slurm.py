@@ -8,44 +8,12 @@ same command after any failure, trains exactly what is missing.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kdbench.config import RunSpec
+from kdbench.config import RunSpec, SlurmSettings  # noqa: F401 (SlurmSettings: re-exported)
 from kdbench.errors import KdbenchError
 from kdbench.results import ResultStore
-
-
-@dataclass(frozen=True)
-class SlurmSettings:
-    """Resources of each array task (bench.toml [slurm], overridden by --slurm-* options)."""
-
-    partition: str | None = None
-    time_min: int = 24 * 60
-    gpus_per_task: int = 1
-    cpus_per_task: int = 8
-    mem_gb: int | None = None
-    array_parallelism: int = 64
-    cluster: str = "slurm"  # submitit's cluster: slurm, or local / debug to test without a cluster
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], src: str = "bench.toml") -> SlurmSettings:
-        types = {"partition": str, "time_min": int, "gpus_per_task": int, "cpus_per_task": int, "mem_gb": int,
-                 "array_parallelism": int, "cluster": str}
-        for key, value in raw.items():
-            if key not in types:
-                raise KdbenchError(f"{src}: unknown key slurm.{key}; valid: {', '.join(sorted(types))}")
-            if not isinstance(value, types[key]) or isinstance(value, bool):
-                raise KdbenchError(f"{src}: slurm.{key} must be {types[key].__name__}, got {value!r}")
-            if types[key] is int and value < (0 if key == "gpus_per_task" else 1):
-                raise KdbenchError(f"{src}: slurm.{key} must be positive, got {value}")
-        if raw.get("cluster", "slurm") not in ("slurm", "local", "debug"):
-            raise KdbenchError(f"{src}: slurm.cluster must be slurm, local or debug")
-        return cls(**raw)
-
-    def with_overrides(self, **kw: Any) -> SlurmSettings:
-        return replace(self, **{k: v for k, v in kw.items() if v is not None and k in {f.name for f in fields(self)}})
 
 
 def _submitit():

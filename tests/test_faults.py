@@ -350,7 +350,8 @@ def test_slurm_batch_script_and_local_submitit_executor(tmp_path, tiny_toml):
     pytest.importorskip("submitit")
     from kdbench.config import load_bench
     from kdbench.results import ResultStore
-    from kdbench.slurm import SlurmSettings, cohorts, sbatch_script, submit
+    from kdbench.config import SlurmSettings
+    from kdbench.slurm import cohorts, sbatch_script, submit
     from kdbench.sweep import Request, expand
 
     store = ResultStore(tmp_path / "res")
