@@ -36,7 +36,7 @@ from kdbench.data import Dataset, GPULoader, data_checksum, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import Batch
 from kdbench.models import create_model
-from kdbench.results import device_name, resolve_device
+from kdbench.system import device_name, resolve_device, usable_cores
 
 BENCH_SCHEMA = 1
 CIFAR100_EPOCH = 50_000  # training images per CIFAR-100 epoch: the scale of the extrapolation
@@ -67,16 +67,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- environment
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 def default_workers() -> int:
     """The reference loop's worker processes: one per usable core, at most 8."""
-    return max(1, min(8, _usable_cores()))
+    return max(1, min(8, usable_cores()))
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -493,7 +486,8 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
     specs = _specs(pair, names, batch_size)  # unknown methods and models fail here
     by_name = {s.method: s for s in specs}
 
-    from kdbench.results import atomic_write_json, environment
+    from kdbench.files import atomic_write_json
+    from kdbench.system import environment
     from kdbench.train import not_applicable_reason
 
     load_before = _load_average()
@@ -558,7 +552,7 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
-        "usable_cores": _usable_cores(),
+        "usable_cores": usable_cores(),
         "load_average_before": load_before,  # 1, 5, 15 minutes: other work on the machine skews CPU timings
         "load_average_after": _load_average(),
     })

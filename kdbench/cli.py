@@ -18,7 +18,7 @@ err_console = Console(stderr=True)
 
 
 def _device(name: str):
-    from kdbench.results import resolve_device
+    from kdbench.system import resolve_device
 
     return resolve_device(name)
 

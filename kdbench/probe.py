@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from kdbench.results import ResultStore, atomic_write_json, environment, load_run
+from kdbench.files import atomic_write_json
+from kdbench.results import ResultStore, load_run
+from kdbench.system import environment
 
 PROBE_SCHEMA = 1
 SMALL_LR_STUDENTS = ("mobilenetv2", "shufflenetv1", "shufflenetv2")
@@ -128,7 +130,7 @@ def train_linear_probe(model: nn.Module, data: Any, proto: ProbeProtocol, base_l
                        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Train a linear head on the pooled features of a frozen `model` (kept in eval mode, never updated) over
     `data` (a kdbench Dataset, already subsampled if wanted); returns the curve and the last and best top-1."""
-    from kdbench.train import derive_seed
+    from kdbench.seeds import derive_seed
 
     device = torch.device(device)
     model.eval()
@@ -190,7 +192,7 @@ def run_probe(run: dict[str, Any], root: Path, dataset: str, *, protocol: str | 
     """Train and evaluate the linear probe of one finished run; returns (and by default saves) its record."""
     from kdbench.data import Dataset, load_dataset
     from kdbench.tables import PAPER_NAMES, load_transfer_reference
-    from kdbench.train import derive_seed
+    from kdbench.seeds import derive_seed
 
     proto = PROBE_PROTOCOLS.get(protocol) if isinstance(protocol, str) else protocol
     if proto is None:

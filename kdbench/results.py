@@ -9,57 +9,22 @@ Layout of a results folder:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
 import socket
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
-import torch
 
 from kdbench.errors import KdbenchError
+from kdbench.files import atomic_write_json
 
 SCHEMA_VERSION = 1
 STATUSES = ("done", "failed", "n/a")
 _REQUIRED = {"schema": int, "run_id": str, "status": str, "spec": dict, "method": dict, "metrics": dict}
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[str]:
-    """Yield a temporary file name in path's folder; once the body has written it, fsync it and rename it onto
-    path, so readers never see half a file. On any error (or a kill) the target is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n").encode())
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def validate_run(obj: Any, name: str) -> dict[str, Any]:
@@ -93,61 +58,6 @@ def load_run(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KdbenchError(f"{path}: unreadable JSON ({exc})") from None
     return validate_run(obj, str(path))
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    """The CUDA device's name, or the CPU model from /proc/cpuinfo (platform's description elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N; a clear error otherwise."""
-    if isinstance(name, torch.device):
-        dev = name
-    elif name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise KdbenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdbenchError(f"device {str(name)!r} asked for, but no CUDA GPU is visible; use --device cpu")
-    return dev
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import kdbench
-
-    env: dict[str, Any] = {
-        "kdbench": kdbench.__version__,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "host": socket.gethostname(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "git_commit": git_commit(),
-    }
-    return env
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, discover, make_config, resolve
 from kdbench.models.base import check_model_name
 from kdbench.results import ResultStore
+from kdbench.system import usable_cores
 from kdbench.teachers import TeacherStore, sha256_file
 from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
                            run_init_stage, train_cohort)
@@ -342,7 +342,8 @@ class Sweep:
         }
 
     def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str) -> None:
-        from kdbench.results import SCHEMA_VERSION, environment
+        from kdbench.results import SCHEMA_VERSION
+        from kdbench.system import environment
 
         entry = resolve(spec.method)
         self.store.write_run(spec.label, {
@@ -376,7 +377,7 @@ def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, c
 
     # Each worker starts at a different cohort so they do not queue behind one another's locks.
     keys = list(dict.fromkeys(s.cohort_key for s in specs))
-    cpu_threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 0
+    cpu_threads = max(1, usable_cores() // len(devices)) if devices[0] == "cpu" else 0
     merged = SweepReport()
     with cf.ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn")) as pool:
         futures = []

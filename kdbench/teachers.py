@@ -21,7 +21,8 @@ from torch import nn
 from kdbench.config import DataSpec, TeacherSpec
 from kdbench.errors import KdbenchError
 from kdbench.models import create_model
-from kdbench.results import ResultStore, atomic_path, atomic_write_json
+from kdbench.files import atomic_path, atomic_write_json
+from kdbench.results import ResultStore
 
 
 def sha256_file(path: Path) -> str:

@@ -8,7 +8,6 @@ so on the CPU a run gives the same numbers alone or in a cohort.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,16 +24,12 @@ from kdbench.evaluate import evaluate
 from kdbench.losses import kd_loss
 from kdbench.method import Batch, Method, MethodContext, make_config, resolve
 from kdbench.models import ModelOutput, create_model
-from kdbench.results import atomic_torch_save, environment
+from kdbench.files import atomic_torch_save
+from kdbench.seeds import derive_seed
+from kdbench.system import environment
 
 CHECKPOINT_FORMAT = 1
 TEST_BATCH = 256
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of parts (stable across processes and machines)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class Diverged(RuntimeError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
+from kdbench.seeds import epoch_seed
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -22,12 +22,6 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed for (seed, epoch), stable across platforms and torch versions."""
-    digest = hashlib.sha256(f"kdbench.loader:{int(seed)}:{int(epoch)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor | None,

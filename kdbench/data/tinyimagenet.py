@@ -22,6 +22,8 @@ import torch
 
 from kdbench.data.dataset import Dataset, build_dataset, default_cache_dir
 from kdbench.errors import KdbenchError
+from kdbench.files import atomic_torch_save
+from kdbench.system import usable_cores
 
 
 # ------------------------------------------------------------------------------------------ Tiny-ImageNet
@@ -250,11 +252,7 @@ def _decode_chunk(container: str | None, members: list[str], size: int,
 
 
 def _default_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 16))
+    return max(1, min(usable_cores(), 16))
 
 
 def _decode_all(src: _TinySource, rels: list[str], size: int, *, num_workers: int | None, progress: bool,
@@ -359,17 +357,15 @@ def _writable(d: Path) -> bool:
 
 
 def _write_cache(dirs: Sequence[Path], stem: str, blob: dict[str, Any]) -> Path | None:
-    """Write atomically into the first writable folder; remove stale caches of the same data there."""
+    """Write atomically (kdbench.files: fsync, then rename) into the first writable folder; remove stale caches
+    of the same data there."""
     for d in dirs:
         path = d / f"{stem}-{blob['key'][:16]}.pt"
-        tmp = d / f".{path.name}.{os.getpid()}.tmp"
+        if not _writable(d):
+            continue
         try:
-            if not _writable(d):
-                continue
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
+            atomic_torch_save(path, blob)
         except OSError:
-            tmp.unlink(missing_ok=True)
             continue
         for old in d.glob(f"{stem}-*.pt"):
             if old != path:
