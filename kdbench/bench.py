@@ -35,7 +35,7 @@ from torch import nn
 from kdbench.data import Dataset, GPULoader, data_checksum, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import Batch
-from kdbench.models import create_model
+from kdbench.models import create_model, freeze
 from kdbench.system import device_name, resolve_device, usable_cores
 
 BENCH_SCHEMA = 1
@@ -282,9 +282,7 @@ def _teacher(arch: str, device: torch.device, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = create_model(arch, num_classes=NUM_CLASSES)
-    model.to(device).eval()
-    model.requires_grad_(False)
-    return model
+    return freeze(model, device)
 
 
 def _split(n: int, parts: int) -> list[int]:

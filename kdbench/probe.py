@@ -87,7 +87,7 @@ def resolve_run(run: str, results: str | Path | None = None) -> tuple[Path, dict
 
 def load_student(run: dict[str, Any], root: Path, device: torch.device) -> nn.Module:
     """The run's trained student, frozen: eval mode and requires_grad False on every parameter."""
-    from kdbench.models import create_model
+    from kdbench.models import create_model, freeze
     from kdbench.teachers import load_weights_into
 
     if run["status"] != "done":
@@ -103,10 +103,7 @@ def load_student(run: dict[str, Any], root: Path, device: torch.device) -> nn.Mo
         raise KdbenchError(f"run {run['run_id']} does not record its class count (data.num_classes)")
     model = create_model(run["spec"]["student"], num_classes=num_classes)
     load_weights_into(model, weights, "run weights")
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return freeze(model, device)
 
 
 @torch.no_grad()
@@ -130,12 +127,11 @@ def train_linear_probe(model: nn.Module, data: Any, proto: ProbeProtocol, base_l
                        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Train a linear head on the pooled features of a frozen `model` (kept in eval mode, never updated) over
     `data` (a kdbench Dataset, already subsampled if wanted); returns the curve and the last and best top-1."""
+    from kdbench.models import freeze
     from kdbench.seeds import derive_seed
 
     device = torch.device(device)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     pooled_dim = model.feature_info.pooled_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "probe-head") if head_seed is None else head_seed)

@@ -20,7 +20,7 @@ from torch import nn
 
 from kdbench.config import DataSpec, TeacherSpec
 from kdbench.errors import KdbenchError
-from kdbench.models import create_model
+from kdbench.models import create_model, freeze
 from kdbench.files import atomic_path, atomic_write_json
 from kdbench.results import ResultStore
 
@@ -118,10 +118,7 @@ class TeacherStore:
         """A teacher from its weights file: eval mode, no gradients."""
         model = create_model(arch, num_classes=num_classes)
         load_weights_into(model, self.weights_path(label), "teacher file")
-        model.to(device).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
+        return freeze(model, device)
 
     def list(self) -> list[dict[str, Any]]:
         out = []

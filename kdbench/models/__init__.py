@@ -13,6 +13,7 @@ from kdbench.models.base import (
     ZooModel,
     create_model,
     feature_info,
+    freeze,
     list_models,
     register_model,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ZooModel",
     "create_model",
     "feature_info",
+    "freeze",
     "list_models",
     "register_model",
 ]

@@ -65,6 +65,16 @@ class ZooModel(nn.Module):
         raise NotImplementedError
 
 
+def freeze(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Eval mode and no gradients (moved to ``device`` first when given): how a teacher, or a model being probed,
+    is held. Returns the model."""
+    if device is not None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 _REGISTRY: dict[str, Callable[..., ZooModel]] = {}
 
 
