@@ -36,6 +36,7 @@ from kdbench.data import Dataset, GPULoader, data_checksum, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import Batch
 from kdbench.models import create_model, freeze
+from kdbench.results import ResultStore
 from kdbench.system import device_name, resolve_device, usable_cores
 
 BENCH_SCHEMA = 1
@@ -62,6 +63,9 @@ __all__ = [
     "reference_transform",
     "run_bench",
 ]
+
+# Where `kdbench bench` writes its JSON by default: the bench/ folder of the default results folder.
+DEFAULT_OUT = ResultStore("results").bench_dir
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -452,7 +456,7 @@ def _one_at_a_time(config: str, rows: dict[str, dict[str, Any]], methods: list[s
 def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_METHODS, *, batch_size: int = 64,
               steps: int = 50, warmup: int = 10, rounds: int = 1, train_size: int = CIFAR100_EPOCH,
               device: str | torch.device = "auto", workers: int | None = None,
-              cohort_sizes: str | Sequence[int] | None = None, out: str | Path | None = "results/bench",
+              cohort_sizes: str | Sequence[int] | None = None, out: str | Path | None = DEFAULT_OUT,
               configs: Sequence[str] = CONFIGS, seed: int = 0,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the reference-style loop, kdbench solo and kdbench cohorts; return (and write, unless ``out`` is None)

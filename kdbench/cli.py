@@ -338,11 +338,12 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 
     from kdbench.data import DATASETS
     from kdbench.probe import PROBE_PROTOCOLS, probe_label, resolve_run, run_probe
+    from kdbench.results import ResultStore
 
     if dataset not in DATASETS:
         raise KdbenchError(f"unknown dataset {dataset!r}; datasets: {', '.join(DATASETS)}")
     path, obj, root = resolve_run(run, results)
-    target = root / "probes" / f"{probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed)}.json"
+    target = ResultStore(root).probe_path(probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed))
     if target.is_file() and not force:
         rec = json.loads(target.read_text())
         console.print(f"already probed: top-1 last {rec['top1_last']:.2f}, best {rec['top1_best']:.2f} -> {target} "
@@ -374,14 +375,15 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--workers", default=None, type=int, help="Reference DataLoader workers (default min(8, cores)).")
 @click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
-@click.option("--out", default="results/bench", type=click.Path(), show_default=True, help="Folder of the JSON.")
+@click.option("--out", default=None, type=click.Path(),
+              help="Folder of the JSON (default results/bench, the bench/ folder of the default results folder).")
 def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out) -> None:
     """Images/s and s per CIFAR-100 epoch: a reference-style DataLoader loop vs kdbench solo and cohorts."""
-    from kdbench.bench import bench_table, run_bench
+    from kdbench.bench import DEFAULT_OUT, bench_table, run_bench
 
     record = run_bench(pair, methods, batch_size=batch_size, steps=steps, warmup=warmup, rounds=rounds,
                        train_size=train_size,
-                       device=device, workers=workers, cohort_sizes=cohort_sizes, out=out,
+                       device=device, workers=workers, cohort_sizes=cohort_sizes, out=out or DEFAULT_OUT,
                        log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     console.print(bench_table(record))
     for name, reason in record["skipped"].items():

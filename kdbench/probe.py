@@ -246,7 +246,7 @@ def run_probe(run: dict[str, Any], root: Path, dataset: str, *, protocol: str | 
         "environment": environment(device),
     }
     if save:
-        path = root / "probes" / f"{probe_label(run_label, data.name, proto.name, seed)}.json"
+        path = ResultStore(root).probe_path(probe_label(run_label, data.name, proto.name, seed))
         atomic_write_json(path, record)
         record["path"] = str(path)
     return record

@@ -25,7 +25,7 @@ def _probe_rows(root: Path) -> list[dict[str, Any]]:
     import json
 
     out = []
-    for path in sorted((root / "probes").glob("*.json")):
+    for path in sorted(ResultStore(root).probes_dir.glob("*.json")):
         try:
             obj = json.loads(path.read_text())
             if isinstance(obj, dict) and "top1_last" in obj:

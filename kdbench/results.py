@@ -1,10 +1,14 @@
 """The per-run JSON schema and an atomic, resumable store under one results folder.
 
-Layout of a results folder:
+Layout of a results folder (``ResultStore`` is the one place that names these paths):
     runs/<label>.json            one file per run (done, failed or n/a)
+    weights/<label>.safetensors  the trained student of a finished run
     checkpoints/<label>.pt       the resumable state of an unfinished run (weights-only torch file)
     teachers/<label>.safetensors teacher weights, with teachers/<label>.json, the teacher card
     locks/<label>.lock           held while a process trains a run
+    probes/<label>.json          linear-probe results (``kdbench probe``)
+    bench/                       speed benchmarks (``kdbench bench``)
+    slurm/<job id>/              submitit's logs and pickles (``--executor slurm``)
 """
 
 from __future__ import annotations
@@ -121,6 +125,25 @@ class ResultStore:
     @property
     def teachers_dir(self) -> Path:
         return self.root / "teachers"
+
+    @property
+    def probes_dir(self) -> Path:
+        return self.root / "probes"
+
+    @property
+    def bench_dir(self) -> Path:
+        return self.root / "bench"
+
+    @property
+    def slurm_dir(self) -> Path:
+        """submitit's folder; ``%j`` in it stands for the job id."""
+        return self.root / "slurm" / "%j"
+
+    def weights_path(self, label: str) -> Path:
+        return self.root / "weights" / f"{label}.safetensors"
+
+    def probe_path(self, label: str) -> Path:
+        return self.probes_dir / f"{label}.json"
 
     def ensure_writable(self) -> None:
         try:

@@ -8,7 +8,6 @@ same command after any failure, trains exactly what is missing.
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from kdbench.config import RunSpec, SlurmSettings  # noqa: F401 (SlurmSettings: re-exported)
@@ -50,7 +49,7 @@ class CohortTask:
 
 def make_executor(store: ResultStore, settings: SlurmSettings):
     submitit = _submitit()
-    ex = submitit.AutoExecutor(folder=str(Path(store.root) / "slurm" / "%j"), cluster=settings.cluster)
+    ex = submitit.AutoExecutor(folder=str(store.slurm_dir), cluster=settings.cluster)
     params: dict[str, Any] = {"name": "kdbench", "timeout_min": settings.time_min,
                               "cpus_per_task": settings.cpus_per_task}
     if settings.cluster == "slurm":
@@ -92,8 +91,8 @@ def sbatch_script(store: ResultStore, settings: SlurmSettings, n_tasks: int) -> 
     from submitit.slurm.slurm import _make_sbatch_string
 
     return _make_sbatch_string(
-        command="python -u -m submitit.core._submit '%s'" % (Path(store.root) / "slurm" / "%j"),
-        folder=str(Path(store.root) / "slurm" / "%j"), job_name="kdbench", partition=settings.partition,
+        command=f"python -u -m submitit.core._submit '{store.slurm_dir}'",
+        folder=str(store.slurm_dir), job_name="kdbench", partition=settings.partition,
         time=settings.time_min, cpus_per_task=settings.cpus_per_task, gpus_per_node=settings.gpus_per_task,
         mem=f"{settings.mem_gb}GB" if settings.mem_gb else None, array_parallelism=settings.array_parallelism,
         map_count=n_tasks, signal_delay_s=120,

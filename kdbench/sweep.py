@@ -241,7 +241,7 @@ class Sweep:
     def _train_teacher(self, tspec: TeacherSpec, data: Dataset) -> None:
         spec = teacher_run(tspec)
         done = self.store.finished(spec.label)
-        weights = self.store.root / "weights" / f"{spec.label}.safetensors"
+        weights = self.store.weights_path(spec.label)
         if done is not None and done["status"] == "done" and weights.is_file():
             # The vanilla run of this architecture exists already: its weights are the teacher.
             from kdbench.models import create_model
@@ -319,7 +319,7 @@ class Sweep:
         if m.failed is None:
             from kdbench.teachers import save_weights
 
-            weights = self.store.root / "weights" / f"{m.spec.label}.safetensors"
+            weights = self.store.weights_path(m.spec.label)
             save_weights(weights, m.student.state_dict())
             record["weights"] = str(weights.relative_to(self.store.root))
             record["weights_sha256"] = sha256_file(weights)
