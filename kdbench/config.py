@@ -152,6 +152,17 @@ class RunSpec:
         return (self.data, self.teacher, self.seed, self.protocol)
 
 
+def group_cohorts(specs: list[RunSpec], cohort: bool = True) -> list[list[RunSpec]]:
+    """The runs as they train: one list per cohort key, in order of first appearance (with ``cohort=False``, each
+    run alone, still ordered cohort by cohort). The one grouping of the local and the SLURM executors."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault(s.cohort_key, []).append(s)
+    if cohort:
+        return list(groups.values())
+    return [[s] for g in groups.values() for s in g]
+
+
 def _data_dict(d: DataSpec) -> dict[str, Any]:
     # data_root is where the files are, not what they are: it is left out of the identity (the data checksum
     # in the teacher card and the run JSON says what was read).

@@ -7,10 +7,9 @@ same command after any failure, trains exactly what is missing.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
-from kdbench.config import RunSpec, SlurmSettings  # noqa: F401 (SlurmSettings: re-exported)
+from kdbench.config import RunSpec, SlurmSettings, group_cohorts  # noqa: F401 (SlurmSettings: re-exported)
 from kdbench.errors import KdbenchError
 from kdbench.results import ResultStore
 
@@ -65,13 +64,7 @@ def make_executor(store: ResultStore, settings: SlurmSettings):
 
 def cohorts(store: ResultStore, specs: list[RunSpec], cohort: bool = True) -> list[list[RunSpec]]:
     """The pending runs grouped as the array's tasks (one cohort each, or one run each with cohort=False)."""
-    groups: dict[tuple, list[RunSpec]] = defaultdict(list)
-    for s in specs:
-        if store.finished(s.label) is None:
-            groups[s.cohort_key].append(s)
-    if cohort:
-        return list(groups.values())
-    return [[s] for g in groups.values() for s in g]
+    return group_cohorts([s for s in specs if store.finished(s.label) is None], cohort)
 
 
 def submit(store: ResultStore, specs: list[RunSpec], settings: SlurmSettings, cohort: bool = True) -> list[Any]:

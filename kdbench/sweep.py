@@ -14,7 +14,7 @@ import torch
 
 from kdbench.catalog import BUILTIN_ORDER, method_order  # noqa: F401 (BUILTIN_ORDER: re-exported)
 from kdbench.config import (Bench, DataSpec, Protocol, RunSpec, TeacherSpec, apply_protocol_sets, check_safe_name,
-                            method_sets, parse_sets)
+                            group_cohorts, method_sets, parse_sets)
 from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, discover, make_config, resolve
@@ -22,7 +22,7 @@ from kdbench.models.base import check_model_name
 from kdbench.results import ResultStore
 from kdbench.system import usable_cores
 from kdbench.teachers import TeacherStore, sha256_file
-from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
+from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record, run_record,
                            run_init_stage, train_cohort)
 
 def all_methods(registry: dict[str, MethodEntry] | None = None) -> list[str]:
@@ -202,16 +202,11 @@ class Sweep:
                 report.skipped.append(s.label)
             else:
                 todo.append(s)
-        groups: dict[tuple, list[RunSpec]] = defaultdict(list)
-        for s in todo:
-            groups[s.cohort_key].append(s)
         sweep_task = self.progress.add_task("sweep", total=len(todo)) if self.progress is not None else None
-        for group in groups.values():
-            batches = [group] if self.cohort else [[s] for s in group]
-            for cohort in batches:
-                self._run_cohort(cohort, report)
-                if sweep_task is not None:
-                    self.progress.advance(sweep_task, len(cohort))
+        for cohort in group_cohorts(todo, self.cohort):
+            self._run_cohort(cohort, report)
+            if sweep_task is not None:
+                self.progress.advance(sweep_task, len(cohort))
         return report
 
     # -- teachers
@@ -342,18 +337,7 @@ class Sweep:
         }
 
     def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str) -> None:
-        from kdbench.results import SCHEMA_VERSION
-        from kdbench.system import environment
-
-        entry = resolve(spec.method)
-        self.store.write_run(spec.label, {
-            "schema": SCHEMA_VERSION, "run_id": spec.run_id, "status": "n/a", "reason": reason,
-            "spec": spec.to_dict(), "pair": spec.pair,
-            "method": {"name": spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
-                       "config": dict(spec.method_config)},
-            "teacher": card, "data": {"name": data.name, "checksum": data.checksum}, "metrics": {},
-            "environment": environment(self.device),
-        })
+        self.store.write_run(spec.label, run_record(spec, data, card, self.device, status="n/a", reason=reason))
 
 
 # ---------------------------------------------------------------------------------------------- executors

@@ -316,12 +316,37 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
         progress.remove_task(task)
 
 
+def run_record(spec: RunSpec, data: Dataset, teacher_card: dict[str, Any] | None, device: torch.device, *,
+               status: str, reason: str | None = None, metrics: dict[str, Any] | None = None,
+               **parts: Any) -> dict[str, Any]:
+    """The per-run JSON (status done, failed or n/a): the one builder of its common fields; ``parts`` (curve,
+    timings, failed_epoch, ...) are added after them."""
+    from kdbench.results import SCHEMA_VERSION
+
+    entry = resolve(spec.method)
+    return {
+        "schema": SCHEMA_VERSION,
+        "run_id": spec.run_id,
+        "status": status,
+        **({"reason": reason} if reason is not None else {}),
+        **({"failed_epoch": parts.pop("failed_epoch")} if "failed_epoch" in parts else {}),
+        "spec": spec.to_dict(),
+        "pair": spec.pair,
+        "method": {"name": spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
+                   "config": dict(spec.method_config)},
+        "teacher": teacher_card,
+        "data": {"name": data.name, "checksum": data.checksum, "num_classes": data.num_classes,
+                 "image_size": data.image_size, "train_size": len(data.train_labels),
+                 "test_size": len(data.test_labels)},
+        "metrics": metrics or {},
+        **parts,
+        "environment": environment(device),
+    }
+
+
 def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None, device: torch.device,
                   cohort_size: int, extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """The per-run JSON of a finished (or failed) member."""
-    from kdbench.results import SCHEMA_VERSION
-
-    entry = resolve(m.spec.method)
     n = len(data.train_labels)
     steady = m.epoch_seconds[1:] or m.epoch_seconds
     mean_epoch = sum(steady) / len(steady) if steady else None
@@ -332,21 +357,11 @@ def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None,
             "top1_best": m.best["top1"], "top5_best": m.best["top5"], "best_epoch": m.best["epoch"],
             **(extra_metrics or {}),
         }
-    return {
-        "schema": SCHEMA_VERSION,
-        "run_id": m.spec.run_id,
-        "status": "failed" if m.failed else "done",
-        **({"reason": m.failed, "failed_epoch": m.failed_epoch} if m.failed else {}),
-        "spec": m.spec.to_dict(),
-        "pair": m.spec.pair,
-        "method": {"name": m.spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
-                   "config": dict(m.spec.method_config)},
-        "teacher": teacher_card,
-        "data": {"name": data.name, "checksum": data.checksum, "num_classes": data.num_classes,
-                 "image_size": data.image_size, "train_size": n, "test_size": len(data.test_labels)},
-        "metrics": metrics,
-        "curve": m.curve,
-        "timings": {
+    failed = {"reason": m.failed, "failed_epoch": m.failed_epoch} if m.failed else {}
+    return run_record(
+        m.spec, data, teacher_card, device, status="failed" if m.failed else "done", metrics=metrics, **failed,
+        curve=m.curve,
+        timings={
             "epoch_seconds": m.epoch_seconds,
             "init_seconds": m.init_seconds,
             "total_seconds": sum(m.epoch_seconds) + m.init_seconds,
@@ -354,5 +369,4 @@ def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None,
             "cohort_size": cohort_size,
             "note": "epoch_seconds is the wall time of the whole cohort's epoch",
         },
-        "environment": environment(device),
-    }
+    )
