@@ -381,10 +381,10 @@ class _ReferenceRun(_Run):
         stream.close()  # ends the DataLoader iterator: its worker processes exit here
 
     def step(self, batch: Batch) -> None:
-        from kdbench.train import _teacher_out, main_terms
+        from kdbench.train import main_terms, teacher_outputs
 
         (m,), (uses,) = self.members, self.uses_teacher
-        t_out = _teacher_out(self.ctx["teacher"], batch.images) if uses else None
+        t_out = teacher_outputs(self.ctx["teacher"], batch.images) if uses else None
         s_out = m.student(batch.images)
         loss = sum(main_terms(m, s_out, t_out, batch).values())
         m.optimizer.zero_grad(set_to_none=True)
@@ -409,12 +409,12 @@ class _KdbenchRun(_Run):
         return self.stream
 
     def step(self, batch: Batch) -> None:
-        from kdbench.train import _step, _teacher_out, main_terms
+        from kdbench.train import main_terms, optimizer_step, teacher_outputs
 
-        t_out = _teacher_out(self.ctx["teacher"], batch.images) if any(self.uses_teacher) else None
+        t_out = teacher_outputs(self.ctx["teacher"], batch.images) if any(self.uses_teacher) else None
         for m, sums, uses in zip(self.members, self.sums, self.uses_teacher):
             s_out = m.student(batch.images)
-            _step(m.optimizer, main_terms(m, s_out, t_out if uses else None, batch), sums)
+            optimizer_step(m.optimizer, main_terms(m, s_out, t_out if uses else None, batch), sums)
 
     def release(self) -> None:
         self.finite = all(math.isfinite(float(s["total"])) for s in self.sums)

@@ -158,7 +158,8 @@ def load_checkpoint(m: Member) -> bool:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def _teacher_out(teacher: nn.Module | None, x: torch.Tensor) -> ModelOutput | None:
+def teacher_outputs(teacher: nn.Module | None, x: torch.Tensor) -> ModelOutput | None:
+    """The frozen teacher's outputs on a batch (no autograd graph), or None without a teacher."""
     if teacher is None:
         return None
     with torch.no_grad():
@@ -183,7 +184,9 @@ def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: 
     return terms
 
 
-def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+def optimizer_step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor],
+                   sums: dict[str, torch.Tensor]) -> None:
+    """One SGD step on the sum of the loss terms; adds each term (and the total) to ``sums`` without a sync."""
     total = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -226,9 +229,9 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
             m.method.train()
             sums: dict[str, torch.Tensor] = {}
             for batch in loader.epoch(m.init_done):
-                t_out = _teacher_out(teacher, batch.images)
+                t_out = teacher_outputs(teacher, batch.images)
                 s_out = m.student(batch.images) if stage.needs_student else None
-                _step(opt, stage.loss(s_out, t_out, batch), sums)
+                optimizer_step(opt, stage.loss(s_out, t_out, batch), sums)
                 if on_batch:
                     on_batch()
             means = {k: float(v) / len(loader) for k, v in sums.items()}
@@ -279,10 +282,10 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
         if task is not None:
             progress.reset(task, total=len(loader))
         for batch in loader.epoch(epoch):
-            t_out = _teacher_out(teacher, batch.images)
+            t_out = teacher_outputs(teacher, batch.images)
             for m in active:
                 s_out = m.student(batch.images)
-                _step(m.optimizer, main_terms(m, s_out, t_out, batch), sums[id(m)])
+                optimizer_step(m.optimizer, main_terms(m, s_out, t_out, batch), sums[id(m)])
             if task is not None:
                 progress.advance(task)
         seconds = time.perf_counter() - t0
