@@ -8,9 +8,25 @@ from __future__ import annotations
 
 # name -> its name in the published tables (None: not in them).
 BUILTIN_METHODS: dict[str, str | None] = {
-    "ce": "Student", "kd": "KD", "fitnet": "FitNet", "at": "AT", "sp": "SP", "cc": "CC", "vid": "VID", "rkd": "RKD",
-    "pkt": "PKT", "ab": "AB", "ft": "FT", "fsp": "FSP", "nst": "NST", "crd": "CRD", "crd+kd": "CRD+KD",
-    "crcd": "CRCD", "rrd": "RRD", "rrd+kd": "RRD+KD", "rrd-2025": None,
+    "ce": "Student",
+    "kd": "KD",
+    "fitnet": "FitNet",
+    "at": "AT",
+    "sp": "SP",
+    "cc": "CC",
+    "vid": "VID",
+    "rkd": "RKD",
+    "pkt": "PKT",
+    "ab": "AB",
+    "ft": "FT",
+    "fsp": "FSP",
+    "nst": "NST",
+    "crd": "CRD",
+    "crd+kd": "CRD+KD",
+    "crcd": "CRCD",
+    "rrd": "RRD",
+    "rrd+kd": "RRD+KD",
+    "rrd-2025": None,
 }
 BUILTIN_ORDER: list[str] = list(BUILTIN_METHODS)
 PAPER_NAMES: dict[str, str] = {name: paper for name, paper in BUILTIN_METHODS.items() if paper is not None}

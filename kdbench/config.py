@@ -21,6 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+# The one bench.toml: package data of kdbench (in a wheel and in an editable install alike); the checkout's
+# top-level bench.toml is a link to it.
 PACKAGED_CONFIG = Path(__file__).with_name("bench.toml")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -335,7 +337,9 @@ def load_bench(path: str | Path | None = None) -> Bench:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise KdbenchError(f"{path}: not valid TOML ({exc})") from None
-    return parse_bench(raw, str(path), path.resolve().parent)
+    # Relative data_root paths are resolved from the folder the file is named in, not where a link points: the
+    # checkout's ./bench.toml links to the packaged kdbench/bench.toml, and its paths are relative to the checkout.
+    return parse_bench(raw, str(path), path.absolute().parent)
 
 
 # ---------------------------------------------------------------------------------------------- overrides

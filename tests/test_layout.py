@@ -150,3 +150,84 @@ def test_light_modules_import_nothing_heavy(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------- bench.toml
+
+
+def test_bench_toml_exists_once():
+    from kdbench.config import PACKAGED_CONFIG
+
+    packaged = PACKAGED_CONFIG
+    assert packaged == PACKAGE / "bench.toml"
+    assert packaged.is_file() and not packaged.is_symlink()  # the file itself, package data of kdbench
+    top = ROOT / "bench.toml"
+    assert top.is_symlink() and top.resolve() == packaged.resolve()  # the checkout's copy is a link to it
+
+
+def test_relative_data_roots_are_relative_to_the_checkout(tmp_path):
+    from kdbench.config import load_bench
+
+    bench = load_bench(ROOT / "bench.toml")
+    expected = (ROOT / "../shared/data/tiny-imagenet-100").resolve()
+    assert bench.pair_sets["tinyimagenet100"].data.data_root == str(expected)
+    # a link elsewhere: its relative paths are relative to the link's folder, not the target's
+    link = tmp_path / "here" / "bench.toml"
+    link.parent.mkdir()
+    link.symlink_to(PACKAGE / "bench.toml")
+    expected = (link.parent / "../shared/data/tiny-imagenet-100").resolve()
+    assert load_bench(link).pair_sets["tinyimagenet100"].data.data_root == str(expected)
+
+
+def test_packaged_config_is_readable_through_importlib_resources():
+    from importlib.resources import files
+
+    assert (files("kdbench") / "bench.toml").read_bytes() == (PACKAGE / "bench.toml").read_bytes()
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_one_bench_toml(tmp_path):
+    """Build a wheel from a copy of the project (no network: the build backend is the installed setuptools)."""
+    import shutil
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "kdbench", src / "kdbench", ignore=ignore)
+    shutil.copytree(ROOT / "methods", src / "methods", ignore=ignore)
+    (src / "bench.toml").symlink_to("kdbench/bench.toml")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("kdbench-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        assert zf.read("kdbench/bench.toml") == (PACKAGE / "bench.toml").read_bytes()
+    assert [n for n in names if n.endswith("bench.toml")] == ["kdbench/bench.toml"]
+    for module in (
+        "kdbench/data/__init__.py",
+        "kdbench/data/loader.py",
+        "kdbench/methods/kd.py",
+        "kdbench/tables.py",
+        "kdbench/reference/cifar100_top1.csv",
+    ):
+        assert module in names
