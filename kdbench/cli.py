@@ -195,7 +195,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         config_path, no_cohort, executor, workers, slurm_partition, slurm_time, slurm_gpus, slurm_cpus,
         dry_run) -> None:
     """Train the runs of METHODS x PAIRS x SEEDS (skipping finished runs, resuming interrupted ones)."""
-    from kdbench.sweep import Sweep
+    from kdbench.execute import execute
 
     bench, store, specs = _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
                                    config_path)
@@ -205,50 +205,21 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
 
         slurm = SlurmSettings.from_dict(bench.slurm, bench.source).with_overrides(
             partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus)
-        if dry_run:
-            from kdbench.slurm import cohorts, sbatch_script
-
-            click.echo(sbatch_script(store, slurm, max(1, len(cohorts(store, specs, not no_cohort)))))
-            return
-        dev = _device("cpu")  # the tasks choose their own device on the cluster
-    else:
-        dev = _device(device)
-    sweep = Sweep(store, dev, cohort=not no_cohort, download=download,
-                  log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
-    if not dry_run:
-        sweep.preload(specs)  # a missing or broken dataset fails here, before anything is written
     if dry_run:
-        table = Table(title=f"{len(specs)} runs")
-        for col in ("pair", "method", "seed", "protocol", "state"):
-            table.add_column(col)
-        for s in specs:
-            resumable = store.checkpoint_path(s.label).exists()
-            state = "done" if store.finished(s.label) else "resume" if resumable else "todo"
-            table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state)
-        console.print(table)
+        if slurm is None:
+            _device(device)  # a bad --device fails in a dry run too
+        _dry_run(store, specs, slurm, cohort=not no_cohort)
         return
-    store.ensure_writable()
-    if executor == "slurm":
-        from kdbench.slurm import submit
-
-        jobs = submit(store, specs, slurm, cohort=not no_cohort)
+    with _progress() as progress:
+        done = execute(store, specs, executor=executor, device=device, workers=workers, cohort=not no_cohort,
+                       download=download, slurm=slurm, progress=progress,
+                       log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    if done.report is None:
+        jobs = done.jobs
         console.print(f"submitted {len(jobs)} jobs ({', '.join(j.job_id for j in jobs[:5])}"
                       f"{' ...' if len(jobs) > 5 else ''}); rerun the same command to finish what is missing")
         return
-    from kdbench.sweep import run_local
-
-    import torch
-
-    if workers is None:
-        workers = torch.cuda.device_count() if dev.type == "cuda" and dev.index is None else 1
-    devices = ([f"cuda:{i}" for i in range(workers)] if dev.type == "cuda" and dev.index is None else
-               [str(dev)] * workers)
-    with _progress() as progress:
-        if len(devices) == 1:
-            sweep.progress = progress
-            report = sweep.run(specs)
-        else:
-            report = run_local(store, specs, devices, cohort=not no_cohort, download=download)
+    report = done.report
     console.print(f"trained {len(report.trained)}, already done {len(report.skipped)}, "
                   f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
                   f"-> {store.runs_dir}")
@@ -256,6 +227,23 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         err_console.print(f"[red]failed[/red] {line}")
     for line in report.busy:
         err_console.print(f"[yellow]skipped[/yellow] {line}")
+
+
+def _dry_run(store, specs, slurm, cohort: bool) -> None:
+    """--dry-run: the batch script of the SLURM array, or the runs and what is already done; trains nothing."""
+    if slurm is not None:
+        from kdbench.slurm import cohorts, sbatch_script
+
+        click.echo(sbatch_script(store, slurm, max(1, len(cohorts(store, specs, cohort)))))
+        return
+    table = Table(title=f"{len(specs)} runs")
+    for col in ("pair", "method", "seed", "protocol", "state"):
+        table.add_column(col)
+    for s in specs:
+        resumable = store.checkpoint_path(s.label).exists()
+        state = "done" if store.finished(s.label) else "resume" if resumable else "todo"
+        table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state)
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------- table
