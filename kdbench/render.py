@@ -7,8 +7,6 @@ import io
 import math
 import re
 
-
-
 from kdbench.tables import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PAPER_NAMES, STUDENT, TEACHER, Paired, Table
 
 

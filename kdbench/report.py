@@ -7,13 +7,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-
 from kdbench.errors import KdbenchError
-from kdbench.results import ResultStore
 from kdbench.render import render, render_csv, render_latex, render_md, render_rank_md, slugify
-from kdbench.tables import (PAPER_NAMES, STUDENT, TEACHER, Cell, Collected, Paired, Table, available_metrics,
-                            bootstrap_ci, build_tables, check_metric, collect, direction, load_corr_diff,
-                            load_reference, load_transfer_reference)
+from kdbench.results import ResultStore
+from kdbench.tables import (
+    PAPER_NAMES,
+    STUDENT,
+    TEACHER,
+    Cell,
+    Collected,
+    Paired,
+    Table,
+    available_metrics,
+    bootstrap_ci,
+    build_tables,
+    check_metric,
+    collect,
+    direction,
+    load_corr_diff,
+    load_reference,
+    load_transfer_reference,
+)
 
 __all__ = ["PAPER_NAMES", "STUDENT", "TEACHER", "Cell", "Collected", "Paired", "Table", "available_metrics",
            "bootstrap_ci", "build_tables", "check_metric", "collect", "direction", "load_corr_diff", "load_reference",

@@ -15,9 +15,9 @@ from __future__ import annotations
 from kdbench.data.cifar100 import CIFAR100_MEAN, CIFAR100_STD
 from kdbench.data.dataset import Dataset, channel_stats, data_checksum, default_cache_dir, default_data_root
 from kdbench.data.loader import Batch, GPULoader, crop_flip
-from kdbench.seeds import epoch_seed
 from kdbench.data.registry import DATASETS, DatasetSpec, list_datasets, load_dataset
 from kdbench.data.synthetic import make_synthetic
+from kdbench.seeds import epoch_seed
 
 __all__ = [
     "CIFAR100_MEAN",

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdbench.errors import KdbenchError
 from kdbench.data.dataset import Dataset, build_dataset
-
+from kdbench.errors import KdbenchError
 
 # --------------------------------------------------------------------------------------------- CIFAR-100
 

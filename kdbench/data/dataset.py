@@ -14,7 +14,6 @@ import torch
 from kdbench.data.loader import GPULoader
 
 
-
 def default_data_root() -> Path:
     """Where datasets are looked for (and downloaded to) when no data_root is given."""
     env = os.environ.get("KDBENCH_DATA_ROOT")

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from kdbench.errors import KdbenchError
 from kdbench.seeds import epoch_seed
 
-
 # ---------------------------------------------------------------------------------------------- loader
 
 

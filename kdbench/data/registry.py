@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from kdbench.data.cifar100 import _load_cifar100
 from kdbench.data.dataset import Dataset, default_data_root
 from kdbench.data.stl10 import _load_stl10
 from kdbench.data.synthetic import _load_synthetic
 from kdbench.data.tinyimagenet import _load_tinyimagenet
 from kdbench.errors import KdbenchError
-
 
 # -------------------------------------------------------------------------------------------- registry
 

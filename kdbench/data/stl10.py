@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdbench.errors import KdbenchError
 from kdbench.data.dataset import Dataset, build_dataset
-
+from kdbench.errors import KdbenchError
 
 # ----------------------------------------------------------------------------------------------- STL-10
 

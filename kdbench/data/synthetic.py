@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdbench.errors import KdbenchError
 from kdbench.data.dataset import Dataset, build_dataset
-
+from kdbench.errors import KdbenchError
 
 # --------------------------------------------------------------------------------------------- synthetic
 

@@ -25,7 +25,6 @@ from kdbench.errors import KdbenchError
 from kdbench.files import atomic_torch_save
 from kdbench.system import usable_cores
 
-
 # ------------------------------------------------------------------------------------------ Tiny-ImageNet
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
