@@ -468,6 +468,20 @@ def test_tiny_cache_next_to_the_data_and_reused(fake_tiny, tmp_path, monkeypatch
     assert len(list(root.glob("tinyimagenet3-32px-*.pt"))) == 1  # the stale cache is replaced
 
 
+def test_tiny_cache_is_written_through_the_one_atomic_writer(fake_tiny, monkeypatch):
+    """The cache goes through kdbench.files (a temporary file, fsynced, renamed): no second writer without fsync."""
+    import os
+
+    import kdbench.files
+
+    root, _ = fake_tiny
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(kdbench.files.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    load_dataset("tinyimagenet", root)
+    (cache,) = root.glob("tinyimagenet3-32px-*.pt")
+    assert len(synced) == 1 and not list(root.glob(".*.tmp"))
+
+
 @pytest.fixture
 def read_only(tmp_path):
     """chmod a folder to r-x (kdbench treats that as read-only even when running as root); undone afterwards."""
