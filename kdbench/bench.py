@@ -34,7 +34,7 @@ from torch import nn
 
 from kdbench.data import Dataset, GPULoader, data_checksum, load_dataset
 from kdbench.errors import KdbenchError
-from kdbench.method import Batch
+from kdbench.data import Batch
 from kdbench.models import create_model, freeze
 from kdbench.results import ResultStore
 from kdbench.system import device_name, resolve_device, usable_cores

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.method import Batch
+from kdbench.data import Batch
 
 ECE_BINS = 15
 
