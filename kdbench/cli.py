@@ -310,7 +310,7 @@ def table(results: str, metrics: tuple[str, ...], fmt: str, reference: str | Non
 
 def _rank_corr_text(tables, reference: str, published_pair: str) -> str:
     from kdbench.rankcorr import rank_agreement, render_agreement_md
-    from kdbench.report import PAPER_NAMES, STUDENT, TEACHER, load_reference
+    from kdbench.tables import PAPER_NAMES, STUDENT, TEACHER, load_reference
 
     published, _ = load_reference(reference)
     t_arch, s_arch = published_pair.split(":")
