@@ -31,6 +31,7 @@ def _positive(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+@pytest.mark.slow
 def test_json_written_with_every_field(record):
     path = Path(record["path"])
     assert path.is_file() and path.name.startswith("bench-cpu-")
@@ -65,6 +66,7 @@ def test_json_written_with_every_field(record):
             assert row["images_per_s"] is None and row["ms_per_step"] is None
 
 
+@pytest.mark.slow
 def test_cohort_counts_method_runs(record):
     rows = record["results"]
     ref = {r["methods"][0]: r for r in rows if r["config"] == "reference" and r["measured"]}
@@ -83,6 +85,7 @@ def test_cohort_counts_method_runs(record):
     assert math.isclose(ref_sum["speedup_vs_reference"], 1.0)
 
 
+@pytest.mark.slow
 def test_table_renders(record):
     from rich.console import Console
 
@@ -117,6 +120,7 @@ def test_reference_batches_match_gpuloader():
         assert (views - img).abs().flatten(1).amax(1).min() < 1e-5
 
 
+@pytest.mark.slow
 def test_worker_processes_and_rounds():
     rec = run_bench(PAIR, "kd", workers=1, configs=("reference", "solo"), out=None,
                     **{**TINY, "steps": 2, "rounds": 2, "warmup": 0, "batch_size": 4})
@@ -166,6 +170,7 @@ def test_cli_bad_input_exit_2(monkeypatch, capsys, tmp_path):
     assert err.startswith("error: --steps") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_not_applicable_method_is_skipped():
     rec = run_bench("wrn_16_2:wrn_16_1", "kd,fsp", workers=0, configs=("cohort",), cohort_sizes="2", out=None, **TINY)
     assert list(rec["skipped"]) == ["fsp"] and rec["settings"]["methods"] == ["kd"]
@@ -174,6 +179,7 @@ def test_not_applicable_method_is_skipped():
         run_bench("wrn_16_2:wrn_16_1", "fsp", workers=0, out=None, **TINY)
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_writes_json(monkeypatch, capsys, tmp_path):
     from kdbench.cli import main
 

@@ -293,6 +293,7 @@ def tiny100_meta():
     return wnids, words, ann
 
 
+@pytest.mark.slow
 def test_tiny100_from_the_shared_zips(tiny100, tiny100_meta):
     ds, _, seconds = tiny100
     wnids, words, _ = tiny100_meta
@@ -310,6 +311,7 @@ def test_tiny100_from_the_shared_zips(tiny100, tiny100_meta):
     assert all(0.3 < m < 0.6 for m in ds.mean) and all(0.15 < s < 0.35 for s in ds.std)
 
 
+@pytest.mark.slow
 def test_tiny100_val_labels_and_grayscale(tiny100, tiny100_meta):
     ds, _, _ = tiny100
     wnids, _, ann = tiny100_meta
@@ -336,6 +338,7 @@ def test_tiny100_val_labels_and_grayscale(tiny100, tiny100_meta):
     assert checked_gray == 3
 
 
+@pytest.mark.slow
 def test_tiny100_cache_is_reused(tiny100, monkeypatch):
     ds, cache, _ = tiny100
     assert len(list(cache.glob("tinyimagenet100-32px-*.pt"))) == 1

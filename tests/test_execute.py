@@ -11,6 +11,7 @@ from kdbench.results import ResultStore
 from kdbench.sweep import Request, expand
 
 
+@pytest.mark.slow
 def test_execute_trains_what_is_missing_then_nothing(tiny_toml, tmp_path):
     store = ResultStore(tmp_path / "results")
     specs = expand(load_bench(tiny_toml), Request(["ce", "kd"], ["tiny"]), store)

@@ -189,6 +189,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, workspace, monkeypat
     assert not (workspace / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_fsp_on_incompatible_pair_is_na_not_an_error(workspace, monkeypatch, capsys):
     code, out, err = _cli(monkeypatch, capsys, ["run", "--methods", "fsp", "--pairs", "tiny2"], workspace)
     assert code == 0, err
@@ -210,6 +211,7 @@ def test_malformed_json_is_reported_and_skipped_by_table(workspace, monkeypatch,
     assert "| fitnet |" in out
 
 
+@pytest.mark.slow
 def test_failed_run_shows_as_failed_in_table(workspace, monkeypatch, capsys):
     code, out, err = _cli(monkeypatch, capsys, RUN + ["--set", "methods.kd.kd_weight=1e39"], workspace)
     assert code == 0, err

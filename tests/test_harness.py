@@ -36,6 +36,7 @@ def _weights(store: ResultStore, method: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_cohort_equals_solo(tiny_toml, tmp_path):
     methods = ["kd", "fitnet", "crd", "ab"]
     stores = {}
@@ -51,6 +52,7 @@ def test_cohort_equals_solo(tiny_toml, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_differs(tiny_toml, tmp_path):
     results = []
     for i, seed in enumerate(("0", "0", "1")):

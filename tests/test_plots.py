@@ -88,6 +88,7 @@ def test_gain_heatmap(table, tmp_path):
     check_png(plots.save(fig, tmp_path / "gain.png"))
 
 
+@pytest.mark.slow
 def test_curves_losses_corr_diff_and_alignment(col, tmp_path):
     for pair in PAIRS:
         for fig in (plots.curves_figure(col, GROUP, pair, teacher_top1=79.42), plots.losses_figure(col, GROUP, pair),
@@ -131,6 +132,7 @@ def _linked(report: Path) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
 
 
+@pytest.mark.slow
 def test_report_on_fixture(tmp_path):
     out = write_report(FIXTURE, tmp_path / "rep", reference="crd2020")
     text = out.read_text()
@@ -168,6 +170,7 @@ def tiny_results(tmp_path_factory, one_thread):
     return store.root
 
 
+@pytest.mark.slow
 def test_report_on_a_real_run(tiny_results, tmp_path):
     from kdbench.cli import cli
 

@@ -44,6 +44,7 @@ def test_plugin_is_discovered_broken_one_is_listed(installed_plugin):
     assert resolve("toy").cls.__module__ == "kdbench_toy"
 
 
+@pytest.mark.slow
 def test_plugin_runs_end_to_end(installed_plugin, tiny_toml, tmp_path):
     from kdbench.config import load_bench
     from kdbench.results import ResultStore
