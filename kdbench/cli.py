@@ -86,7 +86,7 @@ def list_methods_cmd(show_config: str | None) -> None:
     import dataclasses
 
     from kdbench.method import discover, make_config, resolve
-    from kdbench.sweep import method_order
+    from kdbench.sweep import GROUPS, group_members, method_order
 
     if show_config:
         entry = resolve(show_config)
@@ -106,6 +106,12 @@ def list_methods_cmd(show_config: str | None) -> None:
         status = "ok" if e.ok else f"[red]broken[/red]: {e.error}"
         table.add_row(name, e.cls.paper if e.cls else e.value, f"{e.dist} {e.version}", status)
     console.print(table)
+    groups = Table(title="groups (--methods NAME)")
+    for col in ("group", "meaning", "methods"):
+        groups.add_column(col, overflow="fold")
+    for group, meaning in GROUPS.items():
+        groups.add_row(group, meaning, ", ".join(group_members(group, reg)))
+    console.print(groups)
 
 
 @list_.command("pairs")
@@ -179,7 +185,8 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
 
 
 @cli.command()
-@click.option("--methods", "-m", multiple=True, required=True, help="Comma-separated method names, or 'all'.")
+@click.option("--methods", "-m", multiple=True, required=True,
+              help="Comma-separated method names or groups: all, modern, everything (see `kdbench list methods`).")
 @_with_options(_run_options)
 @click.option("--no-cohort", is_flag=True, help="Train each run alone instead of side by side per (pair, seed).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local",
