@@ -68,8 +68,9 @@ class DIST(Method):
         if ctx.teacher is None:
             raise NotApplicable("DIST needs a teacher")
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         with torch.autocast(device_type=student.logits.device.type, enabled=False):
             inter, intra = dist_terms(student.logits, teacher.logits.detach(), cfg.temperature)

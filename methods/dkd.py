@@ -28,8 +28,9 @@ def warmup_factor(progress: Progress, warmup: float, reference_epochs: int) -> f
     return min((progress.epoch + 1) / w, 1.0)
 
 
-def dkd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_terms(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(TCKD, NCKD), each a KL divergence averaged over the batch and multiplied by T^2.
 
     TCKD = KL(b_t || b_s) with b = [p_gt, 1 - p_gt] the binary target / non-target probabilities of softmax(z / T).
@@ -44,7 +45,8 @@ def dkd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
         # [log p_gt, log(1 - p_gt)], the second as logsumexp over non-targets minus logsumexp over all classes
         log_gt = log_p.masked_select(gt).unsqueeze(1)
         log_rest = torch.logsumexp(logits.masked_fill(gt, float("-inf")), dim=1, keepdim=True) - torch.logsumexp(
-            logits, dim=1, keepdim=True)
+            logits, dim=1, keepdim=True
+        )
         return torch.cat([log_gt, log_rest], dim=1)
 
     n = zs.shape[0]
@@ -111,8 +113,9 @@ class DKD(Method):
         if ctx.teacher is None:
             raise NotApplicable(f"{self.name} needs a teacher")
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         s, t = student.logits, teacher.logits.detach()
         with torch.autocast(device_type=s.device.type, enabled=False):
@@ -127,7 +130,9 @@ class DKDLS(DKD):
     """DKD on standardised logits (Sun et al. CVPR 2024): alpha 9, beta 72, T 2 (see DKD)."""
 
     name = "dkd-ls"
-    paper = ("Sun, Ren, Li, Wang & Cao. Logit Standardization in Knowledge Distillation. CVPR 2024 "
-             "(on DKD, Zhao et al. CVPR 2022)")
+    paper = (
+        "Sun, Ren, Li, Wang & Cao. Logit Standardization in Knowledge Distillation. CVPR 2024 "
+        "(on DKD, Zhao et al. CVPR 2022)"
+    )
     url = "https://arxiv.org/abs/2403.01427"
     Config = DKDLSConfig

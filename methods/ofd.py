@@ -43,8 +43,7 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor)
     (a student value below a non-positive target is not penalised: the teacher's ReLU maps both to 0)."""
     m = margin.view(1, -1, 1, 1).to(source)
     s, t = source.float(), target.float()
-    loss = ((s - m) ** 2 * ((s > m) & (t <= m)) + (s - t) ** 2 * ((s > t) & (t > m) & (t <= 0))
-            + (s - t) ** 2 * (t > 0))
+    loss = (s - m) ** 2 * ((s > m) & (t <= m)) + (s - t) ** 2 * ((s > t) & (t > m) & (t <= 0)) + (s - t) ** 2 * (t > 0)
     return loss.mean(dim=0).sum()
 
 
@@ -87,7 +86,7 @@ class OFD(Method):
     """
 
     name = "ofd"
-    paper = ("Heo, Kim, Yun, Park, Kwak & Choi. A Comprehensive Overhaul of Feature Distillation. ICCV 2019")
+    paper = "Heo, Kim, Yun, Park, Kwak & Choi. A Comprehensive Overhaul of Feature Distillation. ICCV 2019"
     url = "https://arxiv.org/abs/1904.01866"
     Config = OFDConfig
     needs = frozenset({"preact"})
@@ -106,8 +105,10 @@ class OFD(Method):
         bns = ctx.teacher_preact_bn
         for _, ti in cls._taps(ctx):
             if ti >= len(bns) or bns[ti] is None:
-                return f"OFD needs the teacher's BN before each tap's ReLU; {ctx.teacher_arch or 'the teacher'} " \
-                       f"has none at tap {ti}"
+                return (
+                    f"OFD needs the teacher's BN before each tap's ReLU; {ctx.teacher_arch or 'the teacher'} "
+                    f"has none at tap {ti}"
+                )
             if bns[ti][0].numel() != ctx.teacher.channels[ti]:
                 return f"the teacher's BN at tap {ti} does not match its {ctx.teacher.channels[ti]} channels"
         return None
@@ -120,14 +121,16 @@ class OFD(Method):
         assert ctx.teacher is not None
         self.taps = self._taps(ctx)
         self.connectors = nn.ModuleList(
-            Connector(ctx.student.channels[si], ctx.teacher.channels[ti], cfg.kernel_size) for si, ti in self.taps)
+            Connector(ctx.student.channels[si], ctx.teacher.channels[ti], cfg.kernel_size) for si, ti in self.taps
+        )
         for k, (_, ti) in enumerate(self.taps):
             w, b = ctx.teacher_preact_bn[ti]
             # Derived from the teacher at build time, so not checkpointed (rebuilt identically on resume).
             self.register_buffer(f"margin_{k}", margin_from_bn(w, b), persistent=False)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         n = len(self.taps)
         total = student.preact[0].new_zeros((), dtype=torch.float32)
         for k, ((si, ti), conn) in enumerate(zip(self.taps, self.connectors)):

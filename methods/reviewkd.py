@@ -110,8 +110,9 @@ class ReviewKD(Method):
     def _levels(self, out: ModelOutput, maps: list[torch.Tensor], start: int) -> list[torch.Tensor]:
         return (list(maps[1:]) + [out.pooled[:, :, None, None]])[start:]
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         xs = self._levels(student, student.feats, self.s_start)
         ts = [f.detach() for f in self._levels(teacher, teacher.preact, self.t_start)]
         outs: list[torch.Tensor] = [xs[0]] * len(xs)

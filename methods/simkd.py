@@ -26,9 +26,15 @@ def projector(s_channels: int, t_channels: int, factor: int) -> nn.Sequential:
     """1x1 conv to t/f channels, BN, ReLU, 3x3 conv, BN, ReLU, 1x1 conv to t channels, BN, ReLU (no conv bias)."""
     mid = max(t_channels // factor, 1)
     return nn.Sequential(
-        nn.Conv2d(s_channels, mid, kernel_size=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-        nn.Conv2d(mid, mid, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-        nn.Conv2d(mid, t_channels, kernel_size=1, bias=False), nn.BatchNorm2d(t_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(s_channels, mid, kernel_size=1, bias=False),
+        nn.BatchNorm2d(mid),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(mid, mid, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(mid),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(mid, t_channels, kernel_size=1, bias=False),
+        nn.BatchNorm2d(t_channels),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -83,8 +89,7 @@ class SimKD(Method):
     """
 
     name = "simkd"
-    paper = ("Chen, Mei, Zhang, Wang, Feng & Chen. Knowledge Distillation with the Reused Teacher Classifier. "
-             "CVPR 2022")
+    paper = "Chen, Mei, Zhang, Wang, Feng & Chen. Knowledge Distillation with the Reused Teacher Classifier. CVPR 2022"
     url = "https://arxiv.org/abs/2203.14001"
     Config = SimKDConfig
     needs = frozenset({"feats"})
@@ -110,8 +115,9 @@ class SimKD(Method):
     def align_student(self, f_s: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(f_s, self.t_size) if f_s.shape[-1] > self.t_size else f_s
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         f_s, f_t = student.feats[-1], teacher.feats[-1].detach()
         if f_s.shape[-1] > f_t.shape[-1]:
             f_s = F.adaptive_avg_pool2d(f_s, f_t.shape[-2:])

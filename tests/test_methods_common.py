@@ -118,3 +118,18 @@ def test_any_method_combines_with_kd(name, tiny_toml):
         assert spec.method_config["kd_weight"] == 1.0 and spec.method == "fitnet+kd"
     (kd_set,) = expand(load_bench(tiny_toml), Request([name], ["tiny"], sets=[f"methods.{name}.kd_weight=0.5"]))
     assert kd_set.method_config["kd_weight"] == 0.5
+
+
+def test_method_groups(tiny_toml):
+    from kdbench.sweep import MODERN
+
+    def methods(group: str) -> list[str]:
+        return [s.method for s in expand(load_bench(tiny_toml), Request([group], ["tiny"]))]
+
+    mission = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "crd+kd",
+               "crcd", "rrd", "rrd+kd", "rrd-2025"]
+    builtin_all = [n for n in methods("all") if discover()[n].builtin]
+    assert builtin_all == mission, "--methods all keeps meaning the mission's methods and variants"
+    assert methods("modern") == MODERN
+    assert set(methods("everything")) == set(methods("all")) | set(MODERN)
+    assert methods("modern,kd") == MODERN + ["kd"]
