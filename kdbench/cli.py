@@ -291,7 +291,8 @@ def _collect(results: str):
                    "kl_t4, corr_diff_mean, corr_diff_max, ...")
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md")
 @click.option("--reference", default=None, metavar="NAME[,NAME]",
-              help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024 or both.")
+              help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024, dkd2022, "
+                   "dist2022, ls2024, simkd2022, in any combination (sources: kdbench/reference/SOURCES.md).")
 @click.option("--vs", default=None, metavar="METHOD",
               help="Paired differences over seeds against this method (ce = the vanilla student), with a 95% "
                    "bootstrap interval.")

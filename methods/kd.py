@@ -46,9 +46,9 @@ class KDLS(Method):
     T ("base temperature") 2, KD weight 9, CE weight 0.1.
 
     Departures (choices left open):
-    - The README's logs use base temperature 3 for some pairs (vgg13 -> vgg8, resnet32x4 -> wrn_16_2 / wrn_40_2,
-      wrn_40_2 / vgg13 -> mobilenetv2) and KD weight 1 for resnet50 -> mobilenetv2; the default is the
-      README's command (2, 9): set ``methods.kd-ls.temperature=3`` for those pairs.
+    - The README's KD logs are named with base temperature 3 for some pairs (vgg13 -> vgg8, resnet32x4 ->
+      wrn_16_2 / wrn_40_2, wrn_40_2 / vgg13 -> mobilenetv2) and 3 with KD weight 1 for resnet50 -> mobilenetv2;
+      the default is the README's command (2, 9): set ``methods.kd-ls.temperature=3`` (and ``weight``) there.
     - The KD term is the method's own (``kd_ls``), so ``kd_weight`` (the harness's plain KD) stays 0.
     """
 

@@ -287,3 +287,13 @@ def test_latex_compiles(col, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:]
     assert (tmp_path / "t.pdf").stat().st_size > 1000
+
+
+def test_modern_references_hold_only_their_methods_rows():
+    ref, names = load_reference("dkd2022,dist2022,ls2024,simkd2022")
+    assert names == ["dkd2022", "dist2022", "ls2024", "simkd2022"]
+    assert {k[2] for k in ref} == {"DKD", "DIST", "KD+LS", "DKD+LS", "SimKD"}
+    assert ref[("resnet32x4", "resnet8x4", "DKD")] == 76.32 and ref[("resnet56", "resnet20", "DIST")] == 71.75
+    assert ref[("resnet110", "resnet20", "DKD+LS")] == 71.85 and ref[("resnet32x4", "resnet8x4", "SimKD")] == 78.08
+    crd, _ = load_reference("crd2020")
+    assert not {k[2] for k in crd} & {"DKD", "DIST", "KD+LS", "DKD+LS", "SimKD"}
