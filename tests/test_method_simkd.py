@@ -136,3 +136,18 @@ def test_golden_values():
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_probe_loads_the_student_out_of_the_saved_composite(tmp_path):
+    from kdbench.probe import load_student
+    from kdbench.teachers import save_weights
+
+    torch.manual_seed(0)
+    student, teacher = create_model("resnet8", num_classes=5), create_model("resnet14", num_classes=5)
+    m = SimKD(SimKDConfig(), ctx(teacher.head, student.feature_info, teacher.feature_info, 16))
+    (tmp_path / "weights").mkdir()
+    save_weights(tmp_path / "weights" / "run.safetensors", m.evaluated_model(student).state_dict())
+    run = {"status": "done", "run_id": "x", "weights": "weights/run.safetensors", "data": {"num_classes": 5},
+           "spec": {"student": "resnet8"}, "model": {"evaluated": "SimKDModel", "student_prefix": "student."}}
+    loaded = load_student(run, tmp_path, torch.device("cpu"))
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in loaded.state_dict().items())
