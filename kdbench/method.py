@@ -63,11 +63,6 @@ class Progress:
     step: int = 0
     steps: int = 1
 
-    @property
-    def fraction(self) -> float:
-        """The fraction of the main stage done before this step, in [0, 1)."""
-        return (self.epoch + self.step / max(self.steps, 1)) / max(self.epochs, 1)
-
 
 @dataclass(frozen=True, eq=False)
 class MethodContext:

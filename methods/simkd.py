@@ -51,6 +51,7 @@ class SimKDModel(nn.Module):
         self.method_ref = [method]  # a plain list: the method is not a submodule of this model
         # Held but unused at inference (not counted in the evaluated model's size); a plain list, not registered.
         self.unused_modules = [student.head]
+        self.training = student.training  # the mode predict() restores after evaluating
 
     def train(self, mode: bool = True) -> SimKDModel:
         self.training = mode
