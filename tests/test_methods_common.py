@@ -133,3 +133,29 @@ def test_method_groups(tiny_toml):
     assert methods("modern") == MODERN
     assert set(methods("everything")) == set(methods("all")) | set(MODERN)
     assert methods("modern,kd") == MODERN + ["kd"]
+
+
+CRD_PAIRS = ["wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1", "resnet56:resnet20", "resnet110:resnet20", "resnet110:resnet32",
+             "resnet32x4:resnet8x4", "vgg13:vgg8", "vgg13:mobilenetv2", "resnet50:mobilenetv2", "resnet50:vgg8",
+             "resnet32x4:shufflenetv1", "resnet32x4:shufflenetv2", "wrn_40_2:shufflenetv1"]
+
+
+@pytest.mark.parametrize("pair", CRD_PAIRS)
+def test_modern_methods_apply_to_every_crd_pair(pair):
+    from kdbench.method import MethodContext, make_config, resolve
+    from kdbench.sweep import MODERN
+    from kdbench.train import _preact_bn
+
+    t_arch, s_arch = pair.split(":")
+    teacher = create_model(t_arch, num_classes=100)  # real weights: OFD reads its BN statistics
+    with torch.device("meta"):
+        student = create_model(s_arch, num_classes=100)
+    ctx = MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=100, num_train=8,
+                        train_labels=torch.arange(8) % 2, image_size=32, student_arch=s_arch, teacher_arch=t_arch,
+                        student_head=student.head, teacher_head=teacher.head, teacher_preact_bn=_preact_bn(teacher))
+    for name in MODERN:
+        entry = resolve(name)
+        cfg = make_config(entry)
+        assert entry.cls.not_applicable(cfg, ctx) is None, (name, pair)
+        with torch.device("meta"):
+            entry.cls(cfg, ctx)
