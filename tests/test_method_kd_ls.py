@@ -37,7 +37,7 @@ def loss(m: KDLS, s: torch.Tensor, t: torch.Tensor) -> float:
         labels=torch.zeros(s.shape[0], dtype=torch.long),
         index=torch.arange(s.shape[0]),
     )
-    return m.loss(o(s), o(t), b, Progress())["kd_ls"].item()
+    return m.loss(o(s), o(t), b, Progress(epoch=0, epochs=1, step=0, steps=1))["kd_ls"].item()
 
 
 def test_registered_with_reference_defaults():

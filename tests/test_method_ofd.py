@@ -48,7 +48,7 @@ def outputs(info: FeatureInfo, b: int, gen: torch.Generator) -> ModelOutput:
 def loss(m: OFD, s: ModelOutput, t: ModelOutput) -> float:
     b = s.logits.shape[0]
     batch = Batch(images=torch.zeros(b, 3, 4, 4), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
-    return m.loss(s, t, batch, Progress())["ofd"].item()
+    return m.loss(s, t, batch, Progress(epoch=0, epochs=1, step=0, steps=1))["ofd"].item()
 
 
 def test_registered_with_reference_defaults():

@@ -43,7 +43,7 @@ def outputs(info: FeatureInfo, b: int, gen: torch.Generator, size: int = 8) -> M
 def loss(m: SimKD, s: ModelOutput, t: ModelOutput) -> float:
     b = s.logits.shape[0]
     batch = Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
-    return m.loss(s, t, batch, Progress())["simkd"].item()
+    return m.loss(s, t, batch, Progress(epoch=0, epochs=1, step=0, steps=1))["simkd"].item()
 
 
 def test_registered_with_reference_defaults():
@@ -147,7 +147,13 @@ def test_probe_loads_the_student_out_of_the_saved_composite(tmp_path):
     m = SimKD(SimKDConfig(), ctx(teacher.head, student.feature_info, teacher.feature_info, 16))
     (tmp_path / "weights").mkdir()
     save_weights(tmp_path / "weights" / "run.safetensors", m.evaluated_model(student).state_dict())
-    run = {"status": "done", "run_id": "x", "weights": "weights/run.safetensors", "data": {"num_classes": 5},
-           "spec": {"student": "resnet8"}, "model": {"evaluated": "SimKDModel", "student_prefix": "student."}}
+    run = {
+        "status": "done",
+        "run_id": "x",
+        "weights": "weights/run.safetensors",
+        "data": {"num_classes": 5},
+        "spec": {"student": "resnet8"},
+        "model": {"evaluated": "SimKDModel", "student_prefix": "student."},
+    }
     loaded = load_student(run, tmp_path, torch.device("cpu"))
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in loaded.state_dict().items())
