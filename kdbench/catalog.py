@@ -27,7 +27,18 @@ BUILTIN_METHODS: dict[str, str | None] = {
     "rrd": "RRD",
     "rrd+kd": "RRD+KD",
     "rrd-2025": None,
+    # the modern baselines (MODERN below)
+    "dkd": "DKD",
+    "dkd-ls": "DKD+LS",
+    "kd-ls": "KD+LS",
+    "dist": "DIST",
+    "reviewkd": "ReviewKD",
+    "simkd": "SimKD",
+    "ofd": "OFD",
 }
+# The modern baselines (issue 16): registered like every method, but outside `--methods all`, which keeps meaning
+# the mission's methods and their variants (plus installed plugins).
+MODERN: list[str] = ["dkd", "dkd-ls", "kd-ls", "dist", "reviewkd", "simkd", "ofd"]
 BUILTIN_ORDER: list[str] = list(BUILTIN_METHODS)
 PAPER_NAMES: dict[str, str] = {name: paper for name, paper in BUILTIN_METHODS.items() if paper is not None}
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from kdbench.catalog import BUILTIN_ORDER, method_order  # noqa: F401 (BUILTIN_ORDER: re-exported)
+from kdbench.catalog import BUILTIN_ORDER, MODERN, method_order  # noqa: F401 (BUILTIN_ORDER: re-exported)
 from kdbench.config import (Bench, DataSpec, Protocol, RunSpec, TeacherSpec, apply_protocol_sets, check_safe_name,
                             group_cohorts, method_sets, parse_sets)
 from kdbench.data import Dataset, load_dataset
@@ -25,9 +25,30 @@ from kdbench.teachers import TeacherStore, sha256_file
 from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record, run_record,
                            run_init_stage, train_cohort)
 
+# Named groups of --methods: name -> (description, members given the registry).
+GROUPS: dict[str, str] = {
+    "all": "the mission's methods and their variants, and installed plugins (not the modern group)",
+    "modern": "the modern baselines that came after CRD",
+    "everything": "all + modern",
+}
+
+
 def all_methods(registry: dict[str, MethodEntry] | None = None) -> list[str]:
+    """The group `all`: every method that loads, except the modern group."""
     registry = discover() if registry is None else registry
-    return method_order([n for n, e in registry.items() if e.ok])
+    return method_order([n for n, e in registry.items() if e.ok and n not in MODERN])
+
+
+def group_members(group: str, registry: dict[str, MethodEntry] | None = None) -> list[str]:
+    """The methods of a named group (`all`, `modern`, `everything`)."""
+    registry = discover() if registry is None else registry
+    if group == "all":
+        return all_methods(registry)
+    if group == "modern":
+        return [n for n in MODERN if n in registry]
+    if group == "everything":
+        return method_order(all_methods(registry) + [n for n in MODERN if n in registry])
+    raise KeyError(group)
 
 
 @dataclass
@@ -57,8 +78,11 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
     names = _split_csv(req.methods)
     if not names:
         raise KdbenchError("no methods given: use --methods all or a list such as ce,kd")
-    if "all" in names:
-        names = all_methods(registry) + [n for n in names if n != "all" and n not in registry]
+    if any(n in GROUPS for n in names):
+        expanded: list[str] = []
+        for n in names:
+            expanded += group_members(n, registry) if n in GROUPS else [n]
+        names = expanded
     entries = {n: resolve(check_safe_name("method", n), registry) for n in dict.fromkeys(names)}
 
     sets = parse_sets(req.sets)
@@ -306,7 +330,7 @@ class Sweep:
 
         extra = {}
         if m.failed is None:
-            extra = final_metrics(m.student, teacher, data, self.device, teacher_predictions)
+            extra = final_metrics(m.evaluated, teacher, data, self.device, teacher_predictions)
         diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
         record = result_record(m, data, card, self.device, cohort_size, extra)
         if diagnostics:
@@ -315,7 +339,7 @@ class Sweep:
             from kdbench.teachers import save_weights
 
             weights = self.store.weights_path(m.spec.label)
-            save_weights(weights, m.student.state_dict())
+            save_weights(weights, m.evaluated.state_dict())
             record["weights"] = str(weights.relative_to(self.store.root))
             record["weights_sha256"] = sha256_file(weights)
         # The run JSON first, the teacher card last: killed in between, the next call finds the finished run and
