@@ -82,3 +82,23 @@ def test_list_methods_shows_broken_plugin(installed_plugin, monkeypatch, capsys)
         assert exc.code in (0, None)
     out = capsys.readouterr().out
     assert "toy-broken" in out and "broken" in out and "kdbench-toy-plugin" in out
+
+
+def test_progress_reaches_loss_warmup_weight_follows_the_epoch(installed_plugin, tiny_toml, tmp_path):
+    """A plugin whose weight depends on the epoch (a DKD-style warm-up) trains through the harness: each step's
+    ``loss`` gets the main stage's Progress (epoch, epochs, step, steps)."""
+    from kdbench.config import load_bench
+    from kdbench.results import ResultStore
+    from kdbench.sweep import Request, Sweep, expand
+
+    store = ResultStore(tmp_path / "r")
+    specs = expand(load_bench(tiny_toml), Request(["toy-warmup"], ["tiny"]), store)
+    Sweep(store, torch.device("cpu")).run(specs)
+    (run,) = [r for _, r, _ in store.iter_runs() if r["spec"]["method"] == "toy-warmup"]
+    assert run["status"] == "done"
+    loss = run["curve"]["loss"]
+    # weight 0.5, warm-up over 2 epochs: 0.25 in epoch 0, 0.5 in epoch 1 (the per-epoch mean of a constant).
+    assert loss["toy_w"] == pytest.approx([0.25, 0.5], rel=1e-6)
+    # toy_seen = epoch + step / steps + epochs; the tiny protocol has 2 epochs of 96 / 32 = 3 steps, so its
+    # per-epoch mean is epoch + (0 + 1/3 + 2/3) / 3 + 2.
+    assert loss["toy_seen"] == pytest.approx([0 + 1 / 3 + 2, 1 + 1 / 3 + 2], rel=1e-6)
