@@ -102,3 +102,32 @@ def test_progress_reaches_loss_warmup_weight_follows_the_epoch(installed_plugin,
     # toy_seen = epoch + step / steps + epochs; the tiny protocol has 2 epochs of 96 / 32 = 3 steps, so its
     # per-epoch mean is epoch + (0 + 1/3 + 2/3) / 3 + 2.
     assert loss["toy_seen"] == pytest.approx([0 + 1 / 3 + 2, 1 + 1 / 3 + 2], rel=1e-6)
+
+
+def test_readme_plugin_example_follows_the_contract():
+    """The README's "Adding a method" example runs as written: progress in loss, init_stage(student), needs."""
+    import re
+
+    from kdbench.method import Batch, MethodContext, Progress
+    from kdbench.models import create_model
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Adding a method", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    cls = namespace["MyMethod"]
+    torch.manual_seed(0)
+    teacher, student = create_model("resnet14", num_classes=4).eval(), create_model("resnet8", num_classes=4)
+    ctx = MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=4, num_train=8,
+                        train_labels=torch.arange(8) % 4, image_size=16)
+    m = cls(namespace["MyConfig"](), ctx)
+    x = torch.randn(2, 3, 16, 16)
+    s_out, t_out = student(x), teacher(x)
+    batch = Batch(images=x, labels=torch.zeros(2, dtype=torch.long), index=torch.arange(2))
+    early = m.loss(s_out, t_out, batch, Progress(epoch=0, epochs=240, step=0, steps=391))["mine"]
+    late = m.loss(s_out, t_out, batch, Progress(epoch=30, epochs=240, step=0, steps=391))["mine"]
+    assert late.item() == pytest.approx(20 * early.item(), rel=1e-5)  # the warm-up reaches 1 after 20 epochs
+    stage = m.init_stage(student)
+    assert stage.student_modules == student.feature_modules()
+    assert torch.isfinite(sum(stage.loss(s_out, t_out, batch).values()))
