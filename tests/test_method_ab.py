@@ -8,30 +8,14 @@ import torch
 from kdbench.methods.ab import AB, ABConfig, boundary_loss, make_connector
 from torch import nn
 
-from tests.method_helpers import START, TinyNet
-from kdbench.method import Batch, MethodContext
+from tests.method_helpers import START, TinyNet, batch_of, info, outputs
+from kdbench.method import MethodContext
 from kdbench.models.base import FeatureInfo, ModelOutput
-
-
-def info(channels: tuple[int, ...], reduction: tuple[int, ...]) -> FeatureInfo:
-    return FeatureInfo(channels=channels, reduction=reduction, pooled_dim=channels[-1], num_classes=10)
 
 
 def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8, head: nn.Module | None = None) -> MethodContext:
     return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
                          train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size, student_head=head)
-
-
-def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 8) -> ModelOutput:
-    pre = [torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
-           for c, r in zip(fi.channels, fi.reduction)]
-    feats = [p.relu() for p in pre]
-    return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre,
-                       pooled=feats[-1].mean(dim=(2, 3)))
-
-
-def batch_of(n: int) -> Batch:
-    return Batch(images=torch.zeros(n, 3, 8, 8), labels=torch.zeros(n, dtype=torch.long), index=torch.arange(n))
 
 
 TEACHER = info((4, 6, 12), (1, 1, 2))  # tap 1: same shape as the student's (identity), tap 2: 8 -> 12 channels

@@ -7,13 +7,9 @@ import pytest
 import torch
 from kdbench.methods.fsp import FSP, FSPConfig, fsp_matrix
 
-from tests.method_helpers import START, TinyNet
-from kdbench.method import Batch, MethodContext
+from tests.method_helpers import START, TinyNet, batch_of, info, outputs
+from kdbench.method import MethodContext
 from kdbench.models.base import FeatureInfo, ModelOutput, feature_info
-
-
-def info(channels: tuple[int, ...], reduction: tuple[int, ...]) -> FeatureInfo:
-    return FeatureInfo(channels=channels, reduction=reduction, pooled_dim=channels[-1], num_classes=10)
 
 
 def context(s: FeatureInfo, t: FeatureInfo | None, image_size: int = 8) -> MethodContext:
@@ -21,21 +17,9 @@ def context(s: FeatureInfo, t: FeatureInfo | None, image_size: int = 8) -> Metho
                          train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
 
 
-def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 8) -> ModelOutput:
-    pre = [torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
-           for c, r in zip(fi.channels, fi.reduction)]
-    feats = [p.relu() for p in pre]
-    return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre,
-                       pooled=feats[-1].mean(dim=(2, 3)))
-
-
 def from_feats(feats: list[torch.Tensor]) -> ModelOutput:
     b = feats[0].shape[0]
     return ModelOutput(logits=torch.zeros(b, 10), feats=feats, preact=feats, pooled=feats[-1].mean(dim=(2, 3)))
-
-
-def batch_of(n: int) -> Batch:
-    return Batch(images=torch.zeros(n, 3, 8, 8), labels=torch.zeros(n, dtype=torch.long), index=torch.arange(n))
 
 
 TEACHER = info((4, 6, 8), (1, 2, 2))  # same channels; the teacher's group-1 map is half the student's size

@@ -12,30 +12,14 @@ from kdbench.methods.ft import FT, FTConfig, factor_transfer_loss
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from tests.method_helpers import START
-from kdbench.method import Batch, MethodContext
-from kdbench.models.base import FeatureInfo, ModelOutput
-
-
-def info(channels: tuple[int, ...], reduction: tuple[int, ...]) -> FeatureInfo:
-    return FeatureInfo(channels=channels, reduction=reduction, pooled_dim=channels[-1], num_classes=10)
+from tests.method_helpers import START, batch_of, info, outputs
+from kdbench.method import MethodContext
+from kdbench.models.base import FeatureInfo
 
 
 def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8) -> MethodContext:
     return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
                          train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
-
-
-def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 8) -> ModelOutput:
-    pre = [torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
-           for c, r in zip(fi.channels, fi.reduction)]
-    feats = [p.relu() for p in pre]
-    return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre,
-                       pooled=feats[-1].mean(dim=(2, 3)))
-
-
-def batch_of(n: int) -> Batch:
-    return Batch(images=torch.zeros(n, 3, 8, 8), labels=torch.zeros(n, dtype=torch.long), index=torch.arange(n))
 
 
 STUDENT = info((4, 6, 8), (1, 1, 2))

@@ -8,34 +8,12 @@ import pytest
 import torch
 from kdbench.methods.pkt import PKT, PKTConfig
 
-from tests.method_helpers import START
-from kdbench.method import Batch, MethodContext, discover
+from tests.method_helpers import START, STUDENT, TEACHER, from_pooled, make_batch, make_ctx, rand_pooled
+from kdbench.method import discover
 from kdbench.models.base import FeatureInfo, ModelOutput
 
 
-STUDENT = FeatureInfo(channels=(4, 4, 6, 8), reduction=(1, 1, 2, 4), pooled_dim=8, num_classes=5)
-TEACHER = FeatureInfo(channels=(8, 8, 12, 16), reduction=(1, 1, 2, 4), pooled_dim=16, num_classes=5)
-
 # One forward + backward through real networks: a cross-family pair by default, three more marked slow.
-
-
-def make_ctx(student: FeatureInfo, teacher: FeatureInfo, image_size: int = 8) -> MethodContext:
-    return MethodContext(student=student, teacher=teacher, num_classes=student.num_classes, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
-
-
-def from_pooled(pooled: torch.Tensor) -> ModelOutput:
-    b = pooled.shape[0]
-    f = torch.zeros(b, 1, 1, 1)
-    return ModelOutput(logits=torch.zeros(b, 5), feats=[f], preact=[f], pooled=pooled)
-
-
-def rand_pooled(info: FeatureInfo, b: int, gen: torch.Generator) -> ModelOutput:
-    return from_pooled(torch.randn(b, info.pooled_dim, generator=gen).relu())
-
-
-def make_batch(b: int) -> Batch:
-    return Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
 
 
 def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, image_size: int = 8, **cfg) -> PKT:

@@ -8,40 +8,15 @@ import pytest
 import torch
 from kdbench.methods.sp import SP, SPConfig
 
-from tests.method_helpers import START
-from kdbench.method import Batch, MethodContext, discover
+from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
+from kdbench.method import discover
 from kdbench.models.base import FeatureInfo, ModelOutput
 
 
 # Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
-STUDENT = FeatureInfo(channels=(4, 4, 6, 8), reduction=(1, 1, 2, 4), pooled_dim=8, num_classes=5)
-TEACHER = FeatureInfo(channels=(8, 8, 12, 16), reduction=(1, 1, 2, 4), pooled_dim=16, num_classes=5)
 # A VGG-like teacher (one more tap, everything one stride coarser).
-TEACHER_X = FeatureInfo(channels=(8, 8, 12, 16, 16), reduction=(1, 2, 4, 8, 8), pooled_dim=16, num_classes=5)
 
 # One forward + backward through real networks: a cross-family pair by default, three more marked slow.
-
-
-def make_ctx(student: FeatureInfo, teacher: FeatureInfo, image_size: int = 8) -> MethodContext:
-    return MethodContext(student=student, teacher=teacher, num_classes=student.num_classes, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
-
-
-def make_out(info: FeatureInfo, b: int, gen: torch.Generator, image_size: int = 8) -> ModelOutput:
-    preact = [torch.randn(b, c, image_size // r, image_size // r, generator=gen)
-              for c, r in zip(info.channels, info.reduction)]
-    feats = [p.relu() for p in preact]
-    return ModelOutput(logits=torch.randn(b, info.num_classes, generator=gen), feats=feats, preact=preact,
-                       pooled=torch.randn(b, info.pooled_dim, generator=gen).relu())
-
-
-def from_feats(feats: list[torch.Tensor]) -> ModelOutput:
-    b = feats[0].shape[0]
-    return ModelOutput(logits=torch.zeros(b, 5), feats=feats, preact=feats, pooled=torch.zeros(b, 3))
-
-
-def make_batch(b: int) -> Batch:
-    return Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
 
 
 def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, image_size: int = 8, **cfg) -> SP:

@@ -9,13 +9,9 @@ import torch
 import torch.nn.functional as F
 from kdbench.methods.vid import VID, VIDConfig
 
-from tests.method_helpers import START
+from tests.method_helpers import START, info
 from kdbench.method import Batch, MethodContext
 from kdbench.models.base import FeatureInfo, ModelOutput
-
-
-def info(channels: tuple[int, ...], reduction: tuple[int, ...]) -> FeatureInfo:
-    return FeatureInfo(channels=channels, reduction=reduction, pooled_dim=channels[-1], num_classes=10)
 
 
 def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 32) -> MethodContext:

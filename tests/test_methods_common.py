@@ -22,7 +22,7 @@ from kdbench.method import Batch, Method, MethodContext, discover, make_config, 
 from kdbench.models import ModelOutput, create_model
 from kdbench.sweep import Request, all_methods, expand
 from kdbench.train import build_member, main_terms, not_applicable_reason
-from tests.method_helpers import START, random_outputs
+from tests.method_helpers import START, make_out
 
 CPU = torch.device("cpu")
 BUILTINS = [n for n in all_methods() if discover()[n].builtin]
@@ -214,7 +214,7 @@ def test_zoo_pair_shapes(name, teacher_name, student_name):
         return
     m = build_method(name, ctx)
     gen = torch.Generator().manual_seed(8)
-    s_out, t_out = random_outputs(student.feature_info, 2, gen), random_outputs(teacher.feature_info, 2, gen)
+    s_out, t_out = make_out(student.feature_info, 2, gen, 32), make_out(teacher.feature_info, 2, gen, 32)
     with torch.no_grad():
         terms = both_stages(m, student, s_out, t_out, zoo_batch(2))
     assert all(math.isfinite(float(v)) for v in terms.values()), terms
@@ -291,7 +291,7 @@ def test_bf16_autocast_gives_fp32_terms(name):
     teacher, student = zoo_net("resnet20"), zoo_net("resnet8")
     m = build_method(name, zoo_context(teacher, student)).eval()  # eval: memories and queues stay as they are
     gen = torch.Generator().manual_seed(7)
-    s_out, t_out = random_outputs(student.feature_info, 4, gen), random_outputs(teacher.feature_info, 4, gen)
+    s_out, t_out = make_out(student.feature_info, 4, gen, 32), make_out(teacher.feature_info, 4, gen, 32)
     batch = zoo_batch(4)
     with torch.no_grad():
         ref = both_stages(m, student, s_out, t_out, batch)
