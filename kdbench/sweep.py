@@ -294,8 +294,7 @@ class Sweep:
                 load_checkpoint(m)
                 members.append(m)
             for m in members:
-                if m.method.init_stage(m.student) is not None:
-                    run_init_stage(m, data, teacher, self.device)
+                run_init_stage(m, data, teacher, self.device)  # returns at once for a method without one
             by_epoch: dict[int, list[Member]] = defaultdict(list)
             for m in members:
                 by_epoch[m.epoch].append(m)
