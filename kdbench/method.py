@@ -226,6 +226,9 @@ def discover() -> dict[str, MethodEntry]:
                 raise TypeError(f"{ep.value} is not a kdbench.method.Method subclass")
             if cls.name != ep.name:
                 raise TypeError(f"{ep.value}.name is {cls.name!r}, but the entry point is {ep.name!r}")
+            unknown = set(cls.needs) - NEEDS
+            if unknown:
+                raise TypeError(f"{ep.value}.needs has {sorted(unknown)}; known: {', '.join(sorted(NEEDS))}")
             entry.cls = cls
         except Exception as exc:  # a broken plugin is reported, never fatal
             entry.error = f"{type(exc).__name__}: {exc}"

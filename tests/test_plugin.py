@@ -40,6 +40,7 @@ def test_plugin_is_discovered_broken_one_is_listed(installed_plugin):
     reg = discover()
     assert reg["toy"].ok and reg["toy"].dist == "kdbench-toy-plugin" and reg["toy"].version == "0.0.1"
     assert not reg["toy-broken"].ok and "kdbench_toy_missing_dependency" in reg["toy-broken"].error
+    assert not reg["toy-badneeds"].ok and "'preacts'" in reg["toy-badneeds"].error  # needs is checked
     assert reg["kd"].ok and reg["kd"].builtin  # everything else keeps working
     assert resolve("toy").cls.__module__ == "kdbench_toy"
 
