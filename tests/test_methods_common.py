@@ -342,5 +342,17 @@ def regenerate_golden(names: list[str]) -> None:
         print(f"wrote {path}")
 
 
+def test_progress_is_frozen_and_fraction_counts_steps_done():
+    import dataclasses
+
+    from kdbench.method import Progress
+
+    p = Progress(epoch=1, epochs=4, step=5, steps=10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.epoch = 2
+    assert p.fraction == pytest.approx(15 / 40)
+    assert Progress(0, 4, 0, 10).fraction == 0.0 and Progress(3, 4, 9, 10).fraction == pytest.approx(39 / 40)
+
+
 if __name__ == "__main__":  # regenerate golden values: python -m tests.test_methods_common [method ...]
     regenerate_golden(sys.argv[1:] or GOLDEN)
