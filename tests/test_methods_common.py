@@ -249,6 +249,8 @@ def test_real_pair_forward_backward(name, teacher_name, student_name):
         assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
         if loss > 0:
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+        if loss > 0 and "logits" in m.needs:  # a term on the logits (CRCD's gradients) trains the classifier
+            assert student.head.weight.grad is not None and student.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
     # Init stage, as the harness runs it: what it trains gets a gradient, the head and the teacher none, and the
@@ -289,15 +291,15 @@ def test_bf16_autocast_gives_fp32_terms(name):
     """Under bf16 autocast every term (both stages) comes out fp32 and finite, from fp32 or bf16 taps; where the
     maths never leave fp32 the value is the fp32 one."""
     teacher, student = zoo_net("resnet20"), zoo_net("resnet8")
-    m = build_method(name, zoo_context(teacher, student)).eval()  # eval: memories and queues stay as they are
+    m = build_method(name, zoo_context(teacher, student))  # in train mode; each call gets a fresh copy of it
     gen = torch.Generator().manual_seed(7)
     s_out, t_out = make_out(student.feature_info, 4, gen, 32), make_out(teacher.feature_info, 4, gen, 32)
     batch = zoo_batch(4)
     with torch.no_grad():
-        ref = both_stages(m, student, s_out, t_out, batch)
+        ref = both_stages(copy.deepcopy(m), student, s_out, t_out, batch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = both_stages(m, student, s_out, t_out, batch)
-            half = both_stages(m, student, to_bf16(s_out), to_bf16(t_out), batch)
+            low = both_stages(copy.deepcopy(m), student, s_out, t_out, batch)
+            half = both_stages(copy.deepcopy(m), student, to_bf16(s_out), to_bf16(t_out), batch)
     assert set(low) == set(ref) == set(half)
     for key, value in low.items():
         assert value.dtype == half[key].dtype == torch.float32, key
