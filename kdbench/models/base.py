@@ -62,6 +62,12 @@ class ZooModel(nn.Module):
     def head(self) -> nn.Linear:  # pragma: no cover - implemented by each family
         raise NotImplementedError
 
+    def preact_bn(self) -> list[nn.BatchNorm2d | None]:
+        """Per tap i, the BatchNorm whose output is ``preact[i]`` (or its residual branch, before the shortcut is
+        added), or None where no single BN precedes that tap's ReLU. OFD reads its margins from these; a family
+        that does not say is treated as having none."""
+        return [None] * len(self.feature_info.channels)
+
     def feature_modules(self) -> list[nn.Module]:
         """The layers an init stage trains (RepDistiller's ``get_feat_modules()``): by default every child
         module except ``head``; a family whose reference list leaves more out overrides it."""

@@ -98,6 +98,10 @@ class WideResNet(ZooModel):
     def head(self) -> nn.Linear:
         return self.fc
 
+    def preact_bn(self) -> list[nn.BatchNorm2d | None]:
+        # preact[i] is exactly the output of the BN that the ReLU after tap i follows (see forward).
+        return [self.block1.layer[0].bn1, self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
     def feature_modules(self) -> list[nn.Module]:
         """The stem and the three groups, as the reference's ``get_feat_modules()``: the final ``bn1`` is left
         out, so an init stage neither trains it nor puts it in train mode (AB's last tap reads it frozen)."""
