@@ -34,7 +34,7 @@ from torch import nn
 
 from kdbench.data import Dataset, GPULoader, data_checksum, load_dataset
 from kdbench.errors import KdbenchError
-from kdbench.data import Batch
+from kdbench.method import Batch, Progress
 from kdbench.models import create_model, freeze
 from kdbench.results import ResultStore
 from kdbench.system import device_name, resolve_device, usable_cores
@@ -48,6 +48,8 @@ SYNTHETIC_BASE = 5_000  # distinct synthetic images generated; a larger train_si
 CONFIGS = ("reference", "solo", "cohort")
 DEFAULT_PAIR = "resnet32x4:resnet8x4"
 DEFAULT_METHODS = ("kd", "crd", "rrd")
+# Timed steps are steady-state main-stage steps: a method's schedule is read at the start of the main stage.
+BENCH_PROGRESS = Progress(epoch=0, epochs=1, step=0, steps=1)
 
 __all__ = [
     "CIFAR100_EPOCH",
@@ -384,9 +386,9 @@ class _ReferenceRun(_Run):
         from kdbench.train import main_terms, teacher_outputs
 
         (m,), (uses,) = self.members, self.uses_teacher
-        t_out = teacher_outputs(self.ctx["teacher"], batch.images) if uses else None
-        s_out = m.student(batch.images)
-        loss = sum(main_terms(m, s_out, t_out, batch).values())
+        t_out = teacher_outputs(self.ctx["teacher"], batch.images, m.preact) if uses else None
+        s_out = m.student(batch.images, preact=m.preact)
+        loss = sum(main_terms(m, s_out, t_out, batch, BENCH_PROGRESS).values())
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         m.optimizer.step()
@@ -411,10 +413,11 @@ class _KdbenchRun(_Run):
     def step(self, batch: Batch) -> None:
         from kdbench.train import main_terms, optimizer_step, teacher_outputs
 
-        t_out = teacher_outputs(self.ctx["teacher"], batch.images) if any(self.uses_teacher) else None
+        preact = any(m.preact for m in self.members)
+        t_out = teacher_outputs(self.ctx["teacher"], batch.images, preact) if any(self.uses_teacher) else None
         for m, sums, uses in zip(self.members, self.sums, self.uses_teacher):
-            s_out = m.student(batch.images)
-            optimizer_step(m.optimizer, main_terms(m, s_out, t_out if uses else None, batch), sums)
+            s_out = m.student(batch.images, preact=m.preact)
+            optimizer_step(m.optimizer, main_terms(m, s_out, t_out if uses else None, batch, BENCH_PROGRESS), sums)
 
     def release(self) -> None:
         self.finite = all(math.isfinite(float(s["total"])) for s in self.sums)

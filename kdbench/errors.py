@@ -3,7 +3,3 @@
 
 class KdbenchError(Exception):
     """A user-facing error: what is wrong and what to do about it, in one line."""
-
-
-class NotApplicable(KdbenchError):
-    """A method cannot be applied to a pair (FSP with unequal channels): recorded as n/a, never a crash."""

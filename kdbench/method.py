@@ -2,9 +2,11 @@
 
 A method is an ``nn.Module`` subclass. Its constructor receives its ``Config`` and a ``MethodContext``;
 it registers adapters as submodules and memory banks / queues as buffers, so they are optimised and
-checkpointed with no hand-kept lists. ``loss`` returns the method's weighted terms; the harness adds
-``ce_weight * CE`` and ``kd_weight * KD`` itself, so nothing outside ``methods/`` branches on a name.
-Built-in methods are found through the ``kdbench.methods`` entry-point group exactly like third-party ones.
+checkpointed with no hand-kept lists. ``loss(student, teacher, batch, progress)`` returns the method's weighted
+terms; the harness adds ``ce_weight * CE`` and ``kd_weight * KD`` itself, so nothing outside ``methods/``
+branches on a name. The harness, never a method, checks ``requires_teacher`` and calls ``not_applicable``; it
+asks the models only for the outputs in the cohort's ``needs``. Built-in methods are found through the
+``kdbench.methods`` entry-point group exactly like third-party ones.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import dataclasses
 import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,7 +26,14 @@ from kdbench.errors import KdbenchError
 from kdbench.models.base import FeatureInfo, ModelOutput
 
 ENTRY_POINT_GROUP = "kdbench.methods"
+# What a method may read: ModelOutput fields (logits, feats, preact, pooled) and the batch's sample index.
+# The models compute ``preact`` only when a cohort member declares it.
 NEEDS = frozenset({"logits", "feats", "preact", "pooled", "index"})
+
+
+# Field metadata of a setting added after runs were recorded: it enters the run id only when set away from its
+# default (``config_identity``), so the ids of existing runs do not change; the run JSON records it always.
+ID_WHEN_SET = {"id": "when_set"}
 
 
 @dataclass
@@ -84,31 +93,48 @@ class MethodContext:
 
 @dataclass
 class InitStage:
-    """A pre-training phase run before the main stage (AB, FT, FSP).
+    """A pre-training phase run before the main stage (AB, FT, FSP), as RepDistiller's ``helper/pretrain.py``.
 
-    Only ``parameters`` are optimised (SGD with the protocol's momentum and weight decay, at ``lr``, default the
-    run's base learning rate, held constant), for ``epochs`` epochs (None: the protocol's ``init_epochs``), on
-    ``loss(student_out, teacher_out, batch)`` instead of the main loss. The teacher runs in eval mode. The student
-    runs in train mode: this departs from RepDistiller's ``helper/pretrain.py``, which puts the freshly initialised
-    student in eval mode, where its untrained BN statistics leave it unnormalised (in kdbench's smoke FSP run that
-    setting went from loss 237 to NaN in three steps at lr 0.05). With ``needs_student=False`` (FT) the student is
-    not run at all and ``student_out`` is None. After the stage,
-    the main stage optimises the student and the method's parameters that still require a gradient.
+    The stage optimises ``parameters`` (the method's own, e.g. AB's connectors) and every parameter of
+    ``student_modules`` (the student layers it trains, e.g. ``student.feature_modules()``), with SGD at the
+    protocol's momentum and weight decay, at ``lr`` (default the run's base learning rate) held constant, for
+    ``epochs`` epochs (None: the protocol's ``init_epochs``), on ``loss(student_out, teacher_out, batch)``
+    instead of the main loss. Modes, as the reference (``model_s.eval(); model_t.eval(); init_modules.train()``):
+    the teacher and the student run in eval mode except ``student_modules``, which run in train mode (batch
+    statistics), and the method runs in train mode. With ``needs_student=False`` (FT) the student is not run at
+    all and ``student_out`` is None. After the stage, the main stage optimises the student and the method's
+    parameters that still require a gradient.
     """
 
     parameters: list[nn.Parameter]
     loss: Callable[[ModelOutput | None, ModelOutput, Batch], dict[str, torch.Tensor]]
+    student_modules: list[nn.Module] = field(default_factory=list)
     epochs: int | None = None
     lr: float | None = None
     needs_student: bool = True
 
+    def all_parameters(self) -> list[nn.Parameter]:
+        """``parameters`` then those of ``student_modules``, each once."""
+        seen: set[int] = set()
+        out: list[nn.Parameter] = []
+        for p in [*self.parameters, *(p for mod in self.student_modules for p in mod.parameters())]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
 
 class Method(nn.Module):
-    """Base class of every distillation method (built-in or plugin)."""
+    """Base class of every distillation method (built-in or plugin).
+
+    Class attributes: ``name`` (the entry-point name), ``paper``, ``Config`` (a ``MethodConfig`` dataclass),
+    ``needs`` (what ``loss`` reads, from ``NEEDS``: declare it exactly, the models compute ``preact`` only when
+    a member of the cohort needs it), ``requires_teacher`` (False only for a method that never reads the
+    teacher; the harness records a run without one as n/a).
+    """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    url: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     requires_teacher: ClassVar[bool] = True
@@ -122,13 +148,19 @@ class Method(nn.Module):
 
     @classmethod
     def not_applicable(cls, cfg: MethodConfig, ctx: MethodContext) -> str | None:
-        """A reason when the method cannot apply to this pair (recorded as n/a), else None."""
+        """A reason when the method cannot apply to this pair (recorded as n/a), else None.
+
+        Called by the harness only, after its own ``requires_teacher`` check (so ``ctx.teacher`` is set when
+        the method requires one), and before the method is built.
+        """
         return None
 
-    def init_stage(self) -> InitStage | None:
+    def init_stage(self, student: nn.Module) -> InitStage | None:
+        """The pre-training stage run before the main one, or None (the default)."""
         return None
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         """The method's own weighted loss terms (CE and KD are added by the harness)."""
         return {}
 
@@ -196,6 +228,9 @@ def discover() -> dict[str, MethodEntry]:
                 raise TypeError(f"{ep.value} is not a kdbench.method.Method subclass")
             if cls.name != ep.name:
                 raise TypeError(f"{ep.value}.name is {cls.name!r}, but the entry point is {ep.name!r}")
+            unknown = set(cls.needs) - NEEDS
+            if unknown:
+                raise TypeError(f"{ep.value}.needs has {sorted(unknown)}; known: {', '.join(sorted(NEEDS))}")
             entry.cls = cls
         except Exception as exc:  # a broken plugin is reported, never fatal
             entry.error = f"{type(exc).__name__}: {exc}"
@@ -238,6 +273,15 @@ def make_config(entry: MethodEntry, values: dict[str, Any] | None = None) -> Met
             )
         kwargs[key] = coerce(val, valid[key].type, f"methods.{entry.name}.{key}")
     return cfg_cls(**kwargs)
+
+
+def config_identity(cfg: MethodConfig) -> dict[str, Any]:
+    """The settings that identify a run: every field, except an ``ID_WHEN_SET`` field left at its default."""
+    out = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("id") == "when_set" and out[f.name] == f.default:
+            del out[f.name]
+    return out
 
 
 def coerce(value: Any, typ: Any, where: str) -> Any:

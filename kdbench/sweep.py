@@ -17,7 +17,7 @@ from kdbench.config import (Bench, DataSpec, Protocol, RunSpec, TeacherSpec, app
                             group_cohorts, method_sets, parse_sets)
 from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
-from kdbench.method import MethodEntry, discover, make_config, resolve
+from kdbench.method import MethodEntry, config_identity, discover, make_config, resolve
 from kdbench.models.base import check_model_name
 from kdbench.results import ResultStore
 from kdbench.system import usable_cores
@@ -153,7 +153,7 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
                     imported = teachers.imported_card(t_arch, data) if teachers else None
                     if imported is not None:
                         tspec = dataclasses.replace(tspec, imported=imported["weights_sha256"])
-                spec = RunSpec(s_arch, name, dataclasses.asdict(cfg), seed, proto, data, tspec, pair_set=set_name)
+                spec = RunSpec(s_arch, name, config_identity(cfg), seed, proto, data, tspec, pair_set=set_name)
                 if spec.run_id not in seen:  # ce runs are shared by pairs with the same student
                     seen.add(spec.run_id)
                     specs.append(spec)
@@ -169,7 +169,7 @@ def _protocol(bench: Bench, name: str, sets: dict[str, Any]) -> Protocol:
 def teacher_run(tspec: TeacherSpec) -> RunSpec:
     """The vanilla run that trains a teacher."""
     cfg = make_config(resolve("ce"))
-    return RunSpec(tspec.arch, "ce", dataclasses.asdict(cfg), tspec.seed, tspec.protocol, tspec.data, None,
+    return RunSpec(tspec.arch, "ce", config_identity(cfg), tspec.seed, tspec.protocol, tspec.data, None,
                    pair_set="teachers")
 
 
@@ -305,8 +305,7 @@ class Sweep:
                 load_checkpoint(m)
                 members.append(m)
             for m in members:
-                if m.method.init_stage() is not None:
-                    run_init_stage(m, data, teacher, self.device)
+                run_init_stage(m, data, teacher, self.device)  # returns at once for a method without one
             by_epoch: dict[int, list[Member]] = defaultdict(list)
             for m in members:
                 by_epoch[m.epoch].append(m)

@@ -4,15 +4,20 @@ A *cohort* is a list of runs that share a data stream and a teacher (same data, 
 teacher's outputs are computed once per batch and every student steps on the same batch. A run trained alone is
 a cohort of one. Each run owns its student, method, optimizer and generator, all seeded from (seed, method),
 so on the CPU a run gives the same numbers alone or in a cohort.
+
+The harness holds the method contract (``kdbench.method``): it checks ``requires_teacher`` and
+``not_applicable`` before a method is built, passes the student to ``init_stage``, passes a ``Progress`` to every
+main-stage ``loss`` call, and asks the models for ``preact`` only when a method that declares it will read it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +27,8 @@ from kdbench.config import RunSpec
 from kdbench.data import Dataset
 from kdbench.evaluate import evaluate
 from kdbench.losses import kd_loss
-from kdbench.method import Batch, Method, MethodContext, Progress, make_config, resolve
+from kdbench.errors import KdbenchError
+from kdbench.method import Batch, Method, MethodContext, MethodEntry, Progress, make_config, resolve
 from kdbench.models import ModelOutput, create_model
 from kdbench.files import atomic_torch_save
 from kdbench.seeds import derive_seed
@@ -62,6 +68,11 @@ class Member:
         return self.failed is not None or self.epoch >= self.spec.protocol.epochs
 
     @property
+    def preact(self) -> bool:
+        """Whether this member's method reads ``preact`` (the models compute it only then)."""
+        return "preact" in self.method.needs
+
+    @property
     def evaluated(self) -> nn.Module:
         """The model evaluated, reported and saved: the student, unless the method defines another (SimKD)."""
         model = self.method.evaluated_model(self.student)
@@ -97,9 +108,19 @@ def method_context(spec: RunSpec, data: Dataset, student: nn.Module, teacher: nn
     )
 
 
+def missing_teacher(entry: MethodEntry, teacher: nn.Module | None) -> str | None:
+    """The one check of ``requires_teacher``: a reason when the method needs a teacher and has none."""
+    if teacher is None and entry.cls.requires_teacher:
+        return f"method {entry.name} needs a teacher"
+    return None
+
+
 def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device: torch.device) -> Member:
     """Student, method and optimizer for one run, initialised from its own seed (independent of any cohort)."""
     entry = resolve(spec.method)
+    reason = missing_teacher(entry, teacher)
+    if reason is not None:
+        raise KdbenchError(f"{spec.label}: {reason}")
     cfg = make_config(entry, spec.method_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(spec.seed, spec.method, "init"))
@@ -109,9 +130,6 @@ def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device
     method.to(device)
     method.rng = torch.Generator(device=device)
     method.rng.manual_seed(derive_seed(spec.seed, spec.method, "rng"))
-    bind = getattr(method, "bind_student", None)
-    if callable(bind):
-        bind(student)
     base_lr = spec.protocol.base_lr(spec.student)
     optimizer = _sgd(list(student.parameters()) + [p for p in method.parameters() if p.requires_grad], spec, base_lr)
     return Member(spec, student, method, optimizer, base_lr)
@@ -123,7 +141,12 @@ def _sgd(params: list[nn.Parameter], spec: RunSpec, lr: float) -> torch.optim.SG
 
 
 def not_applicable_reason(spec: RunSpec, data: Dataset, teacher: nn.Module | None) -> str | None:
+    """Why the run cannot be trained (recorded as n/a), else None: no teacher for a method that requires one,
+    then the method's own ``not_applicable``. The harness's only calls of either."""
     entry = resolve(spec.method)
+    reason = missing_teacher(entry, teacher)
+    if reason is not None:
+        return reason
     cfg = make_config(entry, spec.method_config)
     with torch.device("meta"):
         student = create_model(spec.student, num_classes=data.num_classes)
@@ -178,25 +201,12 @@ def load_checkpoint(m: Member) -> bool:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def teacher_outputs(teacher: nn.Module | None, x: torch.Tensor) -> ModelOutput | None:
+def teacher_outputs(teacher: nn.Module | None, x: torch.Tensor, preact: bool = False) -> ModelOutput | None:
     """The frozen teacher's outputs on a batch (no autograd graph), or None without a teacher."""
     if teacher is None:
         return None
     with torch.no_grad():
-        return teacher(x)
-
-
-_TAKES_PROGRESS: dict[type, bool] = {}
-
-
-def _takes_progress(method: Method) -> bool:
-    """Whether ``method.loss`` accepts ``progress`` (a bridge until every method's loss takes it)."""
-    cls = type(method)
-    if cls not in _TAKES_PROGRESS:
-        import inspect
-
-        _TAKES_PROGRESS[cls] = len(inspect.signature(method.loss).parameters) >= 4
-    return _TAKES_PROGRESS[cls]
+        return teacher(x, preact=preact)
 
 
 def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: Batch,
@@ -214,8 +224,7 @@ def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: 
         terms["kd"] = cfg.kd_weight * kd_loss(s_out.logits, t_out.logits, cfg.temperature)
     if progress is None:
         progress = Progress(epoch=0, epochs=m.spec.protocol.epochs, step=0, steps=1)
-    own = m.method.loss(s_out, t_out, batch, progress) if _takes_progress(m.method) else m.method.loss(s_out, t_out,
-                                                                                                       batch)
+    own = m.method.loss(s_out, t_out, batch, progress)
     clash = set(own) & set(terms)
     if clash:
         raise RuntimeError(f"method {m.spec.method} returned reserved term names {sorted(clash)}")
@@ -246,13 +255,13 @@ def _check_finite(m: Member, means: dict[str, float], epoch: int) -> None:
 def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: torch.device,
                    on_batch: Callable[[], None] | None = None, save: bool = True) -> None:
     """The method's init stage (AB, FT, FSP), run by this member alone on its own data stream."""
-    stage = m.method.init_stage()
+    stage = m.method.init_stage(m.student)
     if stage is None:
         return
     epochs = stage.epochs if stage.epochs is not None else m.spec.protocol.init_epochs
     if m.init_done >= epochs:
         return
-    params = list(stage.parameters)
+    params = stage.all_parameters()
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -262,14 +271,18 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
     try:
         # The init-stage optimizer restarts at a resumed epoch (its momentum is not checkpointed): the
         # stage is a warm-up of adapters and a few epochs of momentum do not change what it converges to.
+        if teacher is not None:
+            teacher.eval()
         while m.init_done < epochs:
             t0 = time.perf_counter()
-            m.student.train()  # not eval as in RepDistiller: see InitStage (untrained BN statistics diverge)
+            m.student.eval()  # as RepDistiller's helper/pretrain.py: the trained feature layers alone in train mode
+            for mod in stage.student_modules:
+                mod.train()
             m.method.train()
             sums: dict[str, torch.Tensor] = {}
             for batch in loader.epoch(m.init_done):
-                t_out = teacher_outputs(teacher, batch.images)
-                s_out = m.student(batch.images) if stage.needs_student else None
+                t_out = teacher_outputs(teacher, batch.images, m.preact)
+                s_out = m.student(batch.images, preact=m.preact) if stage.needs_student else None
                 optimizer_step(opt, stage.loss(s_out, t_out, batch), sums)
                 if on_batch:
                     on_batch()
@@ -320,13 +333,14 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
             m.method.train()
         if task is not None:
             progress.reset(task, total=len(loader))
+        teacher_preact = any(m.preact for m in active)
         steps = len(loader)
         for step, batch in enumerate(loader.epoch(epoch)):
-            t_out = teacher_outputs(teacher, batch.images)
-            progress_now = Progress(epoch=epoch, epochs=proto.epochs, step=step, steps=steps)
+            t_out = teacher_outputs(teacher, batch.images, teacher_preact)
+            where = Progress(epoch=epoch, epochs=proto.epochs, step=step, steps=steps)
             for m in active:
-                s_out = m.student(batch.images)
-                optimizer_step(m.optimizer, main_terms(m, s_out, t_out, batch, progress_now), sums[id(m)])
+                s_out = m.student(batch.images, preact=m.preact)
+                optimizer_step(m.optimizer, main_terms(m, s_out, t_out, batch, where), sums[id(m)])
             if task is not None:
                 progress.advance(task)
         seconds = time.perf_counter() - t0
@@ -362,9 +376,10 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
 
 def run_record(spec: RunSpec, data: Dataset, teacher_card: dict[str, Any] | None, device: torch.device, *,
                status: str, reason: str | None = None, metrics: dict[str, Any] | None = None,
-               **parts: Any) -> dict[str, Any]:
+               config: dict[str, Any] | None = None, **parts: Any) -> dict[str, Any]:
     """The per-run JSON (status done, failed or n/a): the one builder of its common fields; ``parts`` (curve,
-    timings, failed_epoch, ...) are added after them."""
+    timings, failed_epoch, ...) are added after them. ``config`` is the method's full resolved config (default:
+    the spec's, which leaves out settings that enter the run id only when set)."""
     from kdbench.results import SCHEMA_VERSION
 
     entry = resolve(spec.method)
@@ -377,7 +392,7 @@ def run_record(spec: RunSpec, data: Dataset, teacher_card: dict[str, Any] | None
         "spec": spec.to_dict(),
         "pair": spec.pair,
         "method": {"name": spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
-                   "config": dict(spec.method_config)},
+                   "config": dict(spec.method_config if config is None else config)},
         "teacher": teacher_card,
         "data": {"name": data.name, "checksum": data.checksum, "num_classes": data.num_classes,
                  "image_size": data.image_size, "train_size": len(data.train_labels),
@@ -419,7 +434,7 @@ def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None,
     failed = {"reason": m.failed, "failed_epoch": m.failed_epoch} if m.failed else {}
     return run_record(
         m.spec, data, teacher_card, device, status="failed" if m.failed else "done", metrics=metrics, **failed,
-        model=model_record(m),
+        model=model_record(m), config=dataclasses.asdict(m.method.cfg),
         curve=m.curve,
         timings={
             "epoch_seconds": m.epoch_seconds,

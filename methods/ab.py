@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdbench.errors import NotApplicable
-from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext
+from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext, Progress
+from kdbench.method_parts import regressor_conv
 from kdbench.models.base import ModelOutput
 
 
@@ -26,23 +26,12 @@ class ABConfig(MethodConfig):
 def make_connector(s_channels: int, s_size: int, t_channels: int, t_size: int, always: bool = False) -> nn.Module:
     """The map from a student pre-activation (s_channels, s_size^2) onto the teacher's (t_channels, t_size^2).
 
-    Equal shapes: identity (the reference's ``Connector``), unless ``always``. Otherwise a bias-free conv + BN,
-    the conv picked by the reference's regressor rule: 3x3 stride 2 when the student map is twice the teacher's,
-    4x4 stride-2 transposed conv when it is half, a valid conv of kernel 1 + s - t when it is larger or equal
-    (1x1 at equal sizes). For a student map smaller by another ratio (the reference raises) a stride-1
-    transposed conv of kernel 1 + t - s, which grows the map by exactly t - s.
+    Equal shapes: identity (the reference's ``Connector``), unless ``always``. Otherwise a bias-free
+    ``regressor_conv`` + BN (the reference's regressor without its ReLU).
     """
     if s_channels == t_channels and s_size == t_size and not always:
         return nn.Identity()
-    if s_size == 2 * t_size:
-        conv: nn.Module = nn.Conv2d(s_channels, t_channels, kernel_size=3, stride=2, padding=1, bias=False)
-    elif 2 * s_size == t_size:
-        conv = nn.ConvTranspose2d(s_channels, t_channels, kernel_size=4, stride=2, padding=1, bias=False)
-    elif s_size >= t_size:
-        conv = nn.Conv2d(s_channels, t_channels, kernel_size=1 + s_size - t_size, bias=False)
-    else:
-        conv = nn.ConvTranspose2d(s_channels, t_channels, kernel_size=1 + t_size - s_size, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(t_channels))
+    return nn.Sequential(regressor_conv(s_channels, s_size, t_channels, t_size, bias=False), nn.BatchNorm2d(t_channels))
 
 
 def boundary_loss(source: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -57,36 +46,21 @@ def boundary_loss(source: torch.Tensor, target: torch.Tensor, margin: float) -> 
 
 
 class AB(Method):
-    """Activation boundaries: a 30-epoch init stage on the AB loss, then CE only (``loss`` returns ``{}``).
+    """Init stage: L = init_weight * sum_l 2^(l-n+1) * boundary(c_l(p_s^l), p_t^l; m) / B / 1000 * 3; main: CE.
 
-    Taps: ``preact[1:]`` of both networks (block-group outputs BEFORE their final ReLU; the reference's
-    ``feat[1:-1]`` with ``preact=True``). Per tap l a connector (``self.connectors[l]``) maps the student's
-    pre-activation onto the teacher's shape (see ``make_connector``). The init-stage loss, as the reference
-    ``ABLoss``: for n taps, w_l = 2^(l - n + 1) (the last tap 1, each earlier one half the next);
-    L = sum_l w_l * boundary_loss(connector_l(s_l), t_l) / B / 1000 * 3, with margin 1.0 and B the batch size.
-    The init stage (``init_stage``: ``InitStage.epochs`` None, so the protocol's ``init_epochs``, 30 in the
-    paper protocol) trains the connectors and every student parameter except its ``head`` (the reference's
-    ``get_feat_modules()``). The connectors are frozen (``requires_grad`` False) outside it: the main stage
-    does not use them, as in the reference. Defaults: gamma 1, alpha 0, beta 1, margin 1.0, init_weight 1.0.
+    p^l: ``preact[1:]`` of both networks (block-group outputs BEFORE their final ReLU; the reference's
+    ``feat[1:-1]`` with ``preact=True``), paired by index, n pairs; c_l: ``self.connectors[l]`` (see
+    ``make_connector``); ``boundary_loss`` the squared hinge with margin m; B the batch size. The init stage
+    (the protocol's ``init_epochs``) trains the connectors and the student's ``feature_modules()`` (the
+    reference's ``get_feat_modules()``: a WRN's final ``bn1`` is not one, so it stays frozen in eval mode while
+    the last tap reads it); the connectors are frozen afterwards. ``loss`` returns ``{}``.
+    Defaults: gamma 1, alpha 0, beta 1 (unused), margin 1, init_weight 1.
 
-    Choices and departures:
-    - Connector: the reference (RepDistiller ``models/util.py: Connector``) uses an identity where the
-      student and teacher maps have the same channels and size (most same-architecture pairs), else its FitNet
-      regressor without ReLU (conv + BN: a 1x1 conv at equal sizes). The authors' code (bhheo/AB_distillation)
-      also leaves equal widths unconnected and otherwise uses a bias-free 1x1 conv + BN. We do the same by
-      default; ``connect_equal_shapes=True`` puts a conv + BN connector on every tap. Our convs have no bias
-      (a bias before BN is redundant; the authors' code has none) and PyTorch's default init (as RepDistiller;
-      the authors' code draws He-normal fan-out weights); for a student map smaller than the teacher's by a
-      ratio other than 2, where the reference raises, see ``make_connector``.
-    - Weights: the init-stage loss is multiplied by ``init_weight`` (default 1). The reference's pre-training
-      loop (``helper/pretrain.py``) sums the AB loss groups WITHOUT beta, and its main stage adds no AB term,
-      so beta (``weight``, 1 on the published command line) has no effect there; we keep it at 1 and also leave
-      it unused. ``init_weight = weight`` is the other reading of "beta in the init stage" (identical at the
-      defaults).
-    - Taps are paired by index (the reference's ``zip``); n, in the weights above, is the number of pairs.
-      When the student has more block groups than the teacher (resnet20 -> mobilenetv2), its extra trailing
-      groups, like any layer after its last paired tap (a final 1x1 conv before pooling), get no gradient in
-      the init stage, as in the reference.
+    Departures: connectors as RepDistiller (identity at equal shapes, else conv + BN without a bias, PyTorch's
+    default init; ``connect_equal_shapes`` puts one on every tap); a student map smaller by a ratio other than 2
+    uses a transposed conv where the reference raises. beta has no effect in the reference (its pre-training
+    loop sums the AB terms without it and the main stage adds none), so it is unused here too and
+    ``init_weight`` scales the init stage. Layers after the last paired tap get no init-stage gradient.
     """
 
     name = "ab"
@@ -94,14 +68,11 @@ class AB(Method):
         "Heo, Lee, Yun & Choi. Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden "
         "Neurons. AAAI 2019"
     )
-    url = "https://arxiv.org/abs/1811.03233"
     Config = ABConfig
     needs = frozenset({"preact"})
 
     def __init__(self, cfg: ABConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise NotApplicable("AB needs a teacher")
         s_info, t_info = ctx.student, ctx.teacher
         n = min(len(s_info.channels), len(t_info.channels)) - 1
         self.connectors = nn.ModuleList(
@@ -118,22 +89,6 @@ class AB(Method):
         self.connectors.requires_grad_(False)
         self.layer_weights = [2.0 ** (i - n + 1) for i in range(n)]
 
-    def bind_student(self, student: nn.Module) -> None:
-        """Keep a reference to the student (not a submodule) so that the init stage can train its features."""
-        object.__setattr__(self, "_student", student)
-
-    def student_feature_parameters(self) -> list[nn.Parameter]:
-        student = self.__dict__.get("_student")
-        if student is None:
-            raise RuntimeError("AB.init_stage needs the student: call bind_student(student) first")
-        head = getattr(student, "head", None)
-        if head is None:
-            head = self.ctx.student_head
-        if head is None:
-            raise RuntimeError("AB.init_stage cannot tell the student's head from its feature layers")
-        skip = {id(p) for p in head.parameters()}
-        return [p for p in student.parameters() if id(p) not in skip]
-
     def ab_loss(self, student: ModelOutput, teacher: ModelOutput) -> torch.Tensor:
         """The reference ABLoss summed over taps (unweighted by beta or init_weight)."""
         m = self.cfg.margin
@@ -146,13 +101,13 @@ class AB(Method):
         assert total is not None, "AB found no tap pairs"
         return total
 
-    def init_stage(self) -> InitStage:
-        params = [p for p in self.connectors.parameters()] + self.student_feature_parameters()
+    def init_stage(self, student: nn.Module) -> InitStage:
+        def stage_loss(s_out: ModelOutput, t_out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+            return {"ab": self.cfg.init_weight * self.ab_loss(s_out, t_out)}
 
-        def stage_loss(student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
-            return {"ab": self.cfg.init_weight * self.ab_loss(student, teacher)}
+        return InitStage(parameters=list(self.connectors.parameters()), loss=stage_loss,
+                         student_modules=student.feature_modules())
 
-        return InitStage(parameters=params, loss=stage_loss, epochs=None)
-
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         return {}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from kdbench.errors import KdbenchError
 from kdbench.losses import match_spatial
-from kdbench.method import Batch, Method, MethodConfig
+from kdbench.method import ID_WHEN_SET, Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
+
+MODES = ("code", "paper")
 
 
 @dataclass
@@ -18,6 +21,7 @@ class ATConfig(MethodConfig):
     kd_weight: float = 0.0
     weight: float = 1000.0
     attention_power: float = 2.0
+    mode: str = field(default="code", metadata=ID_WHEN_SET)  # "code": RepDistiller's squared form; "paper"
 
 
 def attention_map(f: torch.Tensor, power: float) -> torch.Tensor:
@@ -25,22 +29,30 @@ def attention_map(f: torch.Tensor, power: float) -> torch.Tensor:
     return F.normalize(f.pow(power).mean(dim=1).flatten(1), dim=1)
 
 
+def attention_distance(a_s: torch.Tensor, a_t: torch.Tensor, mode: str) -> torch.Tensor:
+    """One layer's term from two (B, H*W) attention maps.
+
+    ``code``: mean over batch and pixels of (a_s - a_t)^2. ``paper``: 1/2 * mean over the batch of
+    ||a_s - a_t||_2 / (H*W), the paper's beta/2 ||.||_p (p = 2) with its beta "divided by the number of elements
+    in the attention map and the batch size", so that ``weight`` (beta) keeps the same meaning in both modes.
+    """
+    diff = a_s - a_t
+    if mode == "paper":
+        return 0.5 * diff.norm(p=2, dim=1).mean() / diff.shape[1]
+    return diff.pow(2).mean()
+
+
 class AT(Method):
-    """Attention transfer on every block-group output: loss = 1 CE + 1000 sum_l mean((a_s^l - a_t^l)^2).
+    """L = gamma CE + beta * sum_l d(a(f_s^l), a(f_t^l)),  a(f) = normalize(mean_c f_c^p) over the H*W pixels.
 
-    Taps: ``feats[1:]`` of both networks (the reference's ``feat[1:-1]``: the outputs of the block groups,
-    after ReLU; the stem is not used). Attention map of a (B, C, H, W) map: the mean over channels of f^p
-    (p = ``attention_power`` = 2), flattened and L2-normalised over the H*W pixels. Per layer: the mean over
-    batch and pixels of the squared difference of the two attention maps (the reference's formula, not the
-    paper's norm of the difference); summed over layers. Defaults: gamma 1, alpha 0, beta 1000, p 2.
+    d: ``code`` (default) mean_{b,pixels} (a_s - a_t)^2; ``paper`` 1/2 mean_b ||a_s - a_t||_2 / (H W) (see
+    ``attention_distance``). Taps: ``feats[1:]`` of both networks (block-group outputs after ReLU, the reference's
+    ``feat[1:-1]``), paired by index. Defaults: gamma 1, alpha 0, beta 1000, p 2, mode "code".
 
-    Choices, following the reference code (HobbitLong/RepDistiller):
-    - Spatial sizes that differ at a tap (cross-architecture pairs): the larger map is adaptively
-      average-pooled to the smaller size before its attention map is taken.
-    - Student and teacher taps are paired by index from the first block group; when one network has more
-      block groups (VGG, ResNet50 and MobileNetV2 have four, the CIFAR ResNets and WRNs three), the extra
-      trailing maps of the longer list are ignored (the reference's ``zip``).
-    Channel counts never need to match: the attention map averages over channels.
+    Departures: ``mode="code"`` is RepDistiller's form (the CRD table's numbers), which squares the difference
+    instead of the paper's norm; ``mode="paper"`` is the paper's. A larger map is adaptively average-pooled to the
+    smaller size first; extra trailing block groups of the longer network are ignored (the reference's ``zip``).
+    Channel counts never need to match.
     """
 
     name = "at"
@@ -48,16 +60,21 @@ class AT(Method):
         "Zagoruyko & Komodakis. Paying More Attention to Attention: Improving the Performance of Convolutional "
         "Neural Networks via Attention Transfer. ICLR 2017"
     )
-    url = "https://arxiv.org/abs/1612.03928"
     Config = ATConfig
     needs = frozenset({"feats"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
-        p = self.cfg.attention_power
+    def __init__(self, cfg: ATConfig, ctx: MethodContext):
+        super().__init__(cfg, ctx)
+        if cfg.mode not in MODES:
+            raise KdbenchError(f"methods.at.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
+        p, mode = self.cfg.attention_power, self.cfg.mode
         first = student.feats[1]
         with torch.autocast(device_type=first.device.type, enabled=False):
             total = first.new_zeros((), dtype=torch.float32)
             for f_s, f_t in zip(student.feats[1:], teacher.feats[1:]):
                 f_s, f_t = match_spatial(f_s.float(), f_t.float())
-                total = total + (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
+                total = total + attention_distance(attention_map(f_s, p), attention_map(f_t, p), mode)
         return {"at": self.cfg.weight * total}

@@ -6,7 +6,10 @@ from kdbench.method import Method
 
 
 class CE(Method):
-    """The student trained alone with cross-entropy on the labels (the 'Student' row of the tables)."""
+    """L = CE(s, y): the student trained alone on the labels (the 'Student' row of the tables).
+
+    Taps: ``logits`` of the student; no teacher (``requires_teacher`` False). Departures: none.
+    """
 
     name = "ce"
     paper = "Baseline: the student trained alone with cross-entropy"

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kdbench.methods.crd import (
+
+from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
+from kdbench.method_parts import (
     ClassNegativeSampler,
     Embed,
     fp32,
@@ -17,8 +19,6 @@ from kdbench.methods.crd import (
     reset_z_cache,
     set_normalisers,
 )
-
-from kdbench.method import Batch, Method, MethodConfig, MethodContext
 from kdbench.models.base import ModelOutput
 
 # Squared length below which an (x - anchor) difference counts as degenerate: its cosine is then ~0.
@@ -73,8 +73,11 @@ def ce_feature_grad(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Te
 
 
 class CRCD(Method):
-    """CRCD: contrastive distillation of anchor-based relations of features AND of their CE gradients.
+    """L = gamma CE + alpha KD + beta (L_nce(r(v_s), r(M_t)) + L_nce(r(v_t), r(M_s))) + beta w_g (same on u_s, u_t).
 
+    v = normalize(W pooled) (features), u = normalize(W' g), g = d CE / d pooled (gradients); r(x) the relation
+    normalize(x_i - anchor_a) for every pair of distinct batch samples (i, a), anchors read from the opposite
+    network's memory M; L_nce CRD's NCE loss over the relations of the positive and K class-aware negatives.
     Taps: ``pooled`` and ``logits`` of both networks, ``index``; the classifiers ``ctx.student_head`` and
     ``ctx.teacher_head`` (their weights give the gradients). Defaults: gamma 1, alpha 0.9, beta 1; feat_dim
     128, nce_k 500, nce_t 0.05, nce_m 0.5, grad_weight 1. Paper: arXiv 2103.16367; the only public code is an
@@ -101,7 +104,7 @@ class CRCD(Method):
     direction), fixed on the first batch to mean(exp(cos/T)) * N and kept in the ``nce_z`` buffer.
     Total: {"crcd": beta * (L_feat_s + L_feat_t), "crcd_grad": beta * grad_weight * (L_grad_s + L_grad_t)}.
 
-    Choices the paper leaves open (ours):
+    Departures (choices the paper leaves open, ours):
     - Anchors: the other B - 1 samples of the batch, read from the opposite network's memory (the
       unofficial code's choice). The pair (i, i) is dropped: its positive relation is a zero vector (the
       unofficial code adds 1e-6 before normalising, turning it into the constant direction ones/sqrt(d)).
@@ -115,10 +118,10 @@ class CRCD(Method):
     - Weighting: the two terms are ADDED with weights beta and beta * grad_weight (unofficial
       --grad_kd_weight 1.0). alpha = 0.9 because the unofficial code trains with -a 0.9 (KD on); the
       paper's CIFAR-100 table could not be checked. ``crcd+kd`` (alpha 1) resolves automatically.
-    - Memories, Z and negatives as in CRD (see ``kdbench.methods.crd``); banks written only in training mode;
+    - Memories, Z and negatives as in CRD (``kdbench.method_parts``); banks written only in training mode;
       fp32 maths with autocast disabled (exp(1/0.05) ~ 4.9e8).
 
-    Defects of the unofficial code NOT reproduced: the teacher is left in train mode (BN statistics drift;
+    Departures from the unofficial code: defects NOT reproduced: the teacher is left in train mode (BN statistics drift;
     here the harness keeps it in eval mode), and the gradient term is MULTIPLIED by alpha * KD loss
     (``loss + alpha * loss_div * loss_gm``) instead of added. Protocol differences kept on purpose: it
     trains 250 epochs and sets every distillation weight to 0 for the last 10 (CE-only fine-tuning); we keep
@@ -129,14 +132,11 @@ class CRCD(Method):
 
     name = "crcd"
     paper = "Zhu, Tang, Chen, Yu, Liu, Yang, Rong & Wang. Complementary Relation Contrastive Distillation. CVPR 2021"
-    url = "https://arxiv.org/abs/2103.16367"
     Config = CRCDConfig
     needs = frozenset({"logits", "pooled", "index"})
 
     def __init__(self, cfg: CRCDConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise ValueError("CRCD needs a teacher")
         if ctx.student_head is None or ctx.teacher_head is None:
             raise ValueError("CRCD needs ctx.student_head and ctx.teacher_head (the gradient elements)")
         n = int(ctx.num_train)
@@ -174,7 +174,8 @@ class CRCD(Method):
         contrast = memory.index_select(0, idx.flatten()).view(*idx.shape, -1)
         return torch.exp(relation_scores(x, anchors, contrast) / self.cfg.nce_t)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         device = student.pooled.device
         with fp32(device):
             index = batch.index.to(device).long()

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench.errors import NotApplicable
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
 
@@ -65,8 +64,6 @@ class DIST(Method):
 
     def __init__(self, cfg: DISTConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise NotApplicable("DIST needs a teacher")
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress

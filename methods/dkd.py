@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdbench.errors import NotApplicable
 from kdbench.losses import standardise
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
@@ -110,8 +109,6 @@ class DKD(Method):
 
     def __init__(self, cfg: DKDConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise NotApplicable(f"{self.name} needs a teacher")
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdbench.errors import NotApplicable
 from kdbench.losses import match_spatial
-from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext
+from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
 
 
@@ -38,26 +37,18 @@ def fsp_matrices(feats: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class FSP(Method):
-    """FSP matrices of consecutive maps: a 30-epoch init stage on the FSP loss, then CE only (``loss`` is ``{}``).
+    """Init stage: L = init_weight * sum_i mean_{b,j,k} (G_i^s - G_i^t)^2,  G_i = f_{i+1} f_i^T / (h w); main: CE.
 
-    Taps: every map in ``feats`` (stem + all block groups, after ReLU; the reference's ``feat[:-1]``). For each
-    consecutive pair (f_i, f_{i+1}) of one network, G_i = f_{i+1} f_i^T / (h w) per sample (``fsp_matrix``:
-    C_{i+1} x C_i, the larger map of the pair pooled to the smaller). Init-stage loss, as the reference:
-    sum_i mean((G_i^s - G_i^t)^2), the mean over batch and matrix entries, all pairs weighted equally.
-    The init stage (``init_stage``: the protocol's ``init_epochs``, 30 in the paper protocol) trains every
-    student parameter except its ``head`` (the reference's ``get_feat_modules()``); the main stage adds nothing
-    to CE. There are no adapters, so the student and teacher must have the same channel count at every tap
-    (else ``not_applicable``: "N/A" in the CRD tables, e.g. wrn_40_2 -> wrn_40_1); their spatial sizes may
-    differ (the matrices are C x C). Defaults: gamma 1, alpha 0, beta 50, init_weight 1.0.
+    Taps: every map in ``feats`` (stem + all block groups, after ReLU; the reference's ``feat[:-1]``); G_i is the
+    C_{i+1} x C_i Gram matrix of each consecutive pair per sample (``fsp_matrix``, the larger map of a pair pooled
+    to the smaller), all pairs weighted equally. The init stage (the protocol's ``init_epochs``) trains the
+    student's ``feature_modules()`` (the reference's ``get_feat_modules()``); ``loss`` returns ``{}``. No adapters:
+    the two networks need equal channel counts at every tap (else not applicable, "N/A" in the CRD tables).
+    Defaults: gamma 1, alpha 0, beta 50 (unused), init_weight 1.
 
-    Choices and departures:
-    - Weights: the init-stage loss is multiplied by ``init_weight`` (default 1). The reference's pre-training
-      loop (RepDistiller ``helper/pretrain.py``) sums the FSP groups WITHOUT beta, and its main stage adds no
-      FSP term, so the published beta 50 has no effect there. We keep ``weight`` = 50 as the published setting
-      and, like the reference, do not use it; ``init_weight=50`` gives the reading "beta scales the init stage"
-      (50 times the reference's effective init-stage learning rate on this loss).
-    - Every pair weighs 1 and the main stage is the task loss alone (the reference's two-stage schedule). Layers
-      after the last tap (WRN's final BN, a final 1x1 conv before pooling) get no init-stage gradient.
+    Departures: none in the maths. beta has no effect in the reference (its pre-training loop sums the FSP terms
+    without it and the main stage adds none): it is kept at the published 50 and unused; ``init_weight=50`` gives
+    the reading "beta scales the init stage". Layers after the last tap get no init-stage gradient.
     """
 
     name = "fsp"
@@ -65,42 +56,17 @@ class FSP(Method):
         "Yim, Joo, Bae & Kim. A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and "
         "Transfer Learning. CVPR 2017"
     )
-    url = "https://openaccess.thecvf.com/content_cvpr_2017/html/Yim_A_Gift_From_CVPR_2017_paper.html"
     Config = FSPConfig
     needs = frozenset({"feats"})
 
     @classmethod
     def not_applicable(cls, cfg: MethodConfig, ctx: MethodContext) -> str | None:
-        if ctx.teacher is None:
-            return "FSP needs a teacher"
         t_ch, s_ch = tuple(ctx.teacher.channels), tuple(ctx.student.channels)
         if t_ch != s_ch:
             return f"FSP needs equal channel counts at every tap: teacher {t_ch} vs student {s_ch}"
         if len(s_ch) < 2:
             return f"FSP needs at least two feature maps, the networks have {len(s_ch)}"
         return None
-
-    def __init__(self, cfg: FSPConfig, ctx: MethodContext):
-        super().__init__(cfg, ctx)
-        reason = self.not_applicable(cfg, ctx)
-        if reason is not None:
-            raise NotApplicable(reason)
-
-    def bind_student(self, student: nn.Module) -> None:
-        """Keep a reference to the student (not a submodule) so that the init stage can train its features."""
-        object.__setattr__(self, "_student", student)
-
-    def student_feature_parameters(self) -> list[nn.Parameter]:
-        student = self.__dict__.get("_student")
-        if student is None:
-            raise RuntimeError("FSP.init_stage needs the student: call bind_student(student) first")
-        head = getattr(student, "head", None)
-        if head is None:
-            head = self.ctx.student_head
-        if head is None:
-            raise RuntimeError("FSP.init_stage cannot tell the student's head from its feature layers")
-        skip = {id(p) for p in head.parameters()}
-        return [p for p in student.parameters() if id(p) not in skip]
 
     def fsp_loss(self, student: ModelOutput, teacher: ModelOutput) -> torch.Tensor:
         """sum over consecutive pairs of mean((G_s - G_t)^2) (unweighted by beta or init_weight)."""
@@ -110,11 +76,12 @@ class FSP(Method):
             g_t = fsp_matrices([f.float() for f in teacher.feats])
             return torch.stack([(s - t).pow(2).mean() for s, t in zip(g_s, g_t)]).sum()
 
-    def init_stage(self) -> InitStage:
-        def stage_loss(student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
-            return {"fsp": self.cfg.init_weight * self.fsp_loss(student, teacher)}
+    def init_stage(self, student: nn.Module) -> InitStage:
+        def stage_loss(s_out: ModelOutput, t_out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+            return {"fsp": self.cfg.init_weight * self.fsp_loss(s_out, t_out)}
 
-        return InitStage(parameters=self.student_feature_parameters(), loss=stage_loss, epochs=None)
+        return InitStage(parameters=[], loss=stage_loss, student_modules=student.feature_modules())
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         return {}

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.errors import KdbenchError, NotApplicable
+from kdbench.errors import KdbenchError
 from kdbench.losses import match_spatial
-from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext
+from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
 
 FACTOR_MODES = ("attention", "flatten")
@@ -91,45 +91,33 @@ def factor_transfer_loss(
 
 
 class FT(Method):
-    """Factor transfer on the last feature map: init stage trains the paraphraser, then 1 CE + 200 L_FT.
+    """Init stage: L = MSE(P(f_t), f_t); main: L = gamma CE + beta * mean |phi(T(f_s)) - phi(P_enc(f_t))|.
 
-    Taps: ``feats[-1]`` of both networks (the last map before pooling, after ReLU; the reference's
-    ``feat[-2]``). Modules: ``self.paraphraser`` (teacher side, ``Paraphraser``: conv encoder to
-    k*C_t = int(factor_rate * C_t) channels and a transposed-conv decoder back, no BN as the reference's
-    default ``use_bn=False``) and ``self.translator`` (student side, ``Translator``: conv encoder to the same
-    k*C_t channels, with BN as the reference's ``use_bn=True``).
-    Init stage (``init_stage``: the protocol's ``init_epochs``, 30 in the paper protocol): only the
-    paraphraser's parameters, on the reconstruction loss MSE(decoder(encoder(t)), t) (mean over all elements,
-    the reference's ``nn.MSELoss``; not scaled by beta, as in the reference). It is then frozen:
-    ``requires_grad`` is False from ``__init__`` (the harness turns it on for the init stage only) and ``train()``
-    keeps it in eval mode whenever its parameters do not require a gradient.
-    Main loss: beta * mean |phi(translator(s)) - phi(paraphraser.encode(t))|, phi = ``factor_vector``.
+    Taps: ``feats[-1]`` of both networks (the last map before pooling; the reference's ``feat[-2]``). P:
+    ``self.paraphraser`` (teacher side, ``Paraphraser``: 3 convs to k = int(factor_rate * C_t) channels and 3
+    transposed convs back, no BN), P_enc its encoder; T: ``self.translator`` (student side, ``Translator``: 3
+    convs with BN to k channels). phi (``factor_vector``): ``factor_mode="attention"`` (default, the reference
+    code) the channel mean of factor^p, flattened and L2-normalised; ``"flatten"`` (the paper) the whole factor
+    flattened and L2-normalised. The init stage (the protocol's ``init_epochs``; the student is not run) trains
+    the paraphraser alone on the reconstruction MSE, unscaled by beta, at lr 0.01 when the student is a CIFAR
+    ResNet or WRN (``paraphraser_lr``, as RepDistiller's ``helper/pretrain.py``), else the run's learning rate;
+    the paraphraser is frozen afterwards (``requires_grad`` False, eval mode).
     Defaults: gamma 1, alpha 0, beta 200, factor_rate 0.5, factor_mode "attention", factor_power 2.
 
-    Choices and departures:
-    - Factor vector: the reference ``FactorTransfer`` (p1 = 2, p2 = 1) does NOT compare the flattened factors
-      as the paper writes; it takes the channel mean of the squared factor (an attention map over pixels),
-      flattens and L2-normalises it, then the mean absolute difference. The CRD table's FT numbers come from
-      that code, so it is the default (``factor_mode="attention"``, ``factor_power`` = p1 = 2);
-      ``factor_mode="flatten"`` L2-normalises the whole flattened factor, as in the paper, still with the
-      mean (not the sum) of absolute differences so that beta keeps its scale.
-    - Spatial sizes that differ (cross-architecture pairs): the larger FACTOR map is adaptively
-      average-pooled to the smaller size (the reference pools the factors, not the input maps).
-    - Translator convs have no bias (redundant before BN); the paraphraser's, without BN, do.
-    - The reference pre-trains the paraphraser with lr 0.01 when the student is a CIFAR ResNet / WRN (else the
-      protocol lr); the init stage here uses the harness's init-stage optimiser settings.
+    Departures: ``factor_mode`` is FT's code/paper switch ("attention" = the reference code's form, which the CRD
+    table's numbers come from; "flatten" = the paper's, still with the mean rather than the sum of absolute
+    differences so that beta keeps its scale); it keeps its name because the ids of recorded runs hash it. A
+    larger factor map is adaptively average-pooled to the smaller size (the reference pools the factors). The
+    translator's convs have no bias (redundant before BN); the paraphraser's, without BN, do.
     """
 
     name = "ft"
     paper = "Kim, Park & Kwak. Paraphrasing Complex Network: Network Compression via Factor Transfer. NeurIPS 2018"
-    url = "https://arxiv.org/abs/1802.04977"
     Config = FTConfig
     needs = frozenset({"feats"})
 
     def __init__(self, cfg: FTConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise NotApplicable("FT needs a teacher")
         if cfg.factor_mode not in FACTOR_MODES:
             raise KdbenchError(f"methods.ft.factor_mode must be one of {', '.join(FACTOR_MODES)}, "
                                f"got {cfg.factor_mode!r}")
@@ -155,9 +143,9 @@ class FT(Method):
         with torch.autocast(device_type=rec.device.type, enabled=False):
             return F.mse_loss(rec, f_t.float())
 
-    def init_stage(self) -> InitStage:
-        def stage_loss(student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
-            return {"ft_rec": self.reconstruction_loss(teacher)}
+    def init_stage(self, student: nn.Module) -> InitStage:
+        def stage_loss(s_out: ModelOutput | None, t_out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+            return {"ft_rec": self.reconstruction_loss(t_out)}
 
         # RepDistiller pre-trains the paraphraser at lr 0.01 when the student is a CIFAR ResNet or WRN, at the
         # run's learning rate otherwise (helper/pretrain.py); the student is not needed for this stage.
@@ -166,7 +154,8 @@ class FT(Method):
         return InitStage(parameters=list(self.paraphraser.parameters()), loss=stage_loss, epochs=None, lr=lr,
                          needs_student=False)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         factor_s = self.translator(student.feats[-1]).float()
         with torch.no_grad():
             factor_t = self.paraphraser.encode(teacher.feats[-1]).float()

@@ -19,11 +19,14 @@ class KDConfig(MethodConfig):
 
 
 class KD(Method):
-    """Knowledge distillation: 0.1 CE + 0.9 KL(softmax(t/T) || softmax(s/T)) T^2 with T = 4 (CRD protocol)."""
+    """L = gamma CE(s, y) + alpha T^2 KL(softmax(t / T) || softmax(s / T)), gamma 0.1, alpha 0.9, T 4.
+
+    Taps: ``logits`` of both networks. Both terms are added by the harness (``loss`` returns nothing of its own).
+    Departures: none; the weights are the CRD benchmark's protocol.
+    """
 
     name = "kd"
     paper = "Hinton, Vinyals & Dean. Distilling the Knowledge in a Neural Network. arXiv 2015"
-    url = "https://arxiv.org/abs/1503.02531"
     Config = KDConfig
     needs = frozenset({"logits"})
 

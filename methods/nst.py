@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.losses import match_spatial
-from kdbench.method import Batch, Method, MethodConfig
+from kdbench.method import Batch, Method, MethodConfig, Progress
 from kdbench.models.base import ModelOutput
 
 
@@ -27,31 +27,26 @@ def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor, degree: int, offset: floa
 
 
 class NST(Method):
-    """NST on every block-group output: loss = 1 CE + 50 sum_l MMD^2_poly(student channels, teacher channels).
+    """L = gamma CE + beta * sum_l [k(t, t') + k(s, s') - 2 k(s, t)],  k(x, y) = mean (x . y + c)^d.
 
-    Taps: ``feats[1:]`` of both networks (the reference's ``feat[1:-1]``). Each channel's H x W map is
-    flattened and L2-normalised over its pixels; a network's channels at a tap are the samples of a
-    distribution, and the squared MMD between the student's and the teacher's channel distributions uses the
-    polynomial kernel k(x, y) = (x . y + c)^d with d = ``kernel_degree`` = 2, c = ``kernel_offset`` = 0:
-    mean k(t, t') + mean k(s, s') - 2 mean k(s, t), each mean over the batch and all channel pairs; the
-    teacher-teacher term is a constant (kept, as the reference's "full loss", so the term is zero when the
-    maps are identical). Summed over layers. Defaults: gamma 1, alpha 0, beta 50, d 2, c 0.
+    Taps: ``feats[1:]`` of both networks (the reference's ``feat[1:-1]``), paired by index. At a tap each
+    channel's H x W map is flattened and L2-normalised; the means run over the batch and all channel pairs (a
+    network's channels are the samples of a distribution; the squared MMD with a polynomial kernel of degree
+    d = ``kernel_degree`` = 2 and offset c = ``kernel_offset`` = 0). The teacher-teacher term is a constant, kept
+    (the reference's "full loss") so that the term is zero on identical maps. Defaults: gamma 1, alpha 0, beta 50,
+    d 2, c 0.
 
-    Choices, following the reference code (HobbitLong/RepDistiller):
-    - Channel counts may differ: the MMD compares two sets of channel maps, each averaged over its own pairs.
-    - Spatial sizes that differ at a tap: the larger map is adaptively average-pooled to the smaller size
-      before normalisation.
-    - Taps are paired by index from the first block group; extra trailing maps of the longer list (VGG,
-      ResNet50 and MobileNetV2 have four block groups, the CIFAR ResNets and WRNs three) are ignored.
+    Departures: none from the reference code (RepDistiller). Channel counts may differ; a larger map is adaptively
+    average-pooled to the smaller size first; extra trailing block groups of the longer network are ignored.
     """
 
     name = "nst"
     paper = "Huang & Wang. Like What You Like: Knowledge Distill via Neuron Selectivity Transfer. arXiv 2017"
-    url = "https://arxiv.org/abs/1707.01219"
     Config = NSTConfig
     needs = frozenset({"feats"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         d, c = self.cfg.kernel_degree, self.cfg.kernel_offset
         first = student.feats[1]
         with torch.autocast(device_type=first.device.type, enabled=False):

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.errors import NotApplicable
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
 
@@ -100,8 +99,6 @@ class OFD(Method):
 
     @classmethod
     def not_applicable(cls, cfg: MethodConfig, ctx: MethodContext) -> str | None:
-        if ctx.teacher is None:
-            return "OFD needs a teacher"
         bns = ctx.teacher_preact_bn
         for _, ti in cls._taps(ctx):
             if ti >= len(bns) or bns[ti] is None:
@@ -115,10 +112,6 @@ class OFD(Method):
 
     def __init__(self, cfg: OFDConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        reason = self.not_applicable(cfg, ctx)
-        if reason is not None:
-            raise NotApplicable(reason)
-        assert ctx.teacher is not None
         self.taps = self._taps(ctx)
         self.connectors = nn.ModuleList(
             Connector(ctx.student.channels[si], ctx.teacher.channels[ti], cfg.kernel_size) for si, ti in self.taps

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench.method import Batch, Method, MethodConfig
+from kdbench.method import Batch, Method, MethodConfig, Progress
 from kdbench.models.base import ModelOutput
 
 
@@ -30,26 +30,25 @@ def conditional_probabilities(f: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class PKT(Method):
-    """PKT on the pooled features: loss = 1 CE + 30000 KL(P_t || P_s), averaged over the b^2 entries.
+    """L = gamma CE + beta * mean_{i,j} P_t[i, j] log((P_t[i, j] + eps) / (P_s[i, j] + eps)).
 
-    Taps: ``pooled`` of both networks (the reference's ``feat[-1]``); no adapter, so the two pooled dimensions
-    need not match. For each network: the cosine similarities of all sample pairs of the batch, mapped to
-    [0, 1] as (cos + 1) / 2, each row divided by its sum (the conditional probability P(j | i)). Loss:
-    mean over all b^2 entries of P_t * log((P_t + eps) / (P_s + eps)), with eps = 1e-7 also used when the
-    vectors are normalised, as in the reference code (HobbitLong/RepDistiller, taken from the author's code).
-    Note the reference takes the mean over all b^2 entries, i.e. the per-row KL divergence divided by b (not
-    summed over j); beta = 30000 is tuned for that scale. Defaults: gamma 1, alpha 0, beta 30000, eps 1e-7.
+    P[i, j] = k(i, j) / sum_j k(i, j) with k = (cos(p_i, p_j) + 1) / 2 over the batch (``conditional_probabilities``).
+    Taps: ``pooled`` of both networks (the reference's ``feat[-1]``); no adapter, the pooled dimensions need not
+    match. The mean runs over all b^2 entries (the per-row KL divided by b), the scale beta = 30000 is tuned for.
+    Defaults: gamma 1, alpha 0, beta 30000, eps 1e-7 (also guarding the normalisation, as the reference).
+
+    Departures: none from the reference code (RepDistiller, taken from the author's code).
     """
 
     name = "pkt"
     paper = (
         "Passalis & Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018"
     )
-    url = "https://arxiv.org/abs/1803.10837"
     Config = PKTConfig
     needs = frozenset({"pooled"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         eps = self.cfg.eps
         p_s = student.pooled
         with torch.autocast(device_type=p_s.device.type, enabled=False):

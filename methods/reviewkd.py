@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.errors import NotApplicable
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
 from kdbench.methods.dkd import warmup_factor
@@ -94,8 +93,6 @@ class ReviewKD(Method):
 
     def __init__(self, cfg: ReviewKDConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise NotApplicable("ReviewKD needs a teacher")
         s, t, size = ctx.student, ctx.teacher, ctx.image_size
         s_ch = list(s.channels[1:]) + [s.pooled_dim]
         t_ch = list(t.channels[1:]) + [t.pooled_dim]

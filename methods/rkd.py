@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdbench.method import Batch, Method, MethodConfig
+from kdbench.method import Batch, Method, MethodConfig, Progress
 from kdbench.models.base import ModelOutput
 
 
@@ -43,29 +43,26 @@ def triplet_angles(e: torch.Tensor) -> torch.Tensor:
 
 
 class RKD(Method):
-    """RKD distance + angle on the pooled features: loss = 1 CE + 1 * (25 L_distance + 50 L_angle).
+    """L = gamma CE + beta * (w_d * huber(psi_D(s), psi_D(t)) + w_a * huber(psi_A(s), psi_A(t))).
 
-    Taps: ``pooled`` of both networks (the reference's ``feat[-1]``); no adapter, so the two pooled
-    dimensions need not match. L_distance: smooth-L1 (Huber, threshold 1, mean over all b^2 entries) between
-    the student's and the teacher's pairwise Euclidean distance matrices, each divided by its mean over the
-    non-zero off-diagonal pairs. L_angle: smooth-L1 (mean over all b^3 entries) between the cosines of the
-    angles of every triplet (the angle at e_i between e_j - e_i and e_k - e_i). Both as in the reference code
-    (HobbitLong/RepDistiller), including its eps = 1e-12 clamp of the squared distances and the inclusion of
-    the degenerate pairs / triplets in the means. Teacher relations carry no gradient.
-    Defaults: gamma 1, alpha 0, beta 1, distance_weight 25, angle_weight 50.
+    psi_D: the pairwise Euclidean distances of the batch divided by their mean over the non-zero pairs
+    (``normalized_distances``); psi_A: the cosine of the angle at e_i between e_j - e_i and e_k - e_i for every
+    triplet (``triplet_angles``); huber = smooth-L1 with threshold 1, the mean over all b^2 / b^3 entries.
+    Taps: ``pooled`` of both networks (the reference's ``feat[-1]``); no adapter. Teacher relations carry no
+    gradient. Returned terms: ``rkd_distance`` (beta w_d L_D) and ``rkd_angle`` (beta w_a L_A).
+    Defaults: gamma 1, alpha 0, beta 1, w_d = distance_weight 25, w_a = angle_weight 50.
 
-    Returned terms: ``rkd_distance`` = beta * distance_weight * L_distance and ``rkd_angle`` =
-    beta * angle_weight * L_angle. A batch of one sample has no pair: both terms are zero there (the
-    reference gives NaN).
+    Departures: none from the reference code (RepDistiller), including its eps = 1e-12 clamp of the squared
+    distances and the degenerate pairs / triplets in the means. A batch of one sample gives 0 (the reference NaN).
     """
 
     name = "rkd"
     paper = "Park, Kim, Lu & Cho. Relational Knowledge Distillation. CVPR 2019"
-    url = "https://arxiv.org/abs/1904.05068"
     Config = RKDConfig
     needs = frozenset({"pooled"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         p_s = student.pooled
         with torch.autocast(device_type=p_s.device.type, enabled=False):

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kdbench.methods.crd import Embed, fp32
 
-from kdbench.method import Batch, Method, MethodConfig, MethodContext
+from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
+from kdbench.method_parts import Embed, fp32
 from kdbench.models.base import ModelOutput
 
 QUEUE_UPDATES = ("before", "after")
@@ -46,7 +46,7 @@ def _forget_filled(module: torch.nn.Module, incompatible_keys: object) -> None:
 
 
 class RRD(Method):
-    """RRD: the student matches the teacher's similarity distribution over a queue of teacher embeddings.
+    """L = gamma CE + alpha KD + beta * mean_b [-sum_j softmax(z_t Q^T / tau_t)_j log softmax(z_s Q^T / tau_s)_j].
 
     Taps: ``pooled`` of both networks. z_s = normalize(W_s pooled_s + b_s), z_t = normalize(W_t pooled_t + b_t)
     (feat_dim 128); Q = the FIFO queue of past teacher embeddings (``queue``, queue_size x feat_dim, with the
@@ -61,7 +61,7 @@ class RRD(Method):
     - ``rrd-2025`` (code from February 2025 on): tau_s 0.1, tau_t 0.02 (teacher sharper), the batch is
       enqueued BEFORE the loss (so every sample sees its own teacher key).
 
-    Teacher projection (``train_teacher_embed``, default False in every variant). In the February-2025 code
+    Departures. Teacher projection (``train_teacher_embed``, default False in every variant). In the February-2025 code
     the teacher projection gets no gradient and stays at its random initialisation; reading the 2024 code,
     the same holds there too (its teacher logits are detached before the softmax and the queue is read
     detached), so with the paper's objective no gradient can reach W_t. Default: W_t is a fixed random
@@ -82,14 +82,11 @@ class RRD(Method):
 
     name = "rrd"
     paper = "Giakoumoglou & Stathaki. Relational Representation Distillation. arXiv:2407.12073, 2024"
-    url = "https://arxiv.org/abs/2407.12073"
     Config = RRDConfig
     needs = frozenset({"pooled"})
 
     def __init__(self, cfg: RRDConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise ValueError("RRD needs a teacher")
         if cfg.queue_update not in QUEUE_UPDATES:
             raise ValueError(f"queue_update must be one of {QUEUE_UPDATES}, got {cfg.queue_update!r}")
         if cfg.train_teacher_embed and cfg.queue_update != "before":
@@ -132,7 +129,8 @@ class RRD(Method):
         self._filled = min(size, before + total)
         return rows
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         device = student.pooled.device
         with fp32(device):
             z_s = self.embed_s(student.pooled.float())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdbench.method import Batch, Method, MethodConfig
+from kdbench.method import Batch, Method, MethodConfig, Progress
 from kdbench.models.base import ModelOutput
 
 
@@ -25,26 +25,22 @@ def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
 
 
 class SP(Method):
-    """Similarity preserving on the last feature map: loss = 1 CE + 3000 ||G_s - G_t||_F^2 / b^2.
+    """L = gamma CE + beta * ||G_s - G_t||_F^2 / b^2,  G = row-normalize(f f^T), f the (b, C*H*W) flattened map.
 
-    Taps: ``feats[-1]`` of both networks (the last map before pooling, the reference's ``feat[-2]``).
-    Each map is flattened per sample to a (b, C*H*W) matrix f; G = f f^T (b x b) with every row L2-normalised;
-    the loss is the squared Frobenius norm of G_s - G_t divided by b^2, as in the reference code
-    (HobbitLong/RepDistiller, which the paper's author checked) and the paper. Defaults: gamma 1, alpha 0,
-    beta 3000.
+    Taps: ``feats[-1]`` of both networks (the last map before pooling; the reference's ``feat[-2]``). The Gram
+    matrices are b x b, so channel counts and spatial sizes never need to match, and scaling a network's features
+    by a positive constant leaves the loss unchanged. Defaults: gamma 1, alpha 0, beta 3000.
 
-    Because the Gram matrices are b x b, the channel counts and spatial sizes of the two maps never need to
-    match (cross-architecture pairs work unchanged). Scaling a network's features by a positive constant
-    leaves the loss unchanged (row normalisation).
+    Departures: none from the paper or the reference code (RepDistiller, checked by the paper's author).
     """
 
     name = "sp"
     paper = "Tung & Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019"
-    url = "https://arxiv.org/abs/1907.09682"
     Config = SPConfig
     needs = frozenset({"feats"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         f_s, f_t = student.feats[-1], teacher.feats[-1]
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             b = f_s.shape[0]

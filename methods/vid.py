@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.errors import NotApplicable
 from kdbench.losses import match_spatial
-from kdbench.method import Batch, Method, MethodConfig, MethodContext
+from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.models.base import ModelOutput
 
 
@@ -61,25 +60,16 @@ class VIDLayer(nn.Module):
 
 
 class VID(Method):
-    """VID on every block-group output: loss = 1 CE + 1 * sum_l NLL_l.
+    """L = gamma CE + beta * sum_l mean_{b,c,h,w} 1/2 [(mu_l(f_s^l) - f_t^l)^2 / var_c + log var_c].
 
-    Taps: ``feats[1:]`` of both networks (the reference's ``feat[1:-1]``: block-group outputs after ReLU).
-    Per tap l (``self.layers[l]``, a ``VIDLayer``): the student map is regressed onto the teacher's channels by
-    three bias-free 1x1 convs (student C -> teacher C -> teacher C -> teacher C, ReLU between; the middle
-    width is the teacher's channel count, as the reference's ``VIDLoss(s, t, t)``); a per-channel variance
-    var_c = softplus(log_scale_c) + eps, with log_scale initialised so that var_c = ``init_pred_var``.
-    NLL_l = mean over batch, channels and pixels of 0.5 * ((mean - t)^2 / var_c + log var_c) (the reference's
-    ``torch.mean``; the constant 0.5 log 2pi is dropped). Defaults: gamma 1, alpha 0, beta 1,
-    init_pred_var 5.0, eps 1e-5.
+    Taps: ``feats[1:]`` of both networks (the reference's ``feat[1:-1]``: block-group outputs after ReLU), paired
+    by index. Per tap (``self.layers[l]``, a ``VIDLayer``): mu = three bias-free 1x1 convs (student C -> teacher C
+    -> teacher C -> teacher C, ReLU between, as the reference's ``VIDLoss(s, t, t)``); var_c = softplus(log_scale_c)
+    + eps, initialised to ``init_pred_var``. Defaults: gamma 1, alpha 0, beta 1, init_pred_var 5.0, eps 1e-5.
 
-    Choices, following the reference code (HobbitLong/RepDistiller ``distiller_zoo/VID.py``):
-    - Spatial sizes that differ at a tap: the larger of the two maps (student or teacher) is adaptively
-      average-pooled to the smaller size before the regressor.
-    - Taps are paired by index from the first block group; extra trailing maps of the longer list are ignored
-      (the reference's ``zip``).
-    - Known defect NOT reproduced: mdistiller keeps the variance parameters in a plain Python list, so they are
-      never optimised. Here each ``log_scale`` is an ``nn.Parameter`` of a registered submodule: it is trained
-      with the student and saved in ``state_dict()``.
+    Departures: the constant 1/2 log 2pi is dropped. A larger map is adaptively average-pooled to the smaller size
+    before the regressor; extra trailing block groups are ignored (the reference's ``zip``). mdistiller's defect
+    (variances in a plain Python list, never optimised) is not reproduced: each ``log_scale`` is a parameter.
     """
 
     name = "vid"
@@ -87,17 +77,15 @@ class VID(Method):
         "Ahn, Hu, Damianou, Lawrence & Dai. Variational Information Distillation for Knowledge Transfer. "
         "CVPR 2019"
     )
-    url = "https://arxiv.org/abs/1904.05835"
     Config = VIDConfig
     needs = frozenset({"feats"})
 
     def __init__(self, cfg: VIDConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        if ctx.teacher is None:
-            raise NotApplicable("VID needs a teacher")
         pairs = zip(ctx.student.channels[1:], ctx.teacher.channels[1:])
         self.layers = nn.ModuleList(VIDLayer(s, t, t, cfg.init_pred_var, cfg.eps) for s, t in pairs)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
+             progress: Progress) -> dict[str, torch.Tensor]:
         terms = [layer(f_s, f_t) for layer, f_s, f_t in zip(self.layers, student.feats[1:], teacher.feats[1:])]
         return {"vid": self.cfg.weight * torch.stack(terms).sum()}

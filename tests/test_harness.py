@@ -196,3 +196,55 @@ def test_killed_between_teacher_run_json_and_card_loses_nothing(tiny_toml, tmp_p
     report = Sweep(store, CPU).run(specs)
     assert len(report.trained) == 1 and list(store.teachers_dir.glob("*.json"))
     assert _metrics(store) == ref
+
+
+def test_requires_teacher_is_checked_once_by_the_harness(tiny_toml, tiny_data, tmp_path):
+    """A method that requires a teacher, without one: n/a from not_applicable_reason (recorded as such by a sweep),
+    one clear KdbenchError from build_member; the method itself checks nothing."""
+    import dataclasses
+
+    from kdbench.errors import KdbenchError
+    from kdbench.train import build_member, not_applicable_reason
+
+    specs = [dataclasses.replace(s, teacher=None) for s in _specs(tiny_toml, ["at", "crd", "fsp", "fitnet"])
+             if s.method != "ce"]
+    for spec in specs:
+        assert not_applicable_reason(spec, tiny_data, None) == f"method {spec.method} needs a teacher"
+        with pytest.raises(KdbenchError, match="needs a teacher"):
+            build_member(spec, tiny_data, None, CPU)
+    (ce,) = [s for s in _specs(tiny_toml, ["ce"])]
+    assert not_applicable_reason(ce, tiny_data, None) is None  # requires_teacher = False
+    store = ResultStore(tmp_path / "r")
+    report = Sweep(store, CPU).run(specs[:1])
+    assert report.not_applicable == [specs[0].label]
+    (run,) = [r for _, r, _ in store.iter_runs()]
+    assert run["status"] == "n/a" and run["reason"] == "method at needs a teacher"
+
+
+def test_ab_init_stage_keeps_a_wrn_students_final_bn_frozen_in_eval_mode(tiny_toml):
+    """As RepDistiller's helper/pretrain.py (model_s.eval(); init_modules.train() with get_feat_modules()): a WRN
+    student's final bn1 is not a feature module, so AB's init stage neither trains it nor updates its statistics,
+    although AB's last tap reads it; the feature layers run in train mode and are trained."""
+    from kdbench.data import load_dataset
+    from kdbench.models import create_model
+    from kdbench.train import build_member, run_init_stage
+
+    data = load_dataset("synthetic", None, image_size=16, num_classes=8, train_size=64, test_size=32, seed=0)
+    (spec,) = [s for s in _specs(tiny_toml, ["ab"], pairs="tiny2") if s.method == "ab"]
+    torch.manual_seed(0)
+    teacher = create_model(spec.teacher.arch, num_classes=8).eval().requires_grad_(False)
+    m = build_member(spec, data, teacher, CPU)
+    bn1, block_bn = m.student.bn1, m.student.block1.layer[0].bn1
+    modes = {"bn1": set(), "block": set()}
+    bn1.register_forward_pre_hook(lambda mod, args: modes["bn1"].add(mod.training))
+    block_bn.register_forward_pre_hook(lambda mod, args: modes["block"].add(mod.training))
+    before = {k: v.clone() for k, v in m.student.state_dict().items()}
+    run_init_stage(m, data, teacher, CPU, save=False)
+    after = m.student.state_dict()
+    assert m.failed is None and m.init_done == spec.protocol.init_epochs
+    assert modes == {"bn1": {False}, "block": {True}}
+    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"):
+        assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before["block1.layer.0.bn1.running_mean"], after["block1.layer.0.bn1.running_mean"])
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+    assert torch.equal(before["fc.weight"], after["fc.weight"])

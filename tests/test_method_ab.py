@@ -1,68 +1,21 @@
-"""AB: the hand-computed boundary loss and its layer weights, connectors, the init stage, golden values."""
+"""AB: the hand-computed boundary loss and its layer weights, connectors, the init stage, the golden-value cases."""
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from kdbench.methods.ab import AB, ABConfig, boundary_loss, make_connector
 from torch import nn
 
-from kdbench.method import Batch, MethodContext
+from tests.method_helpers import START, TinyNet, batch_of, info, outputs
+from kdbench.method import MethodContext
 from kdbench.models.base import FeatureInfo, ModelOutput
-
-GOLDEN = Path(__file__).parent / "golden" / "ab.json"
-
-
-def info(channels: tuple[int, ...], reduction: tuple[int, ...]) -> FeatureInfo:
-    return FeatureInfo(channels=channels, reduction=reduction, pooled_dim=channels[-1], num_classes=10)
 
 
 def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8, head: nn.Module | None = None) -> MethodContext:
     return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
                          train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size, student_head=head)
-
-
-def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 8) -> ModelOutput:
-    pre = [torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
-           for c, r in zip(fi.channels, fi.reduction)]
-    feats = [p.relu() for p in pre]
-    return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre,
-                       pooled=feats[-1].mean(dim=(2, 3)))
-
-
-def batch_of(n: int) -> Batch:
-    return Batch(images=torch.zeros(n, 3, 8, 8), labels=torch.zeros(n, dtype=torch.long), index=torch.arange(n))
-
-
-class TinyNet(nn.Module):
-    """A 3-tap student on 8x8 inputs with the zoo's contract: feats, preact, pooled and a linear ``head``."""
-
-    feature_info = info((4, 6, 8), (1, 1, 2))
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.group1 = nn.Conv2d(4, 6, 3, padding=1)
-        self.group2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
-        self.fc = nn.Linear(8, 10)
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        pre, feats = [], []
-        for conv in (self.stem, self.group1, self.group2):
-            x = conv(x)
-            pre.append(x)
-            x = x.relu()
-            feats.append(x)
-        pooled = x.mean(dim=(2, 3))
-        return ModelOutput(logits=self.fc(pooled), feats=feats, preact=pre, pooled=pooled)
 
 
 TEACHER = info((4, 6, 12), (1, 1, 2))  # tap 1: same shape as the student's (identity), tap 2: 8 -> 12 channels
@@ -110,10 +63,9 @@ def test_layer_weights_and_batch_scaling_by_hand():
         expected = (0.5 * per_sample + 1.0 * per_sample) / 1000 * 3
         assert m.ab_loss(out_s, out_t).item() == pytest.approx(expected, rel=1e-6)
         # The main stage adds nothing; the init stage scales by init_weight.
-        assert m.loss(out_s, out_t, batch_of(b)) == {}
+        assert m.loss(out_s, out_t, batch_of(b), START) == {}
     m2 = build(s, t, image_size=1, init_weight=4.0)
-    m2.bind_student(TinyNet())
-    got = m2.init_stage().loss(out_s, out_t, batch_of(3))
+    got = m2.init_stage(TinyNet()).loss(out_s, out_t, batch_of(3))
     assert set(got) == {"ab"} and got["ab"].item() == pytest.approx(4 * expected, rel=1e-6)
 
 
@@ -160,16 +112,15 @@ def test_connectors_frozen_registered_and_round_trip():
 
 def test_init_stage_parameter_set():
     m = build(TinyNet.feature_info, TEACHER)
-    with pytest.raises(RuntimeError, match="bind_student"):
-        m.init_stage()
     torch.manual_seed(1)
     student = TinyNet()
-    m.bind_student(student)
-    assert "_student" not in dict(m.named_modules()) and not any(k.startswith("_student") for k in m.state_dict())
-    stage = m.init_stage()
-    assert stage.epochs is None
-    got = {id(p) for p in stage.parameters}
-    assert len(got) == len(stage.parameters)
+    stage = m.init_stage(student)
+    assert not any(k.startswith("_student") for k in m.state_dict())  # the method keeps no reference to it
+    assert stage.epochs is None and stage.needs_student
+    assert [id(p) for p in stage.parameters] == [id(p) for p in m.connectors.parameters()]
+    assert stage.student_modules == [student.stem, student.group1, student.group2]
+    got = {id(p) for p in stage.all_parameters()}
+    assert len(got) == len(stage.all_parameters())
     expected = {id(p) for p in m.connectors.parameters()}
     expected |= {id(p) for name, p in student.named_parameters() if not name.startswith("fc.")}
     assert got == expected
@@ -180,17 +131,16 @@ def test_init_stage_loss_decreases():
     torch.manual_seed(1)
     student = TinyNet()
     m = build(TinyNet.feature_info, TEACHER)
-    m.bind_student(student)
-    stage = m.init_stage()
-    for p in stage.parameters:  # what the harness does for the stage
+    stage = m.init_stage(student)
+    for p in stage.all_parameters():  # what the harness does for the stage
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(8, 3, 8, 8, generator=gen)
     out_t = outputs(gen, TEACHER, 8)
-    opt = torch.optim.SGD(stage.parameters, lr=0.5, momentum=0.9)
+    opt = torch.optim.SGD(stage.all_parameters(), lr=0.5, momentum=0.9)
     losses = []
     for _ in range(15):
-        loss = sum(stage.loss(student(x), out_t, batch_of(8)).values())
+        loss = sum(stage.loss(student(x, preact=True), out_t, batch_of(8)).values())
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -206,82 +156,6 @@ GOLDEN_TEACHER = info((4, 6, 12, 16), (1, 2, 1, 4))  # tap 1: 3x3/s2 conv; tap 2
 
 def golden_values() -> dict[str, float]:
     m = build(GOLDEN_STUDENT, GOLDEN_TEACHER, image_size=16)
-    m.bind_student(TinyNet())
     gen = torch.Generator().manual_seed(1234)
     out_s, out_t = outputs(gen, GOLDEN_STUDENT, 3, 16), outputs(gen, GOLDEN_TEACHER, 3, 16)
-    return {k: float(v.detach()) for k, v in m.init_stage().loss(out_s, out_t, batch_of(3)).items()}
-
-
-def test_golden():
-    expected = json.loads(GOLDEN.read_text())
-    got = golden_values()
-    assert set(got) == set(expected)
-    for k, v in expected.items():
-        assert got[k] == pytest.approx(v, rel=1e-5), k
-
-
-# ---------------------------------------------------------------------------------------------- real zoo pairs
-
-# One forward + backward through real networks; the heavier pairs are marked slow.
-ZOO_PAIRS = [
-    ("wrn_40_2", "wrn_16_2", 2),
-    ("resnet20", "mobilenetv2", 2),  # cross-architecture: every tap differs in channels and size
-    pytest.param("resnet32x4", "resnet8x4", 4, marks=pytest.mark.slow),
-    pytest.param("resnet32x4", "shufflenetv2", 2, marks=pytest.mark.slow),
-    pytest.param("vgg13", "mobilenetv2", 2, marks=pytest.mark.slow),
-]
-
-
-@functools.cache
-def zoo_teacher(name: str, batch: int) -> tuple[nn.Module, torch.Tensor, ModelOutput]:
-    """A zoo teacher in eval mode, a fixed input and its outputs under no_grad (built once per module)."""
-    try:
-        from kdbench.models import create_model
-    except ImportError as exc:  # the zoo is written by another developer; skip until it exists
-        pytest.skip(f"model zoo not available: {exc}")
-    torch.manual_seed(0)
-    teacher = create_model(name, num_classes=10).eval()
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return teacher, x, teacher(x)
-
-
-@pytest.mark.parametrize(("t_name", "s_name", "batch"), ZOO_PAIRS)
-def test_zoo_pair_init_stage(t_name, s_name, batch):
-    teacher, x, out_t = zoo_teacher(t_name, batch)
-    from kdbench.models import create_model
-
-    student = create_model(s_name, num_classes=10)
-    ctx = MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=10, num_train=100,
-                        train_labels=torch.zeros(100, dtype=torch.long), student_head=student.head,
-                        teacher_head=teacher.head)
-    m = AB(ABConfig(), ctx)
-    m.bind_student(student)
-    stage = m.init_stage()
-    for p in stage.parameters:
-        p.requires_grad_(True)
-    loss = sum(stage.loss(student(x), out_t, batch_of(batch)).values())
-    assert torch.isfinite(loss) and loss > 0
-    loss.backward()
-    assert all(p.grad is not None for p in m.connectors.parameters())
-    assert all(p.grad is None for p in student.head.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    # Every feature parameter gets a gradient except those downstream of the last PAIRED tap (a final 1x1 conv
-    # before pooling; a student block group the teacher has no counterpart for), which cannot change any paired
-    # pre-activation: zeroing them leaves those taps as they were.
-    idle = [p for p in stage.parameters if p.grad is None]
-    assert len(idle) < len(stage.parameters) // 2
-    if idle:
-        used = 1 + len(m.connectors)
-        before = [f.detach().clone() for f in student(x).preact[:used]]
-        with torch.no_grad():
-            for p in idle:
-                p.zero_()
-        for a, b in zip(before, student(x).preact[:used]):
-            assert torch.equal(a, b.detach())
-
-
-if __name__ == "__main__":  # regenerate the golden values: python tests/test_method_ab.py
-    GOLDEN.parent.mkdir(exist_ok=True)
-    GOLDEN.write_text(json.dumps(golden_values(), indent=2, sort_keys=True) + "\n")
-    print(GOLDEN.read_text())
+    return {k: float(v.detach()) for k, v in m.init_stage(TinyNet()).loss(out_s, out_t, batch_of(3)).items()}

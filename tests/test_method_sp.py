@@ -1,62 +1,22 @@
-"""SP: zero on identical maps, scale invariance, a hand-computed value, shape freedom, golden values, pairs."""
+"""SP: zero on identical maps, scale invariance, a hand-computed value, shape freedom, the golden-value cases."""
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from kdbench.methods.sp import SP, SPConfig
 
-from kdbench.method import Batch, MethodContext, discover
+from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
+from kdbench.method import discover
 from kdbench.models.base import FeatureInfo, ModelOutput
 
-GOLDEN = Path(__file__).parent / "golden" / "sp.json"
 
 # Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
-STUDENT = FeatureInfo(channels=(4, 4, 6, 8), reduction=(1, 1, 2, 4), pooled_dim=8, num_classes=5)
-TEACHER = FeatureInfo(channels=(8, 8, 12, 16), reduction=(1, 1, 2, 4), pooled_dim=16, num_classes=5)
 # A VGG-like teacher (one more tap, everything one stride coarser).
-TEACHER_X = FeatureInfo(channels=(8, 8, 12, 16, 16), reduction=(1, 2, 4, 8, 8), pooled_dim=16, num_classes=5)
 
-PAIRS = [
-    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
-    ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "mobilenetv2"),
-    ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"), ("resnet32x4", "shufflenetv1"),
-    ("resnet32x4", "shufflenetv2"), ("wrn_40_2", "shufflenetv1"),
-]
 # One forward + backward through real networks: a cross-family pair by default, three more marked slow.
-REAL_PAIRS = [
-    ("resnet32x4", "shufflenetv2"),
-    pytest.param("wrn_40_2", "wrn_16_2", marks=pytest.mark.slow),
-    pytest.param("resnet32x4", "resnet8x4", marks=pytest.mark.slow),
-    pytest.param("vgg13", "mobilenetv2", marks=pytest.mark.slow),
-]
-
-
-def make_ctx(student: FeatureInfo, teacher: FeatureInfo, image_size: int = 8) -> MethodContext:
-    return MethodContext(student=student, teacher=teacher, num_classes=student.num_classes, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
-
-
-def make_out(info: FeatureInfo, b: int, gen: torch.Generator, image_size: int = 8) -> ModelOutput:
-    preact = [torch.randn(b, c, image_size // r, image_size // r, generator=gen)
-              for c, r in zip(info.channels, info.reduction)]
-    feats = [p.relu() for p in preact]
-    return ModelOutput(logits=torch.randn(b, info.num_classes, generator=gen), feats=feats, preact=preact,
-                       pooled=torch.randn(b, info.pooled_dim, generator=gen).relu())
-
-
-def from_feats(feats: list[torch.Tensor]) -> ModelOutput:
-    b = feats[0].shape[0]
-    return ModelOutput(logits=torch.zeros(b, 5), feats=feats, preact=feats, pooled=torch.zeros(b, 3))
-
-
-def make_batch(b: int) -> Batch:
-    return Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
 
 
 def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, image_size: int = 8, **cfg) -> SP:
@@ -65,7 +25,7 @@ def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, image_
 
 
 def sp_loss(m: SP, s: ModelOutput, t: ModelOutput) -> float:
-    return m.loss(s, t, make_batch(s.feats[0].shape[0]))["sp"].item()
+    return m.loss(s, t, make_batch(s.feats[0].shape[0]), START)["sp"].item()
 
 
 def test_registered_with_reference_defaults():
@@ -125,19 +85,9 @@ def test_gradient_reaches_student_last_map_only():
     s, t = make_out(STUDENT, 4, gen), make_out(TEACHER, 4, gen)
     for f in s.feats:
         f.requires_grad_(True)
-    build().loss(s, t, make_batch(4))["sp"].backward()
+    build().loss(s, t, make_batch(4), START)["sp"].backward()
     assert s.feats[-1].grad is not None and s.feats[-1].grad.abs().sum() > 0
     assert all(f.grad is None for f in s.feats[:-1])
-
-
-def test_bf16_autocast_gives_fp32_loss():
-    gen = torch.Generator().manual_seed(6)
-    s, t = make_out(STUDENT, 4, gen), make_out(TEACHER, 4, gen)
-    m = build()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = m.loss(s, t, make_batch(4))["sp"]
-    assert low.dtype == torch.float32
-    assert low.item() == pytest.approx(sp_loss(m, s, t), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ golden values
@@ -152,55 +102,3 @@ def golden_values() -> dict[str, float]:
         gen = torch.Generator().manual_seed(100 + k)
         values[name] = sp_loss(m, make_out(si, 6, gen), make_out(ti, 6, gen))
     return values
-
-
-def test_golden_values():
-    expected = json.loads(GOLDEN.read_text())
-    got = golden_values()
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5), name
-
-
-# ------------------------------------------------------------------------------------------------ zoo pairs
-
-
-@functools.cache
-def zoo_info(name: str) -> FeatureInfo:
-    try:
-        from kdbench.models.base import feature_info, list_models
-    except ImportError as exc:  # the zoo is optional for these unit tests
-        pytest.skip(f"model zoo not available: {exc}")
-    if name not in list_models():
-        pytest.skip(f"{name} is not in the zoo yet")
-    return feature_info(name, 10)
-
-
-@pytest.mark.parametrize("teacher,student", PAIRS)
-def test_zoo_pair_shapes(teacher, student):
-    """Every benchmark pair, with random maps of the declared shapes (no forward pass): finite loss."""
-    ti, si = zoo_info(teacher), zoo_info(student)
-    m = build(si, ti, image_size=32)
-    gen = torch.Generator().manual_seed(8)
-    assert math.isfinite(sp_loss(m, make_out(si, 2, gen, 32), make_out(ti, 2, gen, 32)))
-
-
-@pytest.mark.parametrize("teacher,student", REAL_PAIRS)
-def test_real_pair_forward_backward(teacher, student):
-    ti, si = zoo_info(teacher), zoo_info(student)
-    from kdbench.models.base import create_model
-
-    torch.manual_seed(0)
-    t_net, s_net = create_model(teacher, 10).eval(), create_model(student, 10)
-    m = build(si, ti, image_size=32)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        t_out = t_net(x)
-    m.loss(s_net(x), t_out, make_batch(2))["sp"].backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s_net.parameters())
-
-
-if __name__ == "__main__":  # regenerate the golden values: python tests/test_method_sp.py
-    GOLDEN.parent.mkdir(exist_ok=True)
-    GOLDEN.write_text(json.dumps(golden_values(), indent=2, sort_keys=True) + "\n")
-    print(GOLDEN.read_text())

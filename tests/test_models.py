@@ -149,7 +149,7 @@ def _model(name: str) -> ZooModel:
 def _output(name: str, size: int) -> ModelOutput:
     torch.manual_seed(1)
     with torch.no_grad():
-        return _model(name)(torch.randn(BATCH, 3, size, size))
+        return _model(name)(torch.randn(BATCH, 3, size, size), preact=True)
 
 
 def _first_match(table: dict[str, tuple[str, ...]], name: str) -> tuple[str, ...] | None:
@@ -225,6 +225,45 @@ def test_preact_precedes_the_relu(name: str) -> None:
     for i, (f, p) in enumerate(zip(out.feats, out.preact)):
         # A tap with no ReLU after it (MobileNetV2's linear bottlenecks) is its own pre-activation.
         assert p is f or torch.equal(F.relu(p), f), f"relu(preact[{i}]) != feats[{i}]"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_preact_only_when_asked_and_nothing_else_changes(name: str) -> None:
+    """Without ``preact=True`` the forward keeps no pre-activation (its last ReLUs run in place): same outputs,
+    same gradients, ``preact`` None."""
+    model = _model(name)
+    model.train()
+    try:
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        params = list(model.parameters())
+        runs = []
+        for preact in (True, False):
+            out = model(x, preact=preact)
+            loss = out.logits.square().mean() + sum(f.mean() for f in out.feats) + out.pooled.mean()
+            runs.append((out, torch.autograd.grad(loss, params)))
+        (with_pre, g_with), (without, g_without) = runs
+        assert without.preact is None and len(with_pre.preact) == len(with_pre.feats)
+        assert torch.equal(with_pre.logits, without.logits) and torch.equal(with_pre.pooled, without.pooled)
+        assert all(torch.equal(a, b) for a, b in zip(with_pre.feats, without.feats))
+        assert all(torch.equal(a, b) for a, b in zip(g_with, g_without))
+    finally:
+        model.eval()
+
+
+# Children that RepDistiller's get_feat_modules() leaves out besides the classifier: an init stage does not train
+# them and keeps them in eval mode.
+NOT_FEATURE_MODULES = {"wrn_*": {"bn1"}, "mobilenetv2": {"conv2"}, "shufflenetv2": {"conv2", "bn2"}}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_feature_modules_are_the_references(name: str) -> None:
+    model = _model(name)
+    children = dict(model.named_children())
+    got = {n for n, m in children.items() if any(m is f for f in model.feature_modules())}
+    head = {n for n, m in children.items() if model.head is m or model.head in set(m.modules())}
+    left_out = next((v for k, v in NOT_FEATURE_MODULES.items() if fnmatch.fnmatch(name, k)), set())
+    assert len(model.feature_modules()) == len(got)
+    assert got == set(children) - head - left_out
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -20,13 +20,14 @@ class ModelOutput:
     feats:  the stem output (after ReLU) then the output of every block group (VGG: every stage), in order;
             ``feats[-1]`` is the last feature map before global pooling. Indices follow the reference zoo's
             feature lists, so ``feats[2]`` is FitNet's hint layer 2.
-    preact: the same taps before their final ReLU (AB needs them).
+    preact: the same taps before their final ReLU (AB needs them); None unless the forward was asked for them
+            (``model(x, preact=True)``): the harness asks only when a method of the cohort declares "preact".
     pooled: the penultimate vector (after global pooling, flattened), the input of the classifier.
     """
 
     logits: torch.Tensor
     feats: list[torch.Tensor]
-    preact: list[torch.Tensor]
+    preact: list[torch.Tensor] | None
     pooled: torch.Tensor
 
 
@@ -67,7 +68,13 @@ class ZooModel(nn.Module):
         that does not say is treated as having none."""
         return [None] * len(self.feature_info.channels)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:  # pragma: no cover - implemented by each family
+    def feature_modules(self) -> list[nn.Module]:
+        """The layers an init stage trains (RepDistiller's ``get_feat_modules()``): by default every child
+        module except ``head``; a family whose reference list leaves more out overrides it."""
+        head = self.head
+        return [m for m in self.children() if m is not head and head not in set(m.modules())]
+
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:  # pragma: no cover - per family
         raise NotImplementedError
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models.base import FeatureInfo, ModelOutput, ZooModel, register_model
+from kdbench.models.resnet import relu_keeping
 
 # (expansion, channels, blocks, first stride); None stands for the model's expansion factor.
 _SETTING: list[tuple[int | None, int, int, int]] = [
@@ -69,7 +70,7 @@ class MobileNetV2(ZooModel):
         super().__init__()
         input_channel = int(32 * width_mult)
         stem_channels = input_channel
-        # The stem's ReLU is not in place: forward keeps the BN output as preact[0].
+        # forward applies the stem's ReLU through relu_keeping (in place unless preact[0] is asked for).
         self.conv1 = _conv_bn_relu(3, input_channel, 3, 2, inplace=False)
         self.blocks = nn.ModuleList()
         group_channels = []
@@ -108,12 +109,15 @@ class MobileNetV2(ZooModel):
     def head(self) -> nn.Linear:
         return self.classifier[0]
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def feature_modules(self) -> list[nn.Module]:
+        """The stem and the inverted-residual groups, as the reference's ``get_feat_modules()`` (not ``conv2``)."""
+        return [self.conv1, self.blocks]
+
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:
         # The reference has no preact=True path for this model. preact[0] is the stem's BN output before its
         # ReLU (the reference's stem tap is relu(preact[0])); taps 1-4 end in a linear bottleneck with no
         # ReLU, so their preact is the tap itself.
-        pre0 = self.conv1[1](self.conv1[0](x))
-        f0 = self.conv1[2](pre0)
+        f0, pre0 = relu_keeping(self.conv1[1](self.conv1[0](x)), preact)
         out = self.blocks[0](f0)
         f1 = self.blocks[1](out)
         f2 = self.blocks[2](f1)
@@ -124,7 +128,8 @@ class MobileNetV2(ZooModel):
         out = self.conv2(f4)
         pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         logits = self.classifier(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3, f4], preact=[pre0, f1, f2, f3, f4], pooled=pooled)
+        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3, f4], preact=[pre0, f1, f2, f3, f4] if preact else None,
+                           pooled=pooled)
 
 
 @register_model

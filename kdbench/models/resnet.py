@@ -17,14 +17,27 @@ from kdbench.models.base import FeatureInfo, ModelOutput, ZooModel, register_mod
 class BlockGroup(nn.Sequential):
     """A sequence of blocks that each return ``(output, preact)``; the group returns its last block's pair.
 
-    Subclassing nn.Sequential keeps the reference key layout (``layer1.0.conv1.weight``).
+    With ``preact=False`` no block is asked for its pre-activation (it returns None there and may apply
+    its last ReLU in place); with ``preact=True`` the last block is. Subclassing nn.Sequential keeps the
+    reference key layout (``layer1.0.conv1.weight``).
     """
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        preact = x
-        for block in self:
-            x, preact = block(x)
-        return x, preact
+    def forward(self, x: torch.Tensor, preact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        last = len(self) - 1
+        pre = None
+        for i, block in enumerate(self):
+            x, pre = block(x, preact and i == last)
+        return x, pre
+
+
+def relu_keeping(pre: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(relu(pre), pre) when ``keep``; else (relu(pre) computed in place, None): one activation map less.
+
+    ``pre`` must be a fresh tensor that autograd does not save (a sum, a concatenation or a BN output).
+    """
+    if keep:
+        return F.relu(pre), pre
+    return F.relu_(pre), None
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -42,12 +55,11 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        preact = out + shortcut
-        return F.relu(preact), preact
+        return relu_keeping(out + shortcut, preact)
 
 
 class ResNet(ZooModel):
@@ -96,17 +108,17 @@ class ResNet(ZooModel):
         # The stem's BN is preact[0] itself; a group's preact is its last block's bn2 output plus the shortcut.
         return [self.bn1, self.layer1[-1].bn2, self.layer2[-1].bn2, self.layer3[-1].bn2]
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:
         # preact[0] is the stem's BN output before its ReLU. The reference has no pre-ReLU stem tap (its
         # preact=True list repeats the post-ReLU stem there), so the reference's value is relu(preact[0]).
-        pre0 = self.bn1(self.conv1(x))
-        f0 = F.relu(pre0)
-        f1, pre1 = self.layer1(f0)
-        f2, pre2 = self.layer2(f1)
-        f3, pre3 = self.layer3(f2)
+        f0, pre0 = relu_keeping(self.bn1(self.conv1(x)), preact)
+        f1, pre1 = self.layer1(f0, preact)
+        f2, pre2 = self.layer2(f1, preact)
+        f3, pre3 = self.layer3(f2, preact)
         pooled = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
         logits = self.fc(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3], pooled=pooled)
+        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
+                           pooled=pooled)
 
 
 _NARROW = (16, 16, 32, 64)

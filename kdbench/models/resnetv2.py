@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models.base import FeatureInfo, ModelOutput, ZooModel, register_model
-from kdbench.models.resnet import BlockGroup
+from kdbench.models.resnet import BlockGroup, relu_keeping
 
 
 class Bottleneck(nn.Module):
@@ -39,12 +39,11 @@ class Bottleneck(nn.Module):
                 nn.BatchNorm2d(out_planes),
             )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        preact = out + self.shortcut(x)
-        return F.relu(preact), preact
+        return relu_keeping(out + self.shortcut(x), preact)
 
 
 class ResNetV2(ZooModel):
@@ -87,20 +86,18 @@ class ResNetV2(ZooModel):
         # The stem's BN is preact[0] itself; a group's preact is its last block's bn3 output plus the shortcut.
         return [self.bn1] + [layer[-1].bn3 for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:
         # preact[0] is the stem's BN output before its ReLU; the reference has no pre-ReLU stem tap (it repeats
         # the post-ReLU stem), so the reference's value there is relu(preact[0]).
-        pre0 = self.bn1(self.conv1(x))
-        f0 = F.relu(pre0)
-        f1, pre1 = self.layer1(f0)
-        f2, pre2 = self.layer2(f1)
-        f3, pre3 = self.layer3(f2)
-        f4, pre4 = self.layer4(f3)
+        f0, pre0 = relu_keeping(self.bn1(self.conv1(x)), preact)
+        f1, pre1 = self.layer1(f0, preact)
+        f2, pre2 = self.layer2(f1, preact)
+        f3, pre3 = self.layer3(f2, preact)
+        f4, pre4 = self.layer4(f3, preact)
         pooled = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
         logits = self.linear(pooled)
-        return ModelOutput(
-            logits=logits, feats=[f0, f1, f2, f3, f4], preact=[pre0, pre1, pre2, pre3, pre4], pooled=pooled
-        )
+        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3, f4],
+                           preact=[pre0, pre1, pre2, pre3, pre4] if preact else None, pooled=pooled)
 
 
 @register_model

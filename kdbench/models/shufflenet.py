@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models.base import FeatureInfo, ModelOutput, ZooModel, register_model
-from kdbench.models.resnet import BlockGroup
+from kdbench.models.resnet import BlockGroup, relu_keeping
 
 
 def _channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -49,14 +49,13 @@ class Bottleneck(nn.Module):
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = F.relu(self.bn1(self.conv1(x)))
         out = _channel_shuffle(out, self.shuffle_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        preact = torch.cat([out, res], 1) if self.stride == 2 else out + res
-        return F.relu(preact), preact
+        return relu_keeping(torch.cat([out, res], 1) if self.stride == 2 else out + res, preact)
 
 
 class ShuffleNetV1(ZooModel):
@@ -88,17 +87,17 @@ class ShuffleNetV1(ZooModel):
     def head(self) -> nn.Linear:
         return self.linear
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:
         # preact[0] is the stem's BN output before its ReLU; the reference has no pre-ReLU stem tap (it repeats
         # the post-ReLU stem), so the reference's value there is relu(preact[0]).
-        pre0 = self.bn1(self.conv1(x))
-        f0 = F.relu(pre0)
-        f1, pre1 = self.layer1(f0)
-        f2, pre2 = self.layer2(f1)
-        f3, pre3 = self.layer3(f2)
+        f0, pre0 = relu_keeping(self.bn1(self.conv1(x)), preact)
+        f1, pre1 = self.layer1(f0, preact)
+        f2, pre2 = self.layer2(f1, preact)
+        f3, pre3 = self.layer3(f2, preact)
         pooled = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
         logits = self.linear(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3], pooled=pooled)
+        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
+                           pooled=pooled)
 
 
 # ---------------------------------------------------------------------------------------------- ShuffleNet V2
@@ -126,14 +125,13 @@ class BasicBlock(nn.Module):
         self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         x1, x2 = x[:, : self.split], x[:, self.split :]
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
         pre = self.bn3(self.conv3(out))
         out = _channel_shuffle(torch.cat([x1, F.relu(pre)], 1), 2)
-        preact = _channel_shuffle(torch.cat([x1, pre], 1), 2)
-        return out, preact
+        return out, _channel_shuffle(torch.cat([x1, pre], 1), 2) if preact else None
 
 
 class DownBlock(nn.Module):
@@ -159,12 +157,11 @@ class DownBlock(nn.Module):
         self.conv5 = nn.Conv2d(mid_channels, mid_channels, kernel_size=1, bias=False)
         self.bn5 = nn.BatchNorm2d(mid_channels)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         left = self.bn2(self.conv2(self.bn1(self.conv1(x))))
         right = F.relu(self.bn3(self.conv3(x)))
         right = self.bn5(self.conv5(self.bn4(self.conv4(right))))
-        preact = _channel_shuffle(torch.cat([left, right], 1), 2)
-        return F.relu(preact), preact
+        return relu_keeping(_channel_shuffle(torch.cat([left, right], 1), 2), preact)
 
 
 class ShuffleNetV2(ZooModel):
@@ -198,18 +195,22 @@ class ShuffleNetV2(ZooModel):
     def head(self) -> nn.Linear:
         return self.linear
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def feature_modules(self) -> list[nn.Module]:
+        """Stem and groups, as the reference's ``get_feat_modules()``: the final ``conv2`` / ``bn2`` are left out."""
+        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3]
+
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:
         # preact[0] is the stem's BN output before its ReLU (the reference repeats the post-ReLU stem there);
         # preact[1..3] are the groups' last pre-activations, shuffled like the taps (see BasicBlock).
-        pre0 = self.bn1(self.conv1(x))
-        f0 = F.relu(pre0)
-        f1, pre1 = self.layer1(f0)
-        f2, pre2 = self.layer2(f1)
-        f3, pre3 = self.layer3(f2)
+        f0, pre0 = relu_keeping(self.bn1(self.conv1(x)), preact)
+        f1, pre1 = self.layer1(f0, preact)
+        f2, pre2 = self.layer2(f1, preact)
+        f3, pre3 = self.layer3(f2, preact)
         out = F.relu(self.bn2(self.conv2(f3)))
         pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         logits = self.linear(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3], pooled=pooled)
+        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
+                           pooled=pooled)
 
 
 @register_model

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.models.base import FeatureInfo, ModelOutput, ZooModel, register_model
+from kdbench.models.resnet import relu_keeping
 
 _CFG: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -78,24 +79,18 @@ class VGG(ZooModel):
         stages = (self.block0, self.block1, self.block2, self.block3, self.block4)
         return [s[-1] if isinstance(s[-1], nn.BatchNorm2d) else None for s in stages]
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:
         # Every stage ends in BN, so preact[i] is that BN's output; the reference's preact=True path gives the
         # same for stages 1-4 and the post-ReLU map for stage 0, which here is relu(preact[0]).
-        pre0 = self.block0(x)
-        f0 = F.relu(pre0)
-        pre1 = self.block1(F.max_pool2d(f0, 2))
-        f1 = F.relu(pre1)
-        pre2 = self.block2(F.max_pool2d(f1, 2))
-        f2 = F.relu(pre2)
-        pre3 = self.block3(F.max_pool2d(f2, 2))
-        f3 = F.relu(pre3)
-        pre4 = self.block4(f3)  # no pool here: see the module docstring
-        f4 = F.relu(pre4)
+        f0, pre0 = relu_keeping(self.block0(x), preact)
+        f1, pre1 = relu_keeping(self.block1(F.max_pool2d(f0, 2)), preact)
+        f2, pre2 = relu_keeping(self.block2(F.max_pool2d(f1, 2)), preact)
+        f3, pre3 = relu_keeping(self.block3(F.max_pool2d(f2, 2)), preact)
+        f4, pre4 = relu_keeping(self.block4(f3), preact)  # no pool before block4: see the module docstring
         pooled = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
         logits = self.classifier(pooled)
-        return ModelOutput(
-            logits=logits, feats=[f0, f1, f2, f3, f4], preact=[pre0, pre1, pre2, pre3, pre4], pooled=pooled
-        )
+        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3, f4],
+                           preact=[pre0, pre1, pre2, pre3, pre4] if preact else None, pooled=pooled)
 
 
 @register_model

@@ -102,7 +102,12 @@ class WideResNet(ZooModel):
         # preact[i] is exactly the output of the BN that the ReLU after tap i follows (see forward).
         return [self.block1.layer[0].bn1, self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def feature_modules(self) -> list[nn.Module]:
+        """The stem and the three groups, as the reference's ``get_feat_modules()``: the final ``bn1`` is left
+        out, so an init stage neither trains it nor puts it in train mode (AB's last tap reads it frozen)."""
+        return [self.conv1, self.block1, self.block2, self.block3]
+
+    def forward(self, x: torch.Tensor, preact: bool = False) -> ModelOutput:
         # A pre-activation network: the taps (stem conv and group outputs) are not ReLU outputs themselves; the
         # ReLU that consumes tap i follows a BN, and preact[i] is that BN's output, as in the reference's
         # preact=True path (block2/block3 entry BNs, then the final bn1). The reference has no pre-ReLU
@@ -115,7 +120,8 @@ class WideResNet(ZooModel):
         pre3 = self.bn1(f3)
         pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(pre3), 1), 1)
         logits = self.fc(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3], pooled=pooled)
+        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
+                           pooled=pooled)
 
 
 @register_model
