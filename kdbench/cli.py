@@ -166,14 +166,16 @@ def _with_options(options):
     return deco
 
 
-def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path):
+def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path,
+             precision="fp32", channels_last=False):
     from kdbench.config import load_bench
     from kdbench.results import ResultStore
     from kdbench.sweep import Request, expand
 
     bench = load_bench(config_path)
     store = ResultStore(results or bench.results)
-    req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size)
+    req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size,
+                  precision, channels_last)
     specs = expand(bench, req, store)
     return bench, store, specs
 
@@ -191,14 +193,20 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
 @click.option("--slurm-gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task.")
 @click.option("--slurm-cpus", type=click.IntRange(min=1), default=None, help="CPUs per array task.")
 @click.option("--dry-run", is_flag=True, help="List the runs and what is already done; train nothing.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: the networks' forward under bfloat16 autocast (part of the run id when not fp32).")
+@click.option("--channels-last", is_flag=True, help="Networks and batches in channels_last memory format "
+              "(part of the run id when set).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the students' and teachers' forward "
+              "(recorded in the run JSON; not part of the run id).")
 def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device,
         config_path, no_cohort, executor, workers, slurm_partition, slurm_time, slurm_gpus, slurm_cpus,
-        dry_run) -> None:
+        dry_run, precision, channels_last, compile_) -> None:
     """Train the runs of METHODS x PAIRS x SEEDS (skipping finished runs, resuming interrupted ones)."""
     from kdbench.sweep import Sweep
 
     bench, store, specs = _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
-                                   config_path)
+                                   config_path, precision, channels_last)
     slurm = None
     if executor == "slurm":
         from kdbench.slurm import SlurmSettings
@@ -214,7 +222,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
     else:
         dev = _device(device)
     sweep = Sweep(store, dev, cohort=not no_cohort, download=download,
-                  log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+                  log=lambda s: err_console.print(f"[dim]{s}[/dim]"), compile=compile_)
     if not dry_run:
         sweep.preload(specs)  # a missing or broken dataset fails here, before anything is written
     if dry_run:
@@ -231,7 +239,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
     if executor == "slurm":
         from kdbench.slurm import submit
 
-        jobs = submit(store, specs, slurm, cohort=not no_cohort)
+        jobs = submit(store, specs, slurm, cohort=not no_cohort, compile=compile_)
         console.print(f"submitted {len(jobs)} jobs ({', '.join(j.job_id for j in jobs[:5])}"
                       f"{' ...' if len(jobs) > 5 else ''}); rerun the same command to finish what is missing")
         return
@@ -248,7 +256,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
             sweep.progress = progress
             report = sweep.run(specs)
         else:
-            report = run_local(store, specs, devices, cohort=not no_cohort, download=download)
+            report = run_local(store, specs, devices, cohort=not no_cohort, download=download, compile=compile_)
     console.print(f"trained {len(report.trained)}, already done {len(report.skipped)}, "
                   f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
                   f"-> {store.runs_dir}")
