@@ -136,7 +136,7 @@ def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device
     student.to(device)
     prepare_model(student, channels_last=spec.channels_last, compile=compile)
     method.to(device)
-    method.rng = torch.Generator(device=device)
+    method.rng = new_generator(device)
     method.rng.manual_seed(derive_seed(spec.seed, spec.method, "rng"))
     bind = getattr(method, "bind_student", None)
     if callable(bind):
@@ -144,6 +144,11 @@ def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device
     base_lr = spec.protocol.base_lr(spec.student)
     optimizer = _sgd(list(student.parameters()) + [p for p in method.parameters() if p.requires_grad], spec, base_lr)
     return Member(spec, student, method, optimizer, base_lr, compiled=compile)
+
+
+def new_generator(device: torch.device) -> torch.Generator:
+    """A method's private generator, on the device where it draws (the fake-CUDA tests substitute it)."""
+    return torch.Generator(device=device)
 
 
 def _sgd(params: list[nn.Parameter], spec: RunSpec, lr: float) -> torch.optim.SGD:
