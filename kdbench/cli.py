@@ -382,12 +382,32 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @click.option("--workers", default=None, type=int, help="Reference DataLoader workers (default min(8, cores)).")
 @click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
 @click.option("--out", default="results/bench", type=click.Path(), show_default=True, help="Folder of the JSON.")
-def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out) -> None:
+@click.option("--variants", default="eager-fp32", show_default=True,
+              help="kdbench's loop in these variants, side by side: eager-fp32, eager-bf16, compile-fp32, "
+                   "compile-bf16 (comma-separated; the reference loop is eager fp32).")
+@click.option("--suite", type=click.Choice(["gpu"]), default=None,
+              help="gpu: the one command of a first session on a CUDA machine (CUDA tests, every variant on "
+                   "resnet32x4:resnet8x4, one real epoch when CIFAR-100 is found; one JSON); see the README.")
+@click.option("--dry-run", is_flag=True, help="With --suite gpu: check its plumbing on any device in about a minute.")
+@click.option("--data-root", default=None, type=click.Path(), help="With --suite gpu: folder holding CIFAR-100.")
+def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out,
+          variants, suite, dry_run, data_root) -> None:
     """Images/s and s per CIFAR-100 epoch: a reference-style DataLoader loop vs kdbench solo and cohorts."""
     from kdbench.bench import bench_table, run_bench
 
+    if dry_run and suite is None:
+        raise KdbenchError("--dry-run goes with --suite gpu")
+    if suite == "gpu":
+        from kdbench.gpusuite import run_gpu_suite, summary_lines
+
+        rec = run_gpu_suite(out=out, device=device, data_root=data_root, dry=dry_run,
+                            log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+        for line in summary_lines(rec):
+            console.print(line, soft_wrap=True)
+        return
+
     record = run_bench(pair, methods, batch_size=batch_size, steps=steps, warmup=warmup, rounds=rounds,
-                       train_size=train_size,
+                       train_size=train_size, variants=variants,
                        device=device, workers=workers, cohort_sizes=cohort_sizes, out=out,
                        log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     console.print(bench_table(record))

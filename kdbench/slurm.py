@@ -60,7 +60,7 @@ class CohortTask:
     """One array task: trains its runs (a cohort) into the results folder; requeued on preemption / timeout
     (submitit calls ``checkpoint`` on any callable that has one)."""
 
-    def __init__(self, root: str, specs: list[RunSpec], cohort: bool = True, compile: bool = False):
+    def __init__(self, root: str, specs: list[RunSpec], cohort: bool = True, compile: bool | str = False):
         self.root = root
         self.specs = specs
         self.cohort = cohort
@@ -109,7 +109,7 @@ def cohorts(store: ResultStore, specs: list[RunSpec], cohort: bool = True) -> li
 
 
 def submit(store: ResultStore, specs: list[RunSpec], settings: SlurmSettings, cohort: bool = True,
-           compile: bool = False) -> list[Any]:
+           compile: bool | str = False) -> list[Any]:
     """Submit one array task per pending cohort; returns submitit jobs (empty when everything is done)."""
     tasks = cohorts(store, specs, cohort)
     if not tasks:

@@ -192,7 +192,7 @@ class Sweep:
     """Trains a list of RunSpecs into a results folder; rerunning finishes exactly what is missing."""
 
     def __init__(self, store: ResultStore, device: torch.device, *, cohort: bool = True, download: bool = False,
-                 progress: Any = None, log: Callable[[str], None] = lambda s: None, compile: bool = False):
+                 progress: Any = None, log: Callable[[str], None] = lambda s: None, compile: bool | str = False):
         self.store = store
         self.compile = compile  # torch.compile the students' and teachers' forward
         self.teachers = TeacherStore(store)
@@ -379,7 +379,7 @@ class Sweep:
 
 
 def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int,
-            compile: bool = False) -> SweepReport:
+            compile: bool | str = False) -> SweepReport:
     if threads:
         torch.set_num_threads(threads)
     return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download, compile=compile).run(specs)
@@ -387,7 +387,7 @@ def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download
 
 def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
               download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None,
-              compile: bool = False) -> SweepReport:
+              compile: bool | str = False) -> SweepReport:
     """The local executor: one worker per device (each GPU, or N CPU workers), coordinated only through the run
     locks of the results folder, so workers, and other processes on the same folder, never train a run twice."""
     if len(devices) <= 1:

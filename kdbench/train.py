@@ -58,16 +58,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     raise ValueError(f"unknown precision {precision!r}")
 
 
-def prepare_model(model: nn.Module, *, channels_last: bool = False, compile: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, *, channels_last: bool = False, compile: bool | str = False) -> nn.Module:
     """In place: channels_last memory format and/or ``torch.compile`` of the model's forward.
 
-    ``nn.Module.compile`` keeps the module and its state-dict keys (no ``_orig_mod.`` prefix), so checkpoints
-    and weights written from a compiled model load into an eager one and back.
+    ``compile``: True compiles with the default backend (inductor); a string names another torch.compile backend
+    (the tests use "aot_eager": the same graph capture and autograd, no code generation). ``nn.Module.compile``
+    keeps the module and its state-dict keys (no ``_orig_mod.`` prefix), so checkpoints and weights written from a
+    compiled model load into an eager one and back. Every instance of an architecture reuses the compiled graph
+    (its parameters are graph inputs), so a cohort compiles each architecture once per mode (train / eval).
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile and not getattr(model, "_kdbench_compiled", False):
-        model.compile()
+        model.compile(**({"backend": compile} if isinstance(compile, str) else {}))
         model._kdbench_compiled = True
     return model
 
@@ -100,7 +103,8 @@ class Member:
     failed: str | None = None
     failed_epoch: int | None = None
     checkpoint_path: Any = None
-    compiled: bool = False  # the student's forward is torch.compile'd (an execution detail, not in the run id)
+    compiled: bool | str = False  # the student's forward is torch.compile'd (True, or the backend's name); an
+    # execution detail, recorded in the run JSON but not in the run id
 
     @property
     def done(self) -> bool:
@@ -123,7 +127,7 @@ def method_context(spec: RunSpec, data: Dataset, student: nn.Module, teacher: nn
 
 
 def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device: torch.device, *,
-                 compile: bool = False) -> Member:
+                 compile: bool | str = False) -> Member:
     """Student, method and optimizer for one run, initialised from its own seed (independent of any cohort).
 
     The student is moved to ``spec.channels_last``'s memory format and, with ``compile``, its forward compiled."""
