@@ -26,6 +26,7 @@ def test_dry_run_writes_one_json_with_every_part(tmp_path):
     for v in VARIANTS:
         assert ("solo", v) in rows and ("cohort", v) in rows, v
     assert all(r["loss_finite"] for r in speed["results"] if r["measured"])
+    assert parts["real_epoch"]["status"] == "done", parts["real_epoch"]
     epochs = parts["real_epoch"]["epochs"]
     assert set(epochs) == {"eager-fp32", "compile-bf16"}
     for e in epochs.values():
