@@ -33,10 +33,10 @@ from kdbench.config import load_bench
 from kdbench.evaluate import predict
 from kdbench.method import discover
 from kdbench.models import create_model
-from kdbench.sweep import Request, all_methods, expand
+from kdbench.sweep import Request, expand, method_order
 
 CUDA = torch.device("cuda", 0)
-METHODS = [n for n in all_methods() if discover()[n].ok]
+METHODS = method_order([n for n, e in discover().items() if e.ok])  # every registered method
 
 
 class CudaGenerator(torch.Generator):
@@ -211,7 +211,7 @@ def test_method_forward_side_work_stays_on_the_device(name, specs, tiny_data, fa
     for p, state in m.optimizer.state.items():
         _on_cuda([("param", p)] + [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor)], "optimizer")
 
-    logits, pooled, labels = predict(m.student, tiny_data.test_loader(64, device=fake_cuda).epoch(0))
+    logits, pooled, labels = predict(m.evaluated, tiny_data.test_loader(64, device=fake_cuda).epoch(0))
     _on_cuda([("logits", logits), ("pooled", pooled), ("labels", labels)], "evaluation")
     assert logits.shape == (len(tiny_data.test_labels), tiny_data.num_classes)
 

@@ -14,11 +14,11 @@ from kdbench.config import load_bench
 from kdbench.method import discover
 from kdbench.models import create_model
 from kdbench.results import ResultStore
-from kdbench.sweep import Request, Sweep, all_methods, expand
+from kdbench.sweep import Request, Sweep, expand, method_order
 from kdbench.train import autocast, build_member, main_terms, not_applicable_reason, prepare_input
 
 CPU = torch.device("cpu")
-METHODS = [n for n in all_methods() if discover()[n].ok]
+METHODS = method_order([n for n, e in discover().items() if e.ok])  # every registered method
 
 
 @pytest.fixture(scope="module")
