@@ -46,6 +46,9 @@ IMAGE_SIZE = 32
 TIMING_CHUNKS = 5  # timed steps are split into this many separately timed chunks
 SYNTHETIC_BASE = 5_000  # distinct synthetic images generated; a larger train_size tiles them (see bench_data)
 CONFIGS = ("reference", "solo", "cohort")
+# kdbench's loop in each execution variant: eager or compiled forward, fp32 or bf16 autocast. The reference loop
+# runs once, in eager fp32 (as the reference code does).
+VARIANTS = ("eager-fp32", "eager-bf16", "compile-fp32", "compile-bf16")
 DEFAULT_PAIR = "resnet32x4:resnet8x4"
 DEFAULT_METHODS = ("kd", "crd", "rrd")
 # Timed steps are steady-state main-stage steps: a method's schedule is read at the start of the main stage.
@@ -54,6 +57,7 @@ BENCH_PROGRESS = Progress(epoch=0, epochs=1, step=0, steps=1)
 __all__ = [
     "CIFAR100_EPOCH",
     "CONFIGS",
+    "VARIANTS",
     "DEFAULT_METHODS",
     "DEFAULT_PAIR",
     "ReferenceDataset",
@@ -304,8 +308,11 @@ class _Run:
     steps in chunks, synchronising the device only at chunk ends (asynchronous execution is not serialised).
     """
 
-    def __init__(self, config: str, methods: list[str], ctx: dict[str, Any]):
+    def __init__(self, config: str, methods: list[str], ctx: dict[str, Any], variant: str = "eager-fp32"):
         self.config, self.methods, self.ctx = config, methods, ctx
+        self.variant = variant
+        self.compiled = variant.startswith("compile")
+        self.precision = variant.split("-")[1]
         self.members: list | None = None
         self.built = False
         self.chunk_steps: list[int] = []
@@ -314,11 +321,20 @@ class _Run:
         self.finite = True
 
     def build(self) -> None:
-        from kdbench.train import build_member
+        import dataclasses
+
+        from kdbench.train import build_member, prepare_model
 
         c = self.ctx
         self.uses_teacher = [c["specs"][n].teacher is not None for n in self.methods]
-        self.members = [build_member(c["specs"][n], c["data"], c["teacher"] if t else None, c["device"])
+        self.teacher = c["teacher"]
+        if self.compiled:  # a compiled copy of the teacher: the eager configurations keep the original
+            import copy
+
+            self.teacher = prepare_model(copy.deepcopy(c["teacher"]), compile=c["compile_backend"])
+        self.members = [build_member(dataclasses.replace(c["specs"][n], precision=self.precision), c["data"],
+                                     self.teacher if t else None, c["device"],
+                                     compile=c["compile_backend"] if self.compiled else False)
                         for n, t in zip(self.methods, self.uses_teacher)]
         for m in self.members:
             m.student.train()
@@ -359,6 +375,7 @@ class _Run:
 
     def release(self) -> None:
         self.members = None
+        self.teacher = None
 
     def row(self, batch_size: int) -> dict[str, Any]:
         steps, seconds = sum(self.chunk_steps), sum(self.chunk_seconds)
@@ -366,7 +383,8 @@ class _Run:
         mid = len(rates) // 2
         median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
         extra = {"workers": self.ctx["workers"]} if self.config == "reference" else {}
-        return _entry(self.config, self.methods, images_per_s=median, batch_size=batch_size, timed_steps=steps,
+        return _entry(self.config, self.methods, variant=self.variant, images_per_s=median, batch_size=batch_size,
+                      timed_steps=steps,
                       seconds=seconds, images_per_s_mean=steps * batch_size / seconds, chunk_steps=self.chunk_steps,
                       chunk_seconds=self.chunk_seconds,
                       chunk_images_per_s={"min": rates[0], "median": median, "max": rates[-1]},
@@ -411,13 +429,17 @@ class _KdbenchRun(_Run):
         return self.stream
 
     def step(self, batch: Batch) -> None:
-        from kdbench.train import main_terms, optimizer_step, teacher_outputs
+        from kdbench.train import autocast, main_terms, optimizer_step, teacher_outputs
 
+        dev = self.ctx["device"]
         preact = any(m.preact for m in self.members)
-        t_out = teacher_outputs(self.ctx["teacher"], batch.images, preact) if any(self.uses_teacher) else None
+        with autocast(dev, self.precision):
+            t_out = teacher_outputs(self.teacher, batch.images, preact) if any(self.uses_teacher) else None
         for m, sums, uses in zip(self.members, self.sums, self.uses_teacher):
-            s_out = m.student(batch.images, preact=m.preact)
-            optimizer_step(m.optimizer, main_terms(m, s_out, t_out if uses else None, batch, BENCH_PROGRESS), sums)
+            with autocast(dev, self.precision):
+                s_out = m.student(batch.images, preact=m.preact)
+                terms = main_terms(m, s_out, t_out if uses else None, batch, BENCH_PROGRESS)
+            optimizer_step(m.optimizer, terms, sums)
 
     def release(self) -> None:
         self.finite = all(math.isfinite(float(s["total"])) for s in self.sums)
@@ -433,7 +455,7 @@ def _release(device: torch.device) -> None:
 
 
 def _entry(config: str, methods: list[str], *, images_per_s: float | None = None, batch_size: int,
-           method_run_rate: float | None = None, **extra: Any) -> dict[str, Any]:
+           method_run_rate: float | None = None, variant: str = "eager-fp32", **extra: Any) -> dict[str, Any]:
     """One row. ``images_per_s``: images drawn from the data stream per second (the median of the chunks' rates);
     ``method_run_images_per_s``: images x methods trained per second; ``epoch_seconds``: one CIFAR-100 epoch of
     every listed method. A row with no ``images_per_s`` is derived (one at a time) from ``method_run_rate``."""
@@ -442,26 +464,27 @@ def _entry(config: str, methods: list[str], *, images_per_s: float | None = None
     if measured:
         method_run_rate = n * images_per_s
     return {
-        "config": config, "methods": methods, "n_methods": n, "measured": measured,
+        "config": config, "variant": variant, "methods": methods, "n_methods": n, "measured": measured,
         "ms_per_step": 1000 * batch_size / images_per_s if measured else None, "images_per_s": images_per_s,
         "method_run_images_per_s": method_run_rate, "epoch_seconds": CIFAR100_EPOCH * n / method_run_rate, **extra,
     }
 
 
-def _one_at_a_time(config: str, rows: dict[str, dict[str, Any]], methods: list[str], batch_size: int) -> dict[str, Any]:
+def _one_at_a_time(config: str, rows: dict[str, dict[str, Any]], methods: list[str], batch_size: int,
+                   variant: str = "eager-fp32") -> dict[str, Any]:
     """The cost of training the methods one after another: their seconds per epoch add up."""
     epoch_s = sum(rows[m]["epoch_seconds"] for m in methods)
     rate = CIFAR100_EPOCH * len(methods) / epoch_s
     return _entry(config, methods, batch_size=batch_size, method_run_rate=rate, timed_steps=None, seconds=None,
-                  note="sum of the one-at-a-time rows above (derived, not timed together)")
+                  variant=variant, note="sum of the one-at-a-time rows above (derived, not timed together)")
 
 
 def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_METHODS, *, batch_size: int = 64,
               steps: int = 50, warmup: int = 10, rounds: int = 1, train_size: int = CIFAR100_EPOCH,
               device: str | torch.device = "auto", workers: int | None = None,
               cohort_sizes: str | Sequence[int] | None = None, out: str | Path | None = DEFAULT_OUT,
-              configs: Sequence[str] = CONFIGS, seed: int = 0,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              configs: Sequence[str] = CONFIGS, seed: int = 0, variants: str | Sequence[str] = ("eager-fp32",),
+              compile_backend: bool | str = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the reference-style loop, kdbench solo and kdbench cohorts; return (and write, unless ``out`` is None)
     the JSON record. Bad input raises KdbenchError before anything is built.
 
@@ -487,6 +510,12 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
     if unknown or not configs:
         raise KdbenchError(f"unknown configuration(s) {unknown or configs}; valid: {', '.join(CONFIGS)}")
     sizes = _cohort_sizes(cohort_sizes, len(names))
+    variants = list(dict.fromkeys(_csv(variants, "--variants")))
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise KdbenchError(f"unknown variant(s) {', '.join(bad)}; valid: {', '.join(VARIANTS)}")
+    if warmup == 0 and any(v.startswith("compile") for v in variants):
+        raise KdbenchError("--warmup 0 with a compiled variant would time the compilation: use --warmup 1 or more")
     dev = _resolve_device(device)
     specs = _specs(pair, names, batch_size)  # unknown methods and models fail here
     by_name = {s.method: s for s in specs}
@@ -510,22 +539,23 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
     sizes = sorted({min(k, len(names)) for k in sizes})  # cohorts of the methods that apply
 
     ctx: dict[str, Any] = {"specs": by_name, "data": data, "teacher": teacher, "device": dev, "seed": seed,
-                           "batch_size": batch_size, "workers": workers}
+                           "batch_size": batch_size, "workers": workers, "compile_backend": compile_backend}
     runs: list[_Run] = []
     if "reference" in configs:
         ctx["reference_loader"] = reference_loader(data, batch_size, workers, seed=seed)
         runs += [_ReferenceRun("reference", [n], ctx) for n in names]
-    if "solo" in configs:
-        runs += [_KdbenchRun("solo", [n], ctx) for n in names]
-    if "cohort" in configs:
-        runs += [_KdbenchRun("cohort", names[:k], ctx) for k in sizes]
+    for variant in variants:
+        if "solo" in configs:
+            runs += [_KdbenchRun("solo", [n], ctx, variant) for n in names]
+        if "cohort" in configs:
+            runs += [_KdbenchRun("cohort", names[:k], ctx, variant) for k in sizes]
 
     memory = _Memory(dev)
     per_round = _split(steps, rounds)
     for r, round_steps in enumerate(per_round):
         order = runs if r % 2 == 0 else runs[::-1]
         for run in order:
-            say(f"round {r + 1}/{rounds}: {run.config} {','.join(run.methods)}"
+            say(f"round {r + 1}/{rounds}: {run.config} {run.variant} {','.join(run.methods)}"
                 + (f" ({workers} DataLoader workers)" if run.config == "reference" else ""))
             run.round(warmup, _split(round_steps, min(round_steps, max(1, -(-TIMING_CHUNKS // rounds)))), memory)
             if rounds == 1:  # measured alone: free it before the next configuration is built
@@ -538,18 +568,23 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
 
     results: list[dict[str, Any]] = []
     ref_rows: dict[str, dict[str, Any]] = {}
-    solo_rows: dict[str, dict[str, Any]] = {}
-    for config, rows in (("reference", ref_rows), ("solo", solo_rows)):
-        for run in (r for r in runs if r.config == config):
+    solo_rows: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in variants}
+
+    def add(config: str, variant: str, rows: dict[str, dict[str, Any]]) -> None:
+        for run in (r for r in runs if r.config == config and r.variant == variant):
             rows[run.methods[0]] = run.row(batch_size)
             results.append(rows[run.methods[0]])
         if len(rows) > 1:
-            results.append(_one_at_a_time(config, rows, names, batch_size))
-    results += [run.row(batch_size) for run in runs if run.config == "cohort"]
+            results.append(_one_at_a_time(config, rows, names, batch_size, variant))
+
+    add("reference", "eager-fp32", ref_rows)
+    for variant in variants:  # each variant's solo rows, then its cohorts
+        add("solo", variant, solo_rows[variant])
+        results += [run.row(batch_size) for run in runs if run.config == "cohort" and run.variant == variant]
     for row in results:
         row["speedup_vs_reference"] = _speedup(row, ref_rows)
         if row["config"] == "cohort":
-            row["speedup_vs_solo"] = _speedup(row, solo_rows)
+            row["speedup_vs_solo"] = _speedup(row, solo_rows[row["variant"]])
 
     env = environment(dev)
     env.update({
@@ -570,7 +605,8 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
             "pair": pair, "methods": names, "batch_size": batch_size, "steps": steps, "warmup": warmup,
             "rounds": rounds, "train_size": train_size, "device": str(dev), "workers": workers, "cohort_sizes": sizes,
             "configs": configs, "seed": seed, "dataset": data.source, "data_checksum": data.checksum,
-            "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE, "precision": "fp32", "execution": "eager",
+            "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE, "variants": variants,
+            "compile_backend": "inductor" if compile_backend is True else compile_backend,
             "protocol": "paper (SGD momentum 0.9, weight decay 5e-4)", "teacher": "randomly initialised, frozen",
         },
         "skipped": skipped,
@@ -582,7 +618,11 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
             "reference": ("torch DataLoader over uint8 images -> PIL -> RandomCrop(32, padding=4), "
                           f"RandomHorizontalFlip, ToTensor, Normalize in {workers} worker processes; one method at "
                           "a time; loss read back every step; fp32 eager"),
-            "solo": "kdbench GPULoader (split on the device, batched crop/flip), one method at a time; fp32 eager",
+            "solo": "kdbench GPULoader (split on the device, batched crop/flip), one method at a time",
+            "variants": ("kdbench's rows in each variant: eager or torch.compile'd forward of the student and the "
+                         "teacher (compiled during the warm-up steps, not timed), fp32 or bf16 autocast of the "
+                         "networks' forward and the loss (the losses' fp32 guards apply); the reference row is eager "
+                         "fp32"),
             "cohort": ("kdbench GPULoader, the first k methods side by side, one teacher forward per batch; "
                        "method_run_images_per_s = k x images / second"),
             "speedup": "reference seconds per epoch of the same methods (one at a time) / this row's",
@@ -651,6 +691,8 @@ def bench_table(record: dict[str, Any]):
             label += ", sum"
         elif row["config"] == "cohort":
             label += f" of {row['n_methods']}"
+        if row["config"] != "reference" and len(s.get("variants", [])) > 1:
+            label += f" [{row.get('variant', 'eager-fp32')}]"
         speed = row.get("speedup_vs_reference")
         chunks = row.get("chunk_images_per_s")
         spread = f"{chunks['min']:,.0f}-{chunks['max']:,.0f}" if chunks else "-"

@@ -173,14 +173,16 @@ def _with_options(options):
     return deco
 
 
-def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path):
+def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path,
+             precision="fp32", channels_last=False):
     from kdbench.config import load_bench
     from kdbench.results import ResultStore
     from kdbench.sweep import Request, expand
 
     bench = load_bench(config_path)
     store = ResultStore(results or bench.results)
-    req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size)
+    req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size,
+                  precision, channels_last)
     specs = expand(bench, req, store)
     return bench, store, specs
 
@@ -199,14 +201,20 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
 @click.option("--slurm-gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task.")
 @click.option("--slurm-cpus", type=click.IntRange(min=1), default=None, help="CPUs per array task.")
 @click.option("--dry-run", is_flag=True, help="List the runs and what is already done; train nothing.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: the networks' forward under bfloat16 autocast (part of the run id when not fp32).")
+@click.option("--channels-last", is_flag=True, help="Networks and batches in channels_last memory format "
+              "(part of the run id when set).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the students' and teachers' forward "
+              "(recorded in the run JSON; not part of the run id).")
 def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device,
         config_path, no_cohort, executor, workers, slurm_partition, slurm_time, slurm_gpus, slurm_cpus,
-        dry_run) -> None:
+        dry_run, precision, channels_last, compile_) -> None:
     """Train the runs of METHODS x PAIRS x SEEDS (skipping finished runs, resuming interrupted ones)."""
     from kdbench.execute import execute
 
     bench, store, specs = _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
-                                   config_path)
+                                   config_path, precision, channels_last)
     slurm = None
     if executor == "slurm":
         from kdbench.config import SlurmSettings
@@ -220,7 +228,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         return
     with _progress() as progress:
         done = execute(store, specs, executor=executor, device=device, workers=workers, cohort=not no_cohort,
-                       download=download, slurm=slurm, progress=progress,
+                       download=download, slurm=slurm, progress=progress, compile=compile_,
                        log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     if done.report is None:
         jobs = done.jobs
@@ -416,12 +424,32 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
 @click.option("--out", default=None, type=click.Path(),
               help="Folder of the JSON (default results/bench, the bench/ folder of the default results folder).")
-def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out) -> None:
+@click.option("--variants", default="eager-fp32", show_default=True,
+              help="kdbench's loop in these variants, side by side: eager-fp32, eager-bf16, compile-fp32, "
+                   "compile-bf16 (comma-separated; the reference loop is eager fp32).")
+@click.option("--suite", type=click.Choice(["gpu"]), default=None,
+              help="gpu: the one command of a first session on a CUDA machine (CUDA tests, every variant on "
+                   "resnet32x4:resnet8x4, one real epoch when CIFAR-100 is found; one JSON); see the README.")
+@click.option("--dry-run", is_flag=True, help="With --suite gpu: check its plumbing on any device in about a minute.")
+@click.option("--data-root", default=None, type=click.Path(), help="With --suite gpu: folder holding CIFAR-100.")
+def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out,
+          variants, suite, dry_run, data_root) -> None:
     """Images/s and s per CIFAR-100 epoch: a reference-style DataLoader loop vs kdbench solo and cohorts."""
     from kdbench.bench import DEFAULT_OUT, bench_table, run_bench
 
+    if dry_run and suite is None:
+        raise KdbenchError("--dry-run goes with --suite gpu")
+    if suite == "gpu":
+        from kdbench.gpusuite import run_gpu_suite, summary_lines
+
+        rec = run_gpu_suite(out=out, device=device, data_root=data_root, dry=dry_run,
+                            log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+        for line in summary_lines(rec):
+            console.print(line, soft_wrap=True)
+        return
+
     record = run_bench(pair, methods, batch_size=batch_size, steps=steps, warmup=warmup, rounds=rounds,
-                       train_size=train_size,
+                       train_size=train_size, variants=variants,
                        device=device, workers=workers, cohort_sizes=cohort_sizes, out=out or DEFAULT_OUT,
                        log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     console.print(bench_table(record))

@@ -25,6 +25,7 @@ else:  # pragma: no cover
 # top-level bench.toml is a link to it.
 PACKAGED_CONFIG = Path(__file__).with_name("bench.toml")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+PRECISIONS = ("fp32", "bf16")  # fp32: no autocast; bf16: the networks' forward under torch.autocast(bfloat16)
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,21 @@ class RunSpec:
     data: DataSpec
     teacher: TeacherSpec | None
     pair_set: str = field(default="", compare=False)
+    # Numerics of the step: they change the numbers, so they are part of the run's identity, but only when set away
+    # from their defaults (the ids of runs trained before these settings existed stay the same).
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise KdbenchError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
     @property
     def pair(self) -> str:
         return f"{self.teacher.arch if self.teacher else '-'}:{self.student}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "student": self.student,
             "teacher": self.teacher.to_dict() if self.teacher else None,
             "method": self.method,
@@ -138,6 +147,11 @@ class RunSpec:
             "protocol": dataclasses.asdict(self.protocol),
             "data": _data_dict(self.data),
         }
+        if self.precision != "fp32":
+            out["precision"] = self.precision
+        if self.channels_last:
+            out["channels_last"] = True
+        return out
 
     @property
     def run_id(self) -> str:
@@ -150,8 +164,9 @@ class RunSpec:
 
     @property
     def cohort_key(self) -> tuple:
-        """Runs with the same key see the same data stream and the same teacher: they can train side by side."""
-        return (self.data, self.teacher, self.seed, self.protocol)
+        """Runs with the same key see the same data stream and the same teacher outputs: they can train side by side
+        (the teacher's forward runs once per batch, so the members also share its precision and memory layout)."""
+        return (self.data, self.teacher, self.seed, self.protocol, self.precision, self.channels_last)
 
 
 def group_cohorts(specs: list[RunSpec], cohort: bool = True) -> list[list[RunSpec]]:

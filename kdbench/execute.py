@@ -50,6 +50,7 @@ def execute(
     slurm: SlurmSettings | None = None,
     progress: Any = None,
     log: Callable[[str], None] = lambda s: None,
+    compile: bool | str = False,
 ) -> Execution:
     """Train the unfinished runs of ``specs`` into ``store`` (local), or submit them as a job array (slurm).
 
@@ -63,14 +64,16 @@ def execute(
 
     # On SLURM the tasks choose their own device; here the data is only checked.
     dev = torch.device("cpu") if executor == "slurm" else resolve_device(device)
-    sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log)
+    sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log, compile=compile)
     sweep.preload(specs)  # a missing or broken dataset fails here, before anything is written
     store.ensure_writable()
     if executor == "slurm":
         from kdbench.slurm import submit
 
-        return Execution(executor, jobs=submit(store, specs, slurm or SlurmSettings(), cohort=cohort))
+        return Execution(executor, jobs=submit(store, specs, slurm or SlurmSettings(), cohort=cohort,
+                                                   compile=compile))
     devices = local_devices(str(dev), workers)
     if len(devices) == 1:
         return Execution(executor, report=sweep.run(specs))
-    return Execution(executor, report=run_local(store, specs, devices, cohort=cohort, download=download, log=log))
+    return Execution(executor, report=run_local(store, specs, devices, cohort=cohort, download=download, log=log,
+                                                                compile=compile))

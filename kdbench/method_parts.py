@@ -120,10 +120,12 @@ class ClassNegativeSampler(nn.Module):
 
 @torch.no_grad()
 def set_normalisers(z: torch.Tensor, exps: list[torch.Tensor], n_data: int) -> None:
-    """Fix each unset (negative) entry of ``z`` to mean(exps[i]) * n_data, CRD's Monte-Carlo estimate of Z."""
-    for i, e in enumerate(exps):
-        if float(z[i]) < 0:
-            z[i] = e.mean() * n_data
+    """Fix each unset (negative) entry of ``z`` to mean(exps[i]) * n_data, CRD's Monte-Carlo estimate of Z.
+
+    Computed on the device without reading ``z`` back to the host (no synchronisation in the step)."""
+    k = len(exps)
+    est = torch.stack([e.mean() for e in exps]).to(z.dtype) * n_data
+    z[:k] = torch.where(z[:k] < 0, est, z[:k])
 
 
 def reset_z_cache(module: nn.Module, incompatible_keys: object) -> None:

@@ -26,10 +26,11 @@ class CohortTask:
     """One array task: trains its runs (a cohort) into the results folder; requeued on preemption / timeout
     (submitit calls ``checkpoint`` on any callable that has one)."""
 
-    def __init__(self, root: str, specs: list[RunSpec], cohort: bool = True):
+    def __init__(self, root: str, specs: list[RunSpec], cohort: bool = True, compile: bool | str = False):
         self.root = root
         self.specs = specs
         self.cohort = cohort
+        self.compile = compile
 
     def __call__(self) -> dict[str, list[str]]:
         import torch
@@ -37,13 +38,13 @@ class CohortTask:
         from kdbench.sweep import Sweep
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        report = Sweep(ResultStore(self.root), device, cohort=self.cohort).run(self.specs)
+        report = Sweep(ResultStore(self.root), device, cohort=self.cohort, compile=self.compile).run(self.specs)
         return {"trained": report.trained, "skipped": report.skipped, "failed": report.failed,
                 "not_applicable": report.not_applicable, "busy": report.busy}
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on preemption or timeout: resubmit the same task; it resumes from the run checkpoints."""
-        return _submitit().helpers.DelayedSubmission(CohortTask(self.root, self.specs, self.cohort))
+        return _submitit().helpers.DelayedSubmission(CohortTask(self.root, self.specs, self.cohort, self.compile))
 
 
 def make_executor(store: ResultStore, settings: SlurmSettings):
@@ -67,14 +68,15 @@ def cohorts(store: ResultStore, specs: list[RunSpec], cohort: bool = True) -> li
     return group_cohorts([s for s in specs if store.finished(s.label) is None], cohort)
 
 
-def submit(store: ResultStore, specs: list[RunSpec], settings: SlurmSettings, cohort: bool = True) -> list[Any]:
+def submit(store: ResultStore, specs: list[RunSpec], settings: SlurmSettings, cohort: bool = True,
+           compile: bool | str = False) -> list[Any]:
     """Submit one array task per pending cohort; returns submitit jobs (empty when everything is done)."""
     tasks = cohorts(store, specs, cohort)
     if not tasks:
         return []
     ex = make_executor(store, settings)
     with ex.batch():
-        jobs = [ex.submit(CohortTask(str(store.root), group, cohort)) for group in tasks]
+        jobs = [ex.submit(CohortTask(str(store.root), group, cohort, compile)) for group in tasks]
     return jobs
 
 

@@ -22,8 +22,8 @@ from kdbench.models.base import check_model_name
 from kdbench.results import ResultStore
 from kdbench.system import usable_cores
 from kdbench.teachers import TeacherStore, sha256_file
-from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record, run_record,
-                           run_init_stage, train_cohort)
+from kdbench.train import (Member, autocast, build_member, load_checkpoint, not_applicable_reason, prepare_model,
+                           result_record, run_init_stage, run_record, train_cohort)
 
 # Named groups of --methods: name -> (description, members given the registry).
 GROUPS: dict[str, str] = {
@@ -63,6 +63,8 @@ class Request:
     dataset: str | None = None  # for pairs named on the command line
     data_root: str | None = None
     image_size: int | None = None
+    precision: str = "fp32"  # fp32 or bf16 (autocast of the networks' forward)
+    channels_last: bool = False  # the networks and batches in channels_last memory format
 
 
 def _split_csv(items: list[str]) -> list[str]:
@@ -94,6 +96,10 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
         if name not in registry and not (name.endswith("+kd") and name[:-3] in registry):
             raise KdbenchError(f"{bench.source}: [methods.{name}]: unknown method")
 
+    from kdbench.config import PRECISIONS
+
+    if req.precision not in PRECISIONS:
+        raise KdbenchError(f"unknown precision {req.precision!r}; valid: {', '.join(PRECISIONS)}")
     seeds = list(req.seeds) if req.seeds is not None else list(bench.seeds)
     if not seeds or any(s < 0 for s in seeds):
         raise KdbenchError("--seeds must be non-negative integers, e.g. --seeds 0,1,2")
@@ -153,7 +159,8 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
                     imported = teachers.imported_card(t_arch, data) if teachers else None
                     if imported is not None:
                         tspec = dataclasses.replace(tspec, imported=imported["weights_sha256"])
-                spec = RunSpec(s_arch, name, config_identity(cfg), seed, proto, data, tspec, pair_set=set_name)
+                spec = RunSpec(s_arch, name, config_identity(cfg), seed, proto, data, tspec, pair_set=set_name,
+                               precision=req.precision, channels_last=req.channels_last)
                 if spec.run_id not in seen:  # ce runs are shared by pairs with the same student
                     seen.add(spec.run_id)
                     specs.append(spec)
@@ -201,8 +208,9 @@ class Sweep:
     """Trains a list of RunSpecs into a results folder; rerunning finishes exactly what is missing."""
 
     def __init__(self, store: ResultStore, device: torch.device, *, cohort: bool = True, download: bool = False,
-                 progress: Any = None, log: Callable[[str], None] = lambda s: None):
+                 progress: Any = None, log: Callable[[str], None] = lambda s: None, compile: bool | str = False):
         self.store = store
+        self.compile = compile  # torch.compile the students' and teachers' forward
         self.teachers = TeacherStore(store)
         self.device = device
         self.cohort = cohort
@@ -283,6 +291,8 @@ class Sweep:
         data = self.data.get(specs[0].data)
         tspec = specs[0].teacher
         teacher, card = (self.teacher(tspec, data) if tspec is not None else (None, None))
+        if teacher is not None:
+            prepare_model(teacher, channels_last=specs[0].channels_last, compile=self.compile)
         members: list[Member] = []
         locks = []
         try:
@@ -300,7 +310,7 @@ class Sweep:
                     report.busy.append(f"{spec.label} (being trained by another process)")
                     continue
                 locks.append(lock)
-                m = build_member(spec, data, teacher, self.device)
+                m = build_member(spec, data, teacher, self.device, compile=self.compile)
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
                 load_checkpoint(m)
                 members.append(m)
@@ -315,7 +325,8 @@ class Sweep:
             if teacher is not None and any(m.failed is None for m in members):
                 from kdbench.evaluate import predict_test_split
 
-                t_pred = predict_test_split(teacher, data, self.device)
+                with autocast(self.device, specs[0].precision):
+                    t_pred = predict_test_split(teacher, data, self.device)
             for m in members:
                 self._finish(m, data, teacher, card, len(members), report, teacher_for, t_pred)
         finally:
@@ -329,7 +340,8 @@ class Sweep:
 
         extra = {}
         if m.failed is None:
-            extra = final_metrics(m.evaluated, teacher, data, self.device, teacher_predictions)
+            with autocast(self.device, m.spec.precision):
+                extra = final_metrics(m.evaluated, teacher, data, self.device, teacher_predictions)
         diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
         record = result_record(m, data, card, self.device, cohort_size, extra)
         if diagnostics:
@@ -366,19 +378,21 @@ class Sweep:
 # ---------------------------------------------------------------------------------------------- executors
 
 
-def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int) -> SweepReport:
+def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int,
+            compile: bool | str = False) -> SweepReport:
     if threads:
         torch.set_num_threads(threads)
-    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download).run(specs)
+    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download, compile=compile).run(specs)
 
 
 def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
-              download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None) -> SweepReport:
+              download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None,
+              compile: bool | str = False) -> SweepReport:
     """The local executor: one worker per device (each GPU, or N CPU workers), coordinated only through the run
     locks of the results folder, so workers, and other processes on the same folder, never train a run twice."""
     if len(devices) <= 1:
         return Sweep(store, torch.device(devices[0] if devices else "cpu"), cohort=cohort, download=download,
-                     progress=progress, log=log).run(specs)
+                     progress=progress, log=log, compile=compile).run(specs)
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -392,7 +406,7 @@ def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, c
             order = keys[i * len(keys) // len(devices):] + keys[: i * len(keys) // len(devices)]
             rank = {k: j for j, k in enumerate(order)}
             mine = sorted(specs, key=lambda s: rank[s.cohort_key])
-            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads))
+            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads, compile))
         for fut in futures:
             rep = fut.result()
             for f in dataclasses.fields(SweepReport):

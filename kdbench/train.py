@@ -12,6 +12,7 @@ main-stage ``loss`` call, and asks the models for ``preact`` only when a method 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -42,6 +43,47 @@ class Diverged(RuntimeError):
     pass
 
 
+# ---------------------------------------------------------------------------------------------- precision, layout
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward's numeric context: nothing for fp32, ``torch.autocast`` to bfloat16 for bf16.
+
+    Under bf16 the convolutions and linear layers run in bfloat16; the losses that need fp32 (CE, KD, and every
+    method's guarded maths) disable autocast or cast to float themselves. The backward pass runs outside it.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def prepare_model(model: nn.Module, *, channels_last: bool = False, compile: bool | str = False) -> nn.Module:
+    """In place: channels_last memory format and/or ``torch.compile`` of the model's forward.
+
+    ``compile``: True compiles with the default backend (inductor); a string names another torch.compile backend
+    (the tests use "aot_eager": the same graph capture and autograd, no code generation). ``nn.Module.compile``
+    keeps the module and its state-dict keys (no ``_orig_mod.`` prefix), so checkpoints and weights written from a
+    compiled model load into an eager one and back. Every instance of an architecture reuses the compiled graph
+    (its parameters are graph inputs), so a cohort compiles each architecture once per mode (train / eval).
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile and not getattr(model, "_kdbench_compiled", False):
+        model.compile(**({"backend": compile} if isinstance(compile, str) else {}))
+        model._kdbench_compiled = True
+    return model
+
+
+def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _batch_for(batch: Batch, channels_last: bool) -> Batch:
+    return Batch(prepare_input(batch.images, True), batch.labels, batch.index) if channels_last else batch
+
+
 @dataclass
 class Member:
     """One run inside a cohort."""
@@ -62,6 +104,8 @@ class Member:
     failed: str | None = None
     failed_epoch: int | None = None
     checkpoint_path: Any = None
+    compiled: bool | str = False  # the student's forward is torch.compile'd (True, or the backend's name); an
+    # execution detail, recorded in the run JSON but not in the run id
 
     @property
     def done(self) -> bool:
@@ -115,8 +159,11 @@ def missing_teacher(entry: MethodEntry, teacher: nn.Module | None) -> str | None
     return None
 
 
-def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device: torch.device) -> Member:
-    """Student, method and optimizer for one run, initialised from its own seed (independent of any cohort)."""
+def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device: torch.device, *,
+                 compile: bool | str = False) -> Member:
+    """Student, method and optimizer for one run, initialised from its own seed (independent of any cohort).
+
+    The student is moved to ``spec.channels_last``'s memory format and, with ``compile``, its forward compiled."""
     entry = resolve(spec.method)
     reason = missing_teacher(entry, teacher)
     if reason is not None:
@@ -127,12 +174,18 @@ def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device
         student = create_model(spec.student, num_classes=data.num_classes)
         method = entry.cls(cfg, method_context(spec, data, student, teacher))
     student.to(device)
+    prepare_model(student, channels_last=spec.channels_last, compile=compile)
     method.to(device)
-    method.rng = torch.Generator(device=device)
+    method.rng = new_generator(device)
     method.rng.manual_seed(derive_seed(spec.seed, spec.method, "rng"))
     base_lr = spec.protocol.base_lr(spec.student)
     optimizer = _sgd(list(student.parameters()) + [p for p in method.parameters() if p.requires_grad], spec, base_lr)
-    return Member(spec, student, method, optimizer, base_lr)
+    return Member(spec, student, method, optimizer, base_lr, compiled=compile)
+
+
+def new_generator(device: torch.device) -> torch.Generator:
+    """A method's private generator, on the device where it draws (the fake-CUDA tests substitute it)."""
+    return torch.Generator(device=device)
 
 
 def _sgd(params: list[nn.Parameter], spec: RunSpec, lr: float) -> torch.optim.SGD:
@@ -281,9 +334,12 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
             m.method.train()
             sums: dict[str, torch.Tensor] = {}
             for batch in loader.epoch(m.init_done):
-                t_out = teacher_outputs(teacher, batch.images, m.preact)
-                s_out = m.student(batch.images, preact=m.preact) if stage.needs_student else None
-                optimizer_step(opt, stage.loss(s_out, t_out, batch), sums)
+                batch = _batch_for(batch, m.spec.channels_last)
+                with autocast(device, m.spec.precision):
+                    t_out = teacher_outputs(teacher, batch.images, m.preact)
+                    s_out = m.student(batch.images, preact=m.preact) if stage.needs_student else None
+                    terms = stage.loss(s_out, t_out, batch)
+                optimizer_step(opt, terms, sums)
                 if on_batch:
                     on_batch()
             means = {k: float(v) / len(loader) for k, v in sums.items()}
@@ -311,6 +367,9 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
     if len(start) != 1:
         raise ValueError("cohort members must resume from the same epoch")
     proto = active[0].spec.protocol
+    precision, layout = active[0].spec.precision, active[0].spec.channels_last
+    if any((m.spec.precision, m.spec.channels_last) != (precision, layout) for m in active):
+        raise ValueError("cohort members must share precision and memory layout (the teacher's forward is shared)")
     loader = data.train_loader(proto.batch_size, seed=derive_seed(active[0].spec.seed, "data"),
                                drop_last=proto.drop_last, device=device)
     test_loader = data.test_loader(TEST_BATCH, device=device)
@@ -336,11 +395,15 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
         teacher_preact = any(m.preact for m in active)
         steps = len(loader)
         for step, batch in enumerate(loader.epoch(epoch)):
-            t_out = teacher_outputs(teacher, batch.images, teacher_preact)
+            batch = _batch_for(batch, layout)
+            with autocast(device, precision):
+                t_out = teacher_outputs(teacher, batch.images, teacher_preact)
             where = Progress(epoch=epoch, epochs=proto.epochs, step=step, steps=steps)
             for m in active:
-                s_out = m.student(batch.images, preact=m.preact)
-                optimizer_step(m.optimizer, main_terms(m, s_out, t_out, batch, where), sums[id(m)])
+                with autocast(device, precision):
+                    s_out = m.student(batch.images, preact=m.preact)
+                    terms = main_terms(m, s_out, t_out, batch, where)
+                optimizer_step(m.optimizer, terms, sums[id(m)])
             if task is not None:
                 progress.advance(task)
         seconds = time.perf_counter() - t0
@@ -354,7 +417,8 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
             _check_finite(m, means, epoch)
             m.epoch = epoch + 1
             if m.failed is None and (m.epoch % proto.eval_every == 0 or m.epoch == proto.epochs):
-                ev = evaluate(m.evaluated, test_loader)
+                with autocast(device, precision):
+                    ev = evaluate(m.evaluated, test_loader)
                 m.last_eval = {**ev, "epoch": m.epoch}
                 m.curve["eval_epoch"].append(m.epoch)
                 m.curve["test_top1"].append(ev["top1"])
@@ -444,4 +508,5 @@ def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None,
             "cohort_size": cohort_size,
             "note": "epoch_seconds is the wall time of the whole cohort's epoch",
         },
+        execution={"precision": m.spec.precision, "channels_last": m.spec.channels_last, "compile": m.compiled},
     )

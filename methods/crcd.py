@@ -57,8 +57,10 @@ def relation_scores(x: torch.Tensor, anchors: torch.Tensor, contrast: torch.Tens
     dx2 = (xx.unsqueeze(1) - 2 * xa + aa.unsqueeze(0)).clamp_min(DEGENERATE)  # [i, a]
     dm2 = (mm.unsqueeze(1) - 2 * am + aa.view(1, b, 1)).clamp_min(DEGENERATE)  # [i, a, k]
     cos = num * torch.rsqrt(dx2.unsqueeze(2) * dm2)
-    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=x.device)
-    return cos[off_diagonal]
+    # The off-diagonal rows (i, a != i) in row-major order, by a fixed-shape reshape rather than a boolean mask (a
+    # mask's output size is data-dependent: on a GPU it reads the mask back to the host every step).
+    k1 = cos.shape[2]
+    return cos.reshape(b * b, k1)[1:].reshape(b - 1, b + 1, k1)[:, :b].reshape(b * (b - 1), k1)
 
 
 def ce_feature_grad(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ def dkd_terms(
 
     def binary(logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         # [log p_gt, log(1 - p_gt)], the second as logsumexp over non-targets minus logsumexp over all classes
-        log_gt = log_p.masked_select(gt).unsqueeze(1)
+        # a gather, not masked_select (whose data-dependent size reads the mask back to the host on a GPU)
+        log_gt = log_p.gather(1, labels.long().unsqueeze(1))
         log_rest = torch.logsumexp(logits.masked_fill(gt, float("-inf")), dim=1, keepdim=True) - torch.logsumexp(
             logits, dim=1, keepdim=True
         )

@@ -192,3 +192,19 @@ def test_cli_prints_table_and_writes_json(monkeypatch, capsys, tmp_path):
     (path,) = tmp_path.glob("bench-cpu-*.json")
     assert "kdbench cohort of 1" in out and "vs reference" in out and path.name in out
     assert json.loads(path.read_text())["settings"]["methods"] == ["kd"]
+
+
+def test_variants_side_by_side():
+    """Eager and compiled, fp32 and bf16 rows of kdbench's loop in one record (compiled with the cheap aot_eager
+    backend here: by default the bench compiles with inductor, which takes minutes on a CPU)."""
+    rec = run_bench(PAIR, "kd", workers=0, configs=("solo", "cohort"), out=None, compile_backend="aot_eager",
+                    variants="eager-fp32,eager-bf16,compile-bf16", **TINY)
+    rows = [(r["config"], r["variant"]) for r in rec["results"]]
+    assert rows == [("solo", "eager-fp32"), ("cohort", "eager-fp32"), ("solo", "eager-bf16"), ("cohort", "eager-bf16"),
+                    ("solo", "compile-bf16"), ("cohort", "compile-bf16")]
+    assert all(r["loss_finite"] and _positive(r["images_per_s"]) for r in rec["results"])
+    assert rec["settings"]["variants"] == ["eager-fp32", "eager-bf16", "compile-bf16"]
+    with pytest.raises(KdbenchError, match="unknown variant"):
+        run_bench(PAIR, "kd", workers=0, out=None, variants="fp16", **TINY)
+    with pytest.raises(KdbenchError, match="warmup"):
+        run_bench(PAIR, "kd", workers=0, out=None, variants="compile-fp32", **{**TINY, "warmup": 0})
