@@ -15,6 +15,9 @@ from kdbench.errors import KdbenchError
 
 console = Console()
 err_console = Console(stderr=True)
+# Images are resized to a square of this side: 1 to 512 pixels (beyond, a data set no longer fits in memory).
+IMAGE_SIZE = click.IntRange(min=1, max=512)
+POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
 
 
 def _device(name: str):
@@ -150,7 +153,7 @@ _run_options = [
                  help="Override a setting: methods.NAME.KEY=V or protocol.KEY=V (repeatable)."),
     click.option("--dataset", default=None, help="Dataset of pairs named as teacher:student (default cifar100)."),
     click.option("--data-root", default=None, type=click.Path(), help="Folder holding the dataset files."),
-    click.option("--image-size", default=None, type=int, help="Resize images (tinyimagenet: 32 or 64)."),
+    click.option("--image-size", default=None, type=IMAGE_SIZE, help="Resize images (tinyimagenet: 32 or 64)."),
     click.option("--download", is_flag=True, help="Download CIFAR-100 when it is missing (needs internet)."),
     click.option("--results", default=None, type=click.Path(), help="Results folder (default bench.toml's)."),
     click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N."),
@@ -322,11 +325,11 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
 @click.option("--protocol", type=click.Choice(["paper", "fast", "smoke"]), default="paper", show_default=True,
               help="paper: 120 epochs, x0.1 at 30/60/90 (CRD); fast: 20 epochs; smoke: 2 epochs on a subset.")
 @click.option("--data-root", default=None, type=click.Path(), help="Folder holding the probe data set.")
-@click.option("--image-size", default=None, type=int, help="Resize the probe images (default: the run's size).")
+@click.option("--image-size", default=None, type=IMAGE_SIZE, help="Resize the probe images (default: the run's size).")
 @click.option("--download", is_flag=True, help="Download the probe data when it is missing (needs internet).")
 @click.option("--results", default=None, type=click.Path(),
               help="Results folder (default: the one holding RUN's JSON, else ./results).")
-@click.option("--seed", default=0, type=int, show_default=True, help="Seed of the probe's head and batches.")
+@click.option("--seed", default=0, type=NON_NEGATIVE, show_default=True, help="Seed of the probe's head and batches.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--force", is_flag=True, help="Train the probe again even when its JSON exists.")
 def probe(run, dataset, protocol, data_root, image_size, download, results, seed, device, force) -> None:
@@ -364,14 +367,16 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @cli.command()
 @click.option("--pair", default="resnet32x4:resnet8x4", show_default=True, help="teacher:student.")
 @click.option("--methods", "-m", default="kd,crd,rrd", show_default=True, help="Comma-separated method names.")
-@click.option("--batch-size", default=64, type=int, show_default=True)
-@click.option("--steps", default=50, type=int, show_default=True, help="Timed steps per configuration.")
-@click.option("--warmup", default=10, type=int, show_default=True, help="Untimed steps before them (every round).")
-@click.option("--rounds", default=1, type=int, show_default=True,
+@click.option("--batch-size", default=64, type=POSITIVE, show_default=True)
+@click.option("--steps", default=50, type=POSITIVE, show_default=True, help="Timed steps per configuration.")
+@click.option("--warmup", default=10, type=NON_NEGATIVE, show_default=True,
+              help="Untimed steps before them (every round).")
+@click.option("--rounds", default=1, type=POSITIVE, show_default=True,
               help="Interleave the configurations over this many rounds (a machine with a changing load).")
-@click.option("--train-size", default=50000, type=int, show_default=True, help="Synthetic training images.")
+@click.option("--train-size", default=50000, type=POSITIVE, show_default=True, help="Synthetic training images.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--workers", default=None, type=int, help="Reference DataLoader workers (default min(8, cores)).")
+@click.option("--workers", default=None, type=click.IntRange(min=0, max=64),
+              help="Reference DataLoader workers (default min(8, cores)).")
 @click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
 @click.option("--out", default="results/bench", type=click.Path(), show_default=True, help="Folder of the JSON.")
 def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out) -> None:
@@ -443,8 +448,8 @@ def teachers_train(pairs, seeds, protocol, sets, dataset, data_root, image_size,
 @click.argument("file", type=click.Path())
 @click.option("--arch", required=True, help="Architecture of the checkpoint (e.g. resnet32x4).")
 @click.option("--dataset", required=True, help="Dataset it was trained on (e.g. cifar100).")
-@click.option("--image-size", default=None, type=int)
-@click.option("--num-classes", default=100, type=int)
+@click.option("--image-size", default=None, type=IMAGE_SIZE)
+@click.option("--num-classes", default=100, type=click.IntRange(min=1))
 @click.option("--results", default="results", type=click.Path())
 def teachers_import(file, arch, dataset, image_size, num_classes, results) -> None:
     """Import a published RepDistiller / mdistiller checkpoint (a dict whose 'model' entry is the state dict),
@@ -470,7 +475,10 @@ def main() -> None:
     except KdbenchError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C (KeyboardInterrupt) into Abort: it is an interruption, not a refused prompt.
+        if isinstance(exc.__context__, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt):
+            _interrupted()
         err_console.print("aborted")
         sys.exit(1)
     except click.ClickException as exc:
@@ -478,8 +486,29 @@ def main() -> None:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume where it stopped")
-        sys.exit(130)
+        _interrupted()
+    except OSError as exc:
+        # The machine, not the input: a full disk, a file-size limit, a read-only or vanished folder.
+        click.echo(f"error: {os_error_line(exc)}", err=True)
+        sys.exit(2)
+
+
+def _interrupted() -> None:
+    err_console.print("interrupted: rerun the same command to resume where it stopped")
+    sys.exit(130)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error, saying plainly when the disk or a size limit is the cause."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}: {what}; free space (or set a larger quota) and rerun the same command"
+    if exc.errno == errno.EFBIG:
+        return f"file-size limit reached{where}: {what}; raise it (ulimit -f) and rerun the same command"
+    return f"{what}{where}"
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
@@ -29,6 +29,8 @@ from kdbench.errors import KdbenchError
 SCHEMA_VERSION = 1
 STATUSES = ("done", "failed", "n/a")
 _REQUIRED = {"schema": int, "run_id": str, "status": str, "spec": dict, "method": dict, "metrics": dict}
+_SPEC_TYPES: dict[str, Any] = {"student": str, "method": str, "seed": int, "data": dict, "protocol": dict,
+                               "teacher": (dict, type(None))}
 
 
 @contextlib.contextmanager
@@ -39,13 +41,41 @@ def atomic_path(path: Path) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # torch / safetensors report a failed write as their own error types
+            error = _write_error(path, exc)
+            if error is None:
+                raise
+            raise error from exc
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: Exception) -> OSError | None:
+    """An OSError saying why a library's write failed: the disk is full, or a file-size limit (ulimit -f) is hit."""
+    import errno
+    import resource
+
+    text = str(exc)
+    if not any(w in text.lower() for w in ("write", "no space", "ioerror", "file too large")):
+        return None
+    try:
+        st = os.statvfs(path.parent)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full or "No space" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY or "too large" in text:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    return OSError(errno.EIO, f"writing failed ({text.splitlines()[0] if text else type(exc).__name__})", str(path))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -76,14 +106,40 @@ def validate_run(obj: Any, name: str) -> dict[str, Any]:
     if obj["status"] not in STATUSES:
         raise KdbenchError(f"{name}: status {obj['status']!r} is not one of {', '.join(STATUSES)}")
     spec = obj["spec"]
-    for key in ("student", "method", "seed", "data"):
+    for key, typ in _SPEC_TYPES.items():
         if key not in spec:
             raise KdbenchError(f"{name}: spec has no {key!r}")
+        if not isinstance(spec[key], typ) or (typ is int and isinstance(spec[key], bool)):
+            raise KdbenchError(f"{name}: spec.{key} must be {_type_words(typ)}, got {type(spec[key]).__name__}")
+    if not isinstance(spec["data"].get("name"), str):
+        raise KdbenchError(f"{name}: spec.data.name must be a string")
+    if not isinstance(spec["protocol"].get("name"), str):
+        raise KdbenchError(f"{name}: spec.protocol.name must be a string")
+    if spec["teacher"] is not None and not isinstance(spec["teacher"].get("arch"), str):
+        raise KdbenchError(f"{name}: spec.teacher.arch must be a string")
     if obj["status"] == "done":
         for key in ("top1_last", "top1_best"):
             val = obj["metrics"].get(key)
-            if not isinstance(val, (int, float)):
-                raise KdbenchError(f"{name}: metrics.{key} must be a number")
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+                raise KdbenchError(f"{name}: metrics.{key} must be a finite number, got {val!r}")
+    return obj
+
+
+def _type_words(typ: Any) -> str:
+    types = typ if isinstance(typ, tuple) else (typ,)
+    return " or ".join({dict: "an object", str: "a string", int: "an integer", type(None): "null"}[t] for t in types)
+
+
+def without_non_finite(obj: Any, path: str = "", found: list[str] | None = None) -> Any:
+    """A copy of obj where every NaN or infinite float is None (JSON has no such numbers); their paths go to found."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if found is not None:
+            found.append(path or ".")
+        return None
+    if isinstance(obj, dict):
+        return {k: without_non_finite(v, f"{path}.{k}" if path else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [without_non_finite(v, f"{path}[{i}]", found) for i, v in enumerate(obj)]
     return obj
 
 
@@ -150,35 +206,115 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-@dataclass
 class Lock:
-    """An exclusive lock file (O_EXCL).
+    """An exclusive, non-blocking lock on one run (or teacher), correct when many processes race for it.
 
-    A lock whose process is gone (same host) or that is older than `stale_s` (another host) is taken over."""
+    The lock is an advisory ``fcntl.flock`` on ``path``, held by the live process: the kernel (or, on NFS, the
+    server) releases it when the process dies, however it dies, so a dead owner's lock is free at once and a
+    reused PID cannot keep it. The file itself only says who holds it (pid, host, time; the time is refreshed
+    every ``heartbeat_s``). Release unlinks the file while still holding the lock, and a process that locked a file
+    that was unlinked meanwhile retries on the current one, so two processes never both own it.
 
-    path: Path
-    stale_s: float = 6 * 3600.0
+    On a file system without flock (Lustre mounted ``noflock``: ENOSYS) it falls back to an ``O_EXCL`` lock file
+    whose owner refreshes it every ``heartbeat_s``; it is taken over when its process is gone (same host) or its
+    heartbeat is older than ``stale_s`` (any host)."""
+
+    def __init__(self, path: Path, stale_s: float = 600.0, heartbeat_s: float = 30.0):
+        self.path = Path(path)
+        self.stale_s = stale_s
+        self.heartbeat_s = heartbeat_s
+        self.mode: str | None = None  # "flock" or "file" while held
+        self._fd: int | None = None
+        self._info = b""
+        self._stop: Any = None
 
     def acquire(self) -> bool:
+        import errno
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 return False
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, fh)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                    return self._acquire_file()
+                raise
+            try:  # the owner before us may have released (unlinked) the file between our open and our flock
+                st, cur = os.fstat(fd), os.stat(self.path)
+                current = (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                continue
+            self._hold(fd, "flock")
             return True
         return False
 
-    def _stale(self) -> bool:
+    def _acquire_file(self) -> bool:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                try:
+                    seen = self.path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                if not self._stale(seen):
+                    return False
+                # Take over: move the stale file aside, and keep it moved only if it is the one judged stale (its
+                # content holds a nonce, so a fresh lock created meanwhile by another process never matches).
+                aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.stale")
+                try:
+                    os.rename(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                if aside.read_bytes() != seen:
+                    with contextlib.suppress(OSError):
+                        os.link(aside, self.path)  # give the fresh lock back (never over a newer one)
+                    aside.unlink(missing_ok=True)
+                    return False
+                aside.unlink(missing_ok=True)
+                continue
+            self._hold(fd, "file")
+            return True
+        return False
+
+    def _hold(self, fd: int, mode: str) -> None:
+        import threading
+
+        self._fd, self.mode = fd, mode
+        self._nonce = os.urandom(8).hex()
+        self._write_info()
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, args=(self._stop, fd), daemon=True, name=f"lock {self.path.name}").start()
+
+    def _write_info(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "nonce": self._nonce}
+        data = json.dumps(info).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def _beat(self, stop: Any, fd: int) -> None:
+        """The heartbeat: the owner refreshes the lock's time while it lives (what other hosts judge it by)."""
+        while not stop.wait(self.heartbeat_s):
+            try:
+                if self._fd == fd:
+                    self._write_info()
+            except OSError:
+                pass
+
+    def _stale(self, seen: bytes) -> bool:
         try:
-            info = json.loads(self.path.read_text())
+            info = json.loads(seen)
             pid, host, t = int(info["pid"]), info["host"], float(info["time"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             # Unreadable: a writer died between create and write, or it is being written right now.
             try:
                 return time.time() - self.path.stat().st_mtime > 60
@@ -190,12 +326,27 @@ class Lock:
             except ProcessLookupError:
                 return True
             except PermissionError:
-                return False
-            return False
+                pass
         return time.time() - t > self.stale_s
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._fd is None:
+            return
+        if self._stop is not None:
+            self._stop.set()
+        fd, self._fd = self._fd, None
+        try:
+            if self.mode == "flock" or self._nonce.encode() in self.path.read_bytes():
+                self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+            self.mode = None
 
 
 class ResultStore:
@@ -222,6 +373,17 @@ class ResultStore:
             raise KdbenchError(
                 f"results folder {self.root} is not writable ({exc.strerror}); pass --results DIR") from None
 
+    def inside(self, rel: Any, what: str) -> Path:
+        """A path read from a results file (relative to the folder), refused unless it resolves inside the folder:
+        a hand-edited or foreign JSON must not make kdbench read, or ask the user to delete, any other file."""
+        if not isinstance(rel, str) or not rel or "\x00" in rel:
+            raise KdbenchError(f"{what} {rel!r} is not a path inside the results folder {self.root}")
+        root = self.root.resolve()
+        path = (root / rel).resolve()
+        if Path(rel).is_absolute() or not path.is_relative_to(root) or path == root:
+            raise KdbenchError(f"{what} {rel!r} points outside the results folder {self.root}: refused")
+        return path
+
     def run_path(self, label: str) -> Path:
         return self.runs_dir / f"{label}.json"
 
@@ -242,6 +404,12 @@ class ResultStore:
             return None
 
     def write_run(self, label: str, obj: dict[str, Any]) -> Path:
+        """Validate and write a run JSON atomically. NaN and infinities (which JSON cannot hold) are written as null
+        and listed under "non_finite", so a failed run's record can always be written."""
+        found: list[str] = []
+        obj = without_non_finite(obj, found=found)
+        if found:
+            obj["non_finite"] = found
         validate_run(obj, label)
         path = self.run_path(label)
         atomic_write_json(path, obj)

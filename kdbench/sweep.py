@@ -19,7 +19,7 @@ from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, discover, make_config, resolve
 from kdbench.models.base import check_model_name
-from kdbench.results import ResultStore
+from kdbench.results import ResultStore, load_run
 from kdbench.teachers import TeacherStore, sha256_file
 from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
                            run_init_stage, train_cohort)
@@ -97,7 +97,7 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
             check_model_name(t)
             check_model_name(s)
             data = DataSpec(req.dataset or "cifar100", req.data_root, req.image_size)
-            proto = _protocol(bench, req.protocol or bench.protocol, sets)
+            proto = _protocol(bench, req.protocol if req.protocol is not None else bench.protocol, sets)
             groups.append((pname, data, pname, proto, proto))
             continue
         if pname not in bench.pair_sets:
@@ -112,10 +112,10 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
             data = dataclasses.replace(data, data_root=req.data_root)
         if req.image_size:
             data = dataclasses.replace(data, image_size=req.image_size)
-        proto = _protocol(bench, req.protocol or ps.protocol or bench.protocol, sets)
+        proto = _protocol(bench, req.protocol if req.protocol is not None else ps.protocol or bench.protocol, sets)
         # A pair set may train its teachers longer than its students (teacher_protocol); --protocol and
         # --set protocol.* then change the students' protocol only.
-        t_proto = bench.protocols[ps.teacher_protocol] if ps.teacher_protocol and not req.protocol else proto
+        t_proto = bench.protocols[ps.teacher_protocol] if ps.teacher_protocol and req.protocol is None else proto
         for pair in ps.pairs:
             t, s = pair.split(":", 1)
             check_model_name(t)
@@ -196,18 +196,55 @@ class Sweep:
 
     def preload(self, specs: list[RunSpec]) -> None:
         """Load every dataset the unfinished runs need (bad data roots fail here, before any file is written)."""
+        self._check_paths(specs)
         for spec in {s.data: s for s in self.pending(specs)}.values():
             self.data.get(spec.data)
+
+    def _check_paths(self, specs: list[RunSpec]) -> None:
+        for s in specs:
+            for path in (self.store.run_path(s.label), self.store.checkpoint_path(s.label)):
+                if path.exists() and not path.is_file():
+                    raise KdbenchError(f"{path} should be a file but is a folder: remove it and rerun")
+
+    def _tidy(self, spec: RunSpec) -> None:
+        """A finished run needs no checkpoint, lock or temporary file: remove those a killed process left behind
+        (under the run's lock, so a process still writing them is never disturbed)."""
+        leftovers = [self.store.checkpoint_path(spec.label)]
+        for folder in (self.store.runs_dir, self.store.checkpoint_path(spec.label).parent, self.store.root / "weights"):
+            if folder.is_dir():
+                leftovers += folder.glob(f".{spec.label}.*.tmp")
+        leftovers = [p for p in leftovers if p.is_file()]
+        lock = self.store.lock(spec.label)
+        if not (leftovers or lock.path.exists()) or not lock.acquire():
+            return
+        try:
+            for p in leftovers:
+                p.unlink(missing_ok=True)
+        finally:
+            lock.release()
+
+    def _finished(self, spec: RunSpec) -> dict[str, Any] | None:
+        """The run's valid JSON, else None; an unreadable one is reported (it is then trained again)."""
+        done = self.store.finished(spec.label)
+        path = self.store.run_path(spec.label)
+        if done is None and path.is_file():
+            try:
+                load_run(path)
+            except KdbenchError as exc:
+                self.log(f"{exc}: training the run again")
+        return done
 
     def pending(self, specs: list[RunSpec]) -> list[RunSpec]:
         return [s for s in specs if self.store.finished(s.label) is None]
 
     def run(self, specs: list[RunSpec]) -> SweepReport:
         report = SweepReport()
+        self._check_paths(specs)
         todo = []
         for s in specs:
-            if self.store.finished(s.label) is not None:
+            if self._finished(s) is not None:
                 report.skipped.append(s.label)
+                self._tidy(s)
             else:
                 todo.append(s)
         groups: dict[tuple, list[RunSpec]] = defaultdict(list)

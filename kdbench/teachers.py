@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,17 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
         raise KdbenchError(f"{what} {path} does not match architecture {type(model).__name__}: {'; '.join(parts)}")
+
+
+def _recorded_accuracy(obj: Any) -> float | None:
+    """The accuracy a published checkpoint records (a number or a one-element tensor), when it is a finite number in
+    [0, 100]; anything else (NaN, a string, a vector) is not an accuracy and is left out of the card."""
+    acc = obj.get("accuracy") if isinstance(obj, dict) else None
+    if isinstance(acc, torch.Tensor) and acc.numel() == 1:
+        acc = acc.item()
+    if isinstance(acc, (int, float)) and not isinstance(acc, bool) and math.isfinite(acc) and 0 <= acc <= 100:
+        return float(acc)
+    return None
 
 
 class TeacherStore:
@@ -158,7 +170,7 @@ class TeacherStore:
         card = {
             "arch": arch, "dataset": data.name, "image_size": data.image_size, "source": "imported",
             "original_file": file.name, "original_sha256": sha256_file(file), "protocol": None, "seed": None,
-            "top1": (float(obj["accuracy"]) if isinstance(obj, dict) and "accuracy" in obj else None),
+            "top1": _recorded_accuracy(obj),
             "weights": weights.name, "weights_sha256": sha256_file(weights), "created": time.time(),
         }
         atomic_write_json(self.card_path(label), card)

@@ -199,6 +199,13 @@ def _step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], sums
     sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()
 
 
+def _fail(m: Member, exc: Exception, epoch: int) -> None:
+    """Record an exception raised by one member's step as that run's failure (epoch is 0-based; -1: init stage)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    m.failed = f"{type(exc).__name__}: {first}" + (f" in epoch {epoch + 1}" if epoch >= 0 else "")
+    m.failed_epoch = epoch + 1
+
+
 def _check_finite(m: Member, means: dict[str, float], epoch: int) -> None:
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:
@@ -286,8 +293,13 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
         for batch in loader.epoch(epoch):
             t_out = _teacher_out(teacher, batch.images)
             for m in active:
-                s_out = m.student(batch.images)
-                _step(m.optimizer, main_terms(m, s_out, t_out, batch), sums[id(m)])
+                if m.failed is not None:
+                    continue
+                try:
+                    s_out = m.student(batch.images)
+                    _step(m.optimizer, main_terms(m, s_out, t_out, batch), sums[id(m)])
+                except Exception as exc:  # one member's error must not cost its cohort-mates their results
+                    _fail(m, exc, epoch)
             if task is not None:
                 progress.advance(task)
         seconds = time.perf_counter() - t0
@@ -298,7 +310,8 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
             for k, v in means.items():
                 m.curve["loss"].setdefault(k, []).append(v if math.isfinite(v) else None)
             m.epoch_seconds.append(seconds)
-            _check_finite(m, means, epoch)
+            if m.failed is None:
+                _check_finite(m, means, epoch)
             m.epoch = epoch + 1
             if m.failed is None and (m.epoch % proto.eval_every == 0 or m.epoch == proto.epochs):
                 ev = evaluate(m.student, test_loader)

@@ -19,6 +19,8 @@ class ATConfig(MethodConfig):
     weight: float = 1000.0
     attention_power: float = 2.0
 
+    RANGES = {**MethodConfig.RANGES, "attention_power": ">0"}
+
 
 def attention_map(f: torch.Tensor, power: float) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W): the channel mean of f**power, L2-normalised over the pixels."""

@@ -20,6 +20,8 @@ class FitNetConfig(MethodConfig):
     weight: float = 100.0
     hint_layer: int = 2
 
+    RANGES = {**MethodConfig.RANGES, "hint_layer": ">=0"}
+
 
 def make_regressor(s_channels: int, s_size: int, t_channels: int, t_size: int) -> nn.Module:
     """The conv that maps a (s_channels, s_size, s_size) map onto (t_channels, t_size, t_size).
