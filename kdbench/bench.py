@@ -493,9 +493,14 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
     specs = _specs(pair, names, batch_size)  # unknown methods and models fail here
     by_name = {s.method: s for s in specs}
 
-    from kdbench.results import atomic_write_json, environment
+    from kdbench.results import ResultStore, atomic_write_json, environment
     from kdbench.train import not_applicable_reason
 
+    if out is not None:  # a folder that cannot take the JSON fails now, not after the whole benchmark
+        try:
+            ResultStore(out).ensure_writable()
+        except KdbenchError:
+            raise KdbenchError(f"--out {out}: not a writable folder") from None
     load_before = _load_average()
     say(f"building {train_size} synthetic CIFAR-shaped training images")
     data = bench_data(train_size, seed)

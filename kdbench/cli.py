@@ -213,9 +213,17 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
 
             click.echo(sbatch_script(store, slurm, max(1, len(cohorts(store, specs, not no_cohort)))))
             return
+        from kdbench.slurm import _submitit
+
+        _submitit()  # missing submitit is bad input: say so before anything is written
         dev = _device("cpu")  # the tasks choose their own device on the cluster
     else:
         dev = _device(device)
+        from kdbench.sweep import max_workers
+
+        if workers is not None and workers > max_workers(dev):
+            raise KdbenchError(f"--workers {workers}: at most {max_workers(dev)} on {dev} "
+                               f"({'one per visible GPU' if dev.type == 'cuda' else 'one per CPU core'})")
     sweep = Sweep(store, dev, cohort=not no_cohort, download=download,
                   log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
     if not dry_run:
@@ -303,6 +311,18 @@ def table(results: str, metric: str, fmt: str, reference: str | None, vs: str | 
     click.echo(render(tables, fmt, metric), nl=False)
 
 
+def _writable_folder(path: str, what: str) -> None:
+    """A folder that exists or can be made, and can be written: bad input otherwise (one line, nothing written)."""
+    import os
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise KdbenchError(f"{what} {path} is a file, not a folder")
+    parent = next((a for a in [p, *p.parents] if a.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise KdbenchError(f"{what} {path} is not writable")
+
+
 @cli.command()
 @click.option("--results", default="results", type=click.Path(), help="Results folder.")
 @click.option("--out", default=None, type=click.Path(), help="Report folder (default RESULTS/report).")
@@ -314,6 +334,7 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
     from kdbench.report import write_report
 
     _collect(results)
+    _writable_folder(out or str(Path(results) / "report"), "--out")
     path = write_report(results, out or str(Path(results) / "report"), metric=metric, reference=reference, vs=vs)
     console.print(f"-> {path} ({len(list(path.parent.glob('*.png')))} figures)")
 

@@ -21,7 +21,7 @@ from kdbench.method import MethodEntry, discover, make_config, resolve
 from kdbench.models.base import check_model_name
 from kdbench.results import ResultStore, load_run
 from kdbench.teachers import TeacherStore, sha256_file
-from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
+from kdbench.train import (Member, build_member, fail_member, load_checkpoint, not_applicable_reason, result_record,
                            run_init_stage, train_cohort)
 
 BUILTIN_ORDER = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
@@ -328,11 +328,16 @@ class Sweep:
                 locks.append(lock)
                 m = build_member(spec, data, teacher, self.device)
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
-                load_checkpoint(m)
+                if not load_checkpoint(m) and m.discarded:
+                    self.log(m.discarded)
                 members.append(m)
             for m in members:
                 if m.method.init_stage() is not None:
-                    run_init_stage(m, data, teacher, self.device)
+                    try:
+                        run_init_stage(m, data, teacher, self.device)
+                    except Exception as exc:  # this member fails; its cohort-mates go on
+                        fail_member(m, exc, -1)
+                        m.failed = "init stage: " + m.failed
             by_epoch: dict[int, list[Member]] = defaultdict(list)
             for m in members:
                 by_epoch[m.epoch].append(m)
@@ -343,8 +348,14 @@ class Sweep:
                 from kdbench.evaluate import predict_test_split
 
                 t_pred = predict_test_split(teacher, data, self.device)
-            for m in members:
-                self._finish(m, data, teacher, card, len(members), report, teacher_for, t_pred)
+            errors = []
+            for m in members:  # each member's result is written even when another's cannot be
+                try:
+                    self._finish(m, data, teacher, card, len(members), report, teacher_for, t_pred)
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
         finally:
             for lock in locks:
                 lock.release()
@@ -354,9 +365,13 @@ class Sweep:
                 teacher_for: TeacherSpec | None, teacher_predictions=None) -> None:
         from kdbench.evaluate import final_metrics
 
-        extra = {}
+        extra: dict[str, Any] = {}
         if m.failed is None:
-            extra = final_metrics(m.student, teacher, data, self.device, teacher_predictions)
+            try:
+                extra = final_metrics(m.student, teacher, data, self.device, teacher_predictions)
+            except Exception as exc:  # the trained student is kept; only the extra metrics are missing
+                self.log(f"{m.spec.label}: final metrics failed ({type(exc).__name__}: {exc}); top-1 is recorded")
+                extra = {"final_metrics_error": f"{type(exc).__name__}: {exc}"}
         diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
         record = result_record(m, data, card, self.device, cohort_size, extra)
         if diagnostics:
@@ -406,7 +421,40 @@ class Sweep:
 def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int) -> SweepReport:
     if threads:
         torch.set_num_threads(threads)
-    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download).run(specs)
+    import sys
+
+    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download,
+                 log=lambda s: print(s, file=sys.stderr, flush=True)).run(specs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker never outlives the process that started it (no orphans, even after a SIGKILL of
+    the parent): Linux's parent-death signal where there is one, and a watchdog thread everywhere."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent watchdog").start()
+
+
+def max_workers(device: torch.device) -> int:
+    """The most local workers a device supports: one per visible GPU, or one per CPU core."""
+    if device.type == "cuda":
+        return 1 if device.index is not None else max(1, torch.cuda.device_count())
+    return max(1, os.cpu_count() or 1)
 
 
 def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
@@ -421,9 +469,12 @@ def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, c
 
     # Each worker starts at a different cohort so they do not queue behind one another's locks.
     keys = list(dict.fromkeys(s.cohort_key for s in specs))
-    cpu_threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 0
+    # CPU numbers depend on the intra-op thread count: every worker uses the thread count this process would
+    # train with, so --workers never changes a result (environment.torch_threads records it in every run).
+    cpu_threads = torch.get_num_threads() if devices[0] == "cpu" else 0
     merged = SweepReport()
-    with cf.ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         futures = []
         for i, dev in enumerate(devices):
             order = keys[i * len(keys) // len(devices):] + keys[: i * len(keys) // len(devices)]
