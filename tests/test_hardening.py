@@ -41,17 +41,53 @@ BAD_SETTINGS = [
     ("kd-weight-nan", RUN + ["--set", "methods.kd.kd_weight=nan"], "finite"),
     ("crd-momentum", ["run", "--methods", "crd", "--pairs", "tiny", "--set", "methods.crd.nce_m=1.0"], "[0, 1)"),
     ("crd-temperature", ["run", "--methods", "crd", "--pairs", "tiny", "--set", "methods.crd.nce_t=0"], "> 0"),
-    ("rrd-queue-update", ["run", "--methods", "rrd", "--pairs", "tiny", "--set", "methods.rrd.queue_update=never"],
-     "one of before, after"),
-    ("rkd-angle-weight", ["run", "--methods", "rkd", "--pairs", "tiny", "--set", "methods.rkd.angle_weight=-50"],
-     ">= 0"),
+    (
+        "rrd-queue-update",
+        ["run", "--methods", "rrd", "--pairs", "tiny", "--set", "methods.rrd.queue_update=never"],
+        "one of before, after",
+    ),
+    (
+        "rkd-angle-weight",
+        ["run", "--methods", "rkd", "--pairs", "tiny", "--set", "methods.rkd.angle_weight=-50"],
+        ">= 0",
+    ),
     ("empty-protocol", RUN + ["--protocol", ""], "unknown protocol ''"),
     ("image-size-zero", RUN + ["--image-size", "0"], "--image-size"),
     ("workers-unbounded", RUN + ["--workers", "100000", "--device", "cpu"], "--workers 100000: at most"),
-    ("import-num-classes", ["teachers", "import", "resnet8.pth", "--arch", "resnet8", "--dataset", "cifar100",
-                            "--num-classes", "-1", "--results", "imp"], "--num-classes"),
-    ("import-image-size", ["teachers", "import", "resnet8.pth", "--arch", "resnet8", "--dataset", "cifar100",
-                           "--image-size", "-7", "--results", "imp"], "--image-size"),
+    (
+        "import-num-classes",
+        [
+            "teachers",
+            "import",
+            "resnet8.pth",
+            "--arch",
+            "resnet8",
+            "--dataset",
+            "cifar100",
+            "--num-classes",
+            "-1",
+            "--results",
+            "imp",
+        ],
+        "--num-classes",
+    ),
+    (
+        "import-image-size",
+        [
+            "teachers",
+            "import",
+            "resnet8.pth",
+            "--arch",
+            "resnet8",
+            "--dataset",
+            "cifar100",
+            "--image-size",
+            "-7",
+            "--results",
+            "imp",
+        ],
+        "--image-size",
+    ),
 ]
 
 
@@ -76,8 +112,16 @@ def test_non_finite_protocol_value_in_bench_toml_is_refused(tiny_toml):
 def test_failed_run_record_with_non_finite_values_is_written(tmp_path, tiny_toml):
     store = ResultStore(tmp_path / "r")
     (spec,) = expand(load_bench(tiny_toml), Request(["ce"], ["tiny"]), store)
-    record = {"schema": 1, "run_id": spec.run_id, "status": "failed", "reason": "x", "spec": spec.to_dict(),
-              "method": {}, "metrics": {"ece": float("nan")}, "curve": {"lr": [float("inf"), 0.1]}}
+    record = {
+        "schema": 1,
+        "run_id": spec.run_id,
+        "status": "failed",
+        "reason": "x",
+        "spec": spec.to_dict(),
+        "method": {},
+        "metrics": {"ece": float("nan")},
+        "curve": {"lr": [float("inf"), 0.1]},
+    }
     path = store.write_run(spec.label, record)
     saved = json.loads(path.read_text())  # strict JSON: no NaN
     assert saved["curve"]["lr"] == [None, 0.1] and saved["metrics"]["ece"] is None
@@ -193,6 +237,7 @@ def test_sweep_reports_a_discarded_checkpoint(tmp_path, tiny_toml):
 
 # ---------------------------------------------------------------------------------------------- 4: locks
 
+
 def _jitter(seed: int) -> None:
     """Adversarial scheduling: a random pause of up to 3 ms before every file operation a lock makes, so that the
     interleavings that break a takeover (read stale, someone else replaces it, remove theirs) happen often. A correct
@@ -288,13 +333,21 @@ def test_lock_whose_pid_was_reused_by_a_live_process_is_free(tmp_path):
 
 def test_lock_of_a_killed_holder_is_free_at_once(tmp_path):
     path = tmp_path / "x.lock"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from kdbench.results import Lock
         assert Lock(__import__("pathlib").Path({str(path)!r})).acquire()
         print("held", flush=True)
         time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     assert not Lock(path).acquire()
     holder.kill()
@@ -330,9 +383,28 @@ def test_lock_file_fallback_takes_over_only_a_silent_lock(tmp_path, monkeypatch)
 def test_workers_die_with_a_killed_parent(tmp_path, tiny_toml):
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    parent = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", "--methods", "kd,fitnet", "--pairs",
-                               "tiny,tiny2", "--device", "cpu", "--workers", "2", "--set", "protocol.epochs=50"],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kdbench.cli",
+            "run",
+            "--methods",
+            "kd,fitnet",
+            "--pairs",
+            "tiny,tiny2",
+            "--device",
+            "cpu",
+            "--workers",
+            "2",
+            "--set",
+            "protocol.epochs=50",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def children() -> list[int]:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True, text=True)
@@ -376,9 +448,17 @@ def _a_done_run(ws: Path) -> tuple[Path, dict]:
     return path, json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("field,value", [(("spec", "data"), "cifar100"), (("spec", "teacher"), "resnet14"),
-                                         (("spec", "method"), {"name": "kd"}), (("spec", "seed"), [0]),
-                                         (("spec", "student"), 8), (("spec", "protocol"), "tiny")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        (("spec", "data"), "cifar100"),
+        (("spec", "teacher"), "resnet14"),
+        (("spec", "method"), {"name": "kd"}),
+        (("spec", "seed"), [0]),
+        (("spec", "student"), 8),
+        (("spec", "protocol"), "tiny"),
+    ],
+)
 def test_table_reports_and_skips_run_json_of_the_wrong_types(field, value, workspace, monkeypatch, capsys):  # noqa: F811
     path, run = _a_done_run(workspace)
     run[field[0]][field[1]] = value
@@ -423,8 +503,12 @@ def test_probe_refuses_weights_outside_the_results_folder(weights, workspace, mo
     path, run = _a_done_run(workspace)
     run["weights"] = weights
     path.write_text(json.dumps(run))
-    code, out, err = _cli(monkeypatch, capsys, ["probe", str(path.relative_to(workspace)), "--dataset", "synthetic",
-                                                "--protocol", "smoke", "--device", "cpu"], workspace)
+    code, out, err = _cli(
+        monkeypatch,
+        capsys,
+        ["probe", str(path.relative_to(workspace)), "--dataset", "synthetic", "--protocol", "smoke", "--device", "cpu"],
+        workspace,
+    )
     assert code == 2 and "outside the results folder" in err and "delete" not in err, err
 
 
@@ -449,10 +533,28 @@ def test_report_out_at_a_file_or_read_only_folder_is_one_line(workspace, monkeyp
 def test_import_with_a_nan_accuracy_writes_a_card(workspace, monkeypatch, capsys):  # noqa: F811
     from kdbench.models import create_model
 
-    torch.save({"model": create_model("resnet8", num_classes=8).state_dict(), "accuracy": torch.tensor(float("nan"))},
-               workspace / "nan.pth")
-    code, out, err = _cli(monkeypatch, capsys, ["teachers", "import", "nan.pth", "--arch", "resnet8", "--dataset",
-                                                "synthetic", "--num-classes", "8", "--results", "imp"], workspace)
+    torch.save(
+        {"model": create_model("resnet8", num_classes=8).state_dict(), "accuracy": torch.tensor(float("nan"))},
+        workspace / "nan.pth",
+    )
+    code, out, err = _cli(
+        monkeypatch,
+        capsys,
+        [
+            "teachers",
+            "import",
+            "nan.pth",
+            "--arch",
+            "resnet8",
+            "--dataset",
+            "synthetic",
+            "--num-classes",
+            "8",
+            "--results",
+            "imp",
+        ],
+        workspace,
+    )
     assert code == 0, err
     (card,) = (workspace / "imp" / "teachers").glob("*.json")
     assert json.loads(card.read_text())["top1"] is None
@@ -465,8 +567,12 @@ def test_tiny_imagenet_without_val_images_is_one_line(workspace, monkeypatch, ca
     (root / "wnids.txt").write_text("n01\n")
     (root / "words.txt").write_text("n01\tcat\n")
     (root / "val" / "val_annotations.txt").write_text("")
-    code, out, err = _cli(monkeypatch, capsys, ["run", "--methods", "ce", "--pairs", "resnet14:resnet8", "--dataset",
-                                                "tinyimagenet", "--data-root", "tin"], workspace)
+    code, out, err = _cli(
+        monkeypatch,
+        capsys,
+        ["run", "--methods", "ce", "--pairs", "resnet14:resnet8", "--dataset", "tinyimagenet", "--data-root", "tin"],
+        workspace,
+    )
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
 
@@ -485,9 +591,15 @@ def test_file_size_limit_is_one_line_naming_it(workspace):  # noqa: F811
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    proc = subprocess.run([sys.executable, "-m", "kdbench.cli", *RUN, "--device", "cpu"], cwd=workspace,
-                          capture_output=True, text=True, preexec_fn=limit, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdbench.cli", *RUN, "--device", "cpu"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
     assert lines[-1].startswith("error: file-size limit") and "Traceback" not in proc.stderr, proc.stderr
@@ -527,9 +639,14 @@ def test_leftovers_of_finished_runs_are_cleaned_and_truncated_json_reported(work
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_toml):
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
-    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", *RUN, "--device", "cpu", "--set",
-                             "protocol.epochs=200"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdbench.cli", *RUN, "--device", "cpu", "--set", "protocol.epochs=200"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     end = time.monotonic() + 120
     while not list((tmp_path / "results").rglob("*.pt")) and time.monotonic() < end:
         time.sleep(0.1)
@@ -549,8 +666,25 @@ def test_slurm_without_submitit_writes_nothing(workspace, monkeypatch, capsys): 
 
 def test_bench_checks_its_output_folder_first(workspace, monkeypatch, capsys):  # noqa: F811
     t0 = time.monotonic()
-    code, out, err = _cli(monkeypatch, capsys, ["bench", "--pair", "resnet14:resnet8", "--methods", "kd",
-                                                "--steps", "1", "--warmup", "0", "--train-size", "64",
-                                                "--out", "a_file"], workspace)
+    code, out, err = _cli(
+        monkeypatch,
+        capsys,
+        [
+            "bench",
+            "--pair",
+            "resnet14:resnet8",
+            "--methods",
+            "kd",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--train-size",
+            "64",
+            "--out",
+            "a_file",
+        ],
+        workspace,
+    )
     assert code == 2 and "--out a_file" in err, err
     assert time.monotonic() - t0 < 30
