@@ -377,6 +377,21 @@ def test_lock_file_fallback_takes_over_only_a_silent_lock(tmp_path, monkeypatch)
     lock.release()
 
 
+def test_file_system_without_flock_falls_back_to_lock_files(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre mounted noflock
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = Lock(tmp_path / "x.lock")
+    assert lock.acquire() and lock.mode == "file"
+    assert not Lock(tmp_path / "x.lock").acquire()
+    lock.release()
+    assert not (tmp_path / "x.lock").exists()
+
+
 # ---------------------------------------------------------------------------------------------- 5: workers
 
 
