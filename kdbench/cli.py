@@ -175,6 +175,8 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
     from kdbench.sweep import Request, expand
 
     bench = load_bench(config_path)
+    if results is not None and not results.strip():
+        raise KdbenchError("--results '': give a folder, e.g. --results results")
     store = ResultStore(results or bench.results)
     req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size)
     specs = expand(bench, req, store)

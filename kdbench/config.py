@@ -296,8 +296,8 @@ def load_bench(path: str | Path | None = None) -> Bench:
         raise KdbenchError(f"config file {path} not found")
     try:
         raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise KdbenchError(f"{path}: not valid TOML ({exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise KdbenchError(f"{path}: not valid TOML ({str(exc) or type(exc).__name__})") from None
     return parse_bench(raw, str(path), path.resolve().parent)
 
 

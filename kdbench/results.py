@@ -145,8 +145,8 @@ def without_non_finite(obj: Any, path: str = "", found: list[str] | None = None)
 def load_run(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KdbenchError(f"{path}: unreadable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise KdbenchError(f"{path}: unreadable JSON ({str(exc) or type(exc).__name__})") from None
     return validate_run(obj, str(path))
 
 

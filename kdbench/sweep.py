@@ -199,6 +199,11 @@ class Sweep:
         self._check_paths(specs)
         for spec in {s.data: s for s in self.pending(specs)}.values():
             self.data.get(spec.data)
+        for s in self.pending(specs):  # an epoch without a step would "finish" an untrained run
+            n = len(self.data.get(s.data).train_labels)
+            if s.protocol.drop_last and s.protocol.batch_size > n:
+                raise KdbenchError(f"protocol {s.protocol.name}: batch_size {s.protocol.batch_size} with drop_last "
+                                   f"leaves no batch of the {n} training images of {s.data.name}")
 
     def _check_paths(self, specs: list[RunSpec]) -> None:
         for s in specs:
@@ -209,11 +214,7 @@ class Sweep:
     def _tidy(self, spec: RunSpec) -> None:
         """A finished run needs no checkpoint, lock or temporary file: remove those a killed process left behind
         (under the run's lock, so a process still writing them is never disturbed)."""
-        leftovers = [self.store.checkpoint_path(spec.label)]
-        for folder in (self.store.runs_dir, self.store.checkpoint_path(spec.label).parent, self.store.root / "weights"):
-            if folder.is_dir():
-                leftovers += folder.glob(f".{spec.label}.*.tmp")
-        leftovers = [p for p in leftovers if p.is_file()]
+        leftovers = self._leftovers(spec.label)
         lock = self.store.lock(spec.label)
         if not (leftovers or lock.path.exists()) or not lock.acquire():
             return
@@ -222,6 +223,14 @@ class Sweep:
                 p.unlink(missing_ok=True)
         finally:
             lock.release()
+
+    def _leftovers(self, label: str) -> list[Path]:
+        """The checkpoint and the temporary files of a run (what a finished run no longer needs)."""
+        found = [self.store.checkpoint_path(label)]
+        for folder in (self.store.runs_dir, self.store.checkpoint_path(label).parent, self.store.root / "weights"):
+            if folder.is_dir():
+                found += folder.glob(f".{label}.*.tmp")
+        return [p for p in found if p.is_file()]
 
     def _finished(self, spec: RunSpec) -> dict[str, Any] | None:
         """The run's valid JSON, else None; an unreadable one is reported (it is then trained again)."""
@@ -326,7 +335,16 @@ class Sweep:
                     report.busy.append(f"{spec.label} (being trained by another process)")
                     continue
                 locks.append(lock)
-                m = build_member(spec, data, teacher, self.device)
+                try:
+                    m = build_member(spec, data, teacher, self.device)
+                except KdbenchError:
+                    raise
+                except Exception as exc:  # e.g. a setting too large to allocate: this run fails, the others go on
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                    self._write_na(spec, data, card, f"could not be built: {type(exc).__name__}: {first}",
+                                   status="failed")
+                    report.failed.append(f"{spec.label}: could not be built ({type(exc).__name__})")
+                    continue
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
                 if not load_checkpoint(m) and m.discarded:
                     self.log(m.discarded)
@@ -390,6 +408,8 @@ class Sweep:
             self.teachers.save(teacher_for, m.student, self._card(teacher_for, data, m.spec, record["metrics"]))
         if m.checkpoint_path is not None:
             Path(m.checkpoint_path).unlink(missing_ok=True)
+        for p in self._leftovers(m.spec.label):  # .tmp files of earlier, killed attempts (we hold the run's lock)
+            p.unlink(missing_ok=True)
         (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed
                                                                else f"{m.spec.label}: {m.failed}")
 
@@ -401,12 +421,12 @@ class Sweep:
             "top1": metrics["top1_last"], "top5": metrics["top5_last"], "top1_best": metrics["top1_best"],
         }
 
-    def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str) -> None:
+    def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str, status: str = "n/a") -> None:
         from kdbench.results import SCHEMA_VERSION, environment
 
         entry = resolve(spec.method)
         self.store.write_run(spec.label, {
-            "schema": SCHEMA_VERSION, "run_id": spec.run_id, "status": "n/a", "reason": reason,
+            "schema": SCHEMA_VERSION, "run_id": spec.run_id, "status": status, "reason": reason,
             "spec": spec.to_dict(), "pair": spec.pair,
             "method": {"name": spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
                        "config": dict(spec.method_config)},

@@ -108,7 +108,7 @@ class TeacherStore:
             if not isinstance(card, dict) or "arch" not in card:
                 raise ValueError("not a teacher card")
             return card
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise KdbenchError(
                 f"teacher card {path} is malformed ({exc}); delete it and train or import again") from None
 
@@ -160,6 +160,9 @@ class TeacherStore:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KdbenchError(f"{file}: expected a state dict or a dict with a 'model' state dict")
         state = {k.removeprefix("module."): v for k, v in state.items()}
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:  # a teacher with NaN weights would make every student's loss NaN
+            raise KdbenchError(f"{file}: {len(broken)} tensors hold NaN or infinite values (e.g. {broken[0]})")
         model = create_model(arch, num_classes=num_classes)
         check_state_dict(model, state, "teacher checkpoint", file)
         model.load_state_dict(state, strict=True)
