@@ -52,6 +52,12 @@ BAD_SETTINGS = [
         ">= 0",
     ),
     ("empty-protocol", RUN + ["--protocol", ""], "unknown protocol ''"),
+    ("empty-results", RUN + ["--results", ""], "--results ''"),
+    (
+        "no-batch-left",
+        RUN + ["--set", "protocol.drop_last=true", "--set", "protocol.batch_size=1000"],
+        "leaves no batch",
+    ),
     ("image-size-zero", RUN + ["--image-size", "0"], "--image-size"),
     ("workers-unbounded", RUN + ["--workers", "100000", "--device", "cpu"], "--workers 100000: at most"),
     (
@@ -147,6 +153,51 @@ def test_one_failing_member_never_costs_its_cohort_mates_their_results(tmp_path,
     assert runs["fitnet"]["status"] == "failed" and "boom" in runs["fitnet"]["reason"]
     assert runs["fitnet"]["failed_epoch"] == 2
     assert any("fitnet" in f for f in report.failed)
+
+
+def test_a_run_that_cannot_be_built_fails_alone(tmp_path, tiny_toml, monkeypatch):
+    import kdbench.sweep as sweep
+
+    real = sweep.build_member
+
+    def build(spec, *args):
+        if spec.method == "cc":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")  # e.g. methods.cc.embed_dim=1e9
+        return real(spec, *args)
+
+    monkeypatch.setattr(sweep, "build_member", build)
+    store = ResultStore(tmp_path / "r")
+    Sweep(store, CPU).run(expand(load_bench(tiny_toml), Request(["kd", "cc"], ["tiny"]), store))
+    runs = {r["spec"]["method"]: r for _, r, _ in store.iter_runs()}
+    assert runs["kd"]["status"] == "done"
+    assert runs["cc"]["status"] == "failed" and "can't allocate" in runs["cc"]["reason"]
+
+
+def test_deeply_nested_files_are_malformed_not_a_crash(tmp_path, tiny_toml):
+    from kdbench.results import load_run
+
+    deep = "[" * 100_000 + "]" * 100_000
+    tiny_toml.write_text(f"x = {deep}\n")
+    with pytest.raises(KdbenchError, match="not valid TOML"):
+        load_bench(tiny_toml)
+    (tmp_path / "run.json").write_text(deep)
+    with pytest.raises(KdbenchError, match="unreadable JSON"):
+        load_run(tmp_path / "run.json")
+
+
+def test_import_refuses_weights_holding_nan(tmp_path):
+    from kdbench.config import DataSpec
+    from kdbench.models import create_model
+    from kdbench.teachers import TeacherStore
+
+    state = create_model("resnet8", num_classes=8).state_dict()
+    next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    torch.save({"model": state}, tmp_path / "nan.pth")
+    with pytest.raises(KdbenchError, match="NaN or infinite"):
+        TeacherStore(ResultStore(tmp_path / "r")).import_checkpoint(
+            tmp_path / "nan.pth", "resnet8", DataSpec("synthetic"), 8
+        )
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------------------------- 2: init stages
