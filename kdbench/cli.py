@@ -17,7 +17,7 @@ console = Console()
 err_console = Console(stderr=True)
 # Images are resized to a square of this side: 1 to 512 pixels (beyond, a data set no longer fits in memory).
 IMAGE_SIZE = click.IntRange(min=1, max=512)
-POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
+NON_NEGATIVE = click.IntRange(min=0)
 
 
 def _device(name: str):
@@ -440,13 +440,13 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @cli.command()
 @click.option("--pair", default="resnet32x4:resnet8x4", show_default=True, help="teacher:student.")
 @click.option("--methods", "-m", default="kd,crd,rrd", show_default=True, help="Comma-separated method names.")
-@click.option("--batch-size", default=64, type=POSITIVE, show_default=True)
-@click.option("--steps", default=50, type=POSITIVE, show_default=True, help="Timed steps per configuration.")
-@click.option("--warmup", default=10, type=NON_NEGATIVE, show_default=True,
+@click.option("--batch-size", default=64, type=int, show_default=True)
+@click.option("--steps", default=50, type=int, show_default=True, help="Timed steps per configuration.")
+@click.option("--warmup", default=10, type=int, show_default=True,
               help="Untimed steps before them (every round).")
-@click.option("--rounds", default=1, type=POSITIVE, show_default=True,
+@click.option("--rounds", default=1, type=int, show_default=True,
               help="Interleave the configurations over this many rounds (a machine with a changing load).")
-@click.option("--train-size", default=50000, type=POSITIVE, show_default=True, help="Synthetic training images.")
+@click.option("--train-size", default=50000, type=int, show_default=True, help="Synthetic training images.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--workers", default=None, type=click.IntRange(min=0, max=64),
               help="Reference DataLoader workers (default min(8, cores)).")
