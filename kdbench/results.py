@@ -237,17 +237,27 @@ class Lock:
         if os.environ.get("KDBENCH_LOCKS", "flock") == "file":  # flock is node-local here (Lustre localflock)
             return self._acquire_file()
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:
+                    continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 return False
             except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                    os.close(fd)
+                    raise
+                if created:  # no flock here, and this process made the file exclusively: a lock file it owns
+                    self._hold(fd, "file")
+                    return True
                 os.close(fd)
-                if exc.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
-                    return self._acquire_file()
-                raise
+                return self._acquire_file()
             try:  # the owner before us may have released (unlinked) the file between our open and our flock
                 st, cur = os.fstat(fd), os.stat(self.path)
                 current = (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
