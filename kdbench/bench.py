@@ -524,6 +524,11 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
     from kdbench.system import environment
     from kdbench.train import not_applicable_reason
 
+    if out is not None:  # a folder that cannot take the JSON fails now, not after the whole benchmark
+        try:
+            ResultStore(out).ensure_writable()
+        except KdbenchError:
+            raise KdbenchError(f"--out {out}: not a writable folder") from None
     load_before = _load_average()
     say(f"building {train_size} synthetic CIFAR-shaped training images")
     data = bench_data(train_size, seed)

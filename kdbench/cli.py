@@ -15,6 +15,9 @@ from kdbench.errors import KdbenchError
 
 console = Console()
 err_console = Console(stderr=True)
+# Images are resized to a square of this side: 1 to 512 pixels (beyond, a data set no longer fits in memory).
+IMAGE_SIZE = click.IntRange(min=1, max=512)
+NON_NEGATIVE = click.IntRange(min=0)
 
 
 def _device(name: str):
@@ -157,7 +160,7 @@ _run_options = [
                  help="Override a setting: methods.NAME.KEY=V or protocol.KEY=V (repeatable)."),
     click.option("--dataset", default=None, help="Dataset of pairs named as teacher:student (default cifar100)."),
     click.option("--data-root", default=None, type=click.Path(), help="Folder holding the dataset files."),
-    click.option("--image-size", default=None, type=int, help="Resize images (tinyimagenet: 32 or 64)."),
+    click.option("--image-size", default=None, type=IMAGE_SIZE, help="Resize images (tinyimagenet: 32 or 64)."),
     click.option("--download", is_flag=True, help="Download CIFAR-100 when it is missing (needs internet)."),
     click.option("--results", default=None, type=click.Path(), help="Results folder (default bench.toml's)."),
     click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N."),
@@ -180,6 +183,8 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
     from kdbench.sweep import Request, expand
 
     bench = load_bench(config_path)
+    if results is not None and not results.strip():
+        raise KdbenchError("--results '': give a folder, e.g. --results results")
     store = ResultStore(results or bench.results)
     req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size,
                   precision, channels_last)
@@ -221,6 +226,17 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
 
         slurm = SlurmSettings.from_dict(bench.slurm, bench.source).with_overrides(
             partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus)
+        if not dry_run:
+            from kdbench.slurm import _submitit
+
+            _submitit()  # missing submitit is bad input: say so before anything is written
+    elif workers is not None:
+        from kdbench.sweep import max_workers
+
+        dev = _device(device)
+        if workers > max_workers(dev):
+            raise KdbenchError(f"--workers {workers}: at most {max_workers(dev)} on {dev} "
+                               f"({'one per visible GPU' if dev.type == 'cuda' else 'one per CPU core'})")
     if dry_run:
         if slurm is None:
             _device(device)  # a bad --device fails in a dry run too
@@ -348,6 +364,18 @@ def _rank_corr_text(tables, reference: str, published_pair: str) -> str:
     return "\n" + "\n\n".join(lines) + "\n" if lines else ""
 
 
+def _writable_folder(path: str, what: str) -> None:
+    """A folder that exists or can be made, and can be written: bad input otherwise (one line, nothing written)."""
+    import os
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise KdbenchError(f"{what} {path} is a file, not a folder")
+    parent = next((a for a in [p, *p.parents] if a.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise KdbenchError(f"{what} {path} is not writable")
+
+
 @cli.command()
 @click.option("--results", default="results", type=click.Path(), help="Results folder.")
 @click.option("--out", default=None, type=click.Path(), help="Report folder (default RESULTS/report).")
@@ -359,6 +387,7 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
     from kdbench.report import write_report
 
     _collect(results)
+    _writable_folder(out or str(Path(results) / "report"), "--out")
     path = write_report(results, out or str(Path(results) / "report"), metric=metric, reference=reference, vs=vs)
     console.print(f"-> {path} ({len(list(path.parent.glob('*.png')))} figures)")
 
@@ -370,11 +399,11 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
 @click.option("--protocol", type=click.Choice(["paper", "fast", "smoke"]), default="paper", show_default=True,
               help="paper: 120 epochs, x0.1 at 30/60/90 (CRD); fast: 20 epochs; smoke: 2 epochs on a subset.")
 @click.option("--data-root", default=None, type=click.Path(), help="Folder holding the probe data set.")
-@click.option("--image-size", default=None, type=int, help="Resize the probe images (default: the run's size).")
+@click.option("--image-size", default=None, type=IMAGE_SIZE, help="Resize the probe images (default: the run's size).")
 @click.option("--download", is_flag=True, help="Download the probe data when it is missing (needs internet).")
 @click.option("--results", default=None, type=click.Path(),
               help="Results folder (default: the one holding RUN's JSON, else ./results).")
-@click.option("--seed", default=0, type=int, show_default=True, help="Seed of the probe's head and batches.")
+@click.option("--seed", default=0, type=NON_NEGATIVE, show_default=True, help="Seed of the probe's head and batches.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--force", is_flag=True, help="Train the probe again even when its JSON exists.")
 def probe(run, dataset, protocol, data_root, image_size, download, results, seed, device, force) -> None:
@@ -415,12 +444,14 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @click.option("--methods", "-m", default="kd,crd,rrd", show_default=True, help="Comma-separated method names.")
 @click.option("--batch-size", default=64, type=int, show_default=True)
 @click.option("--steps", default=50, type=int, show_default=True, help="Timed steps per configuration.")
-@click.option("--warmup", default=10, type=int, show_default=True, help="Untimed steps before them (every round).")
+@click.option("--warmup", default=10, type=int, show_default=True,
+              help="Untimed steps before them (every round).")
 @click.option("--rounds", default=1, type=int, show_default=True,
               help="Interleave the configurations over this many rounds (a machine with a changing load).")
 @click.option("--train-size", default=50000, type=int, show_default=True, help="Synthetic training images.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--workers", default=None, type=int, help="Reference DataLoader workers (default min(8, cores)).")
+@click.option("--workers", default=None, type=click.IntRange(min=0, max=64),
+              help="Reference DataLoader workers (default min(8, cores)).")
 @click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
 @click.option("--out", default=None, type=click.Path(),
               help="Folder of the JSON (default results/bench, the bench/ folder of the default results folder).")
@@ -513,8 +544,8 @@ def teachers_train(pairs, seeds, protocol, sets, dataset, data_root, image_size,
 @click.argument("file", type=click.Path())
 @click.option("--arch", required=True, help="Architecture of the checkpoint (e.g. resnet32x4).")
 @click.option("--dataset", required=True, help="Dataset it was trained on (e.g. cifar100).")
-@click.option("--image-size", default=None, type=int)
-@click.option("--num-classes", default=100, type=int)
+@click.option("--image-size", default=None, type=IMAGE_SIZE)
+@click.option("--num-classes", default=100, type=click.IntRange(min=1))
 @click.option("--results", default="results", type=click.Path())
 def teachers_import(file, arch, dataset, image_size, num_classes, results) -> None:
     """Import a published RepDistiller / mdistiller checkpoint (a dict whose 'model' entry is the state dict),
@@ -540,7 +571,10 @@ def main() -> None:
     except KdbenchError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C (KeyboardInterrupt) into Abort: it is an interruption, not a refused prompt.
+        if isinstance(exc.__context__, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt):
+            _interrupted()
         err_console.print("aborted")
         sys.exit(1)
     except click.ClickException as exc:
@@ -548,8 +582,29 @@ def main() -> None:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume where it stopped")
-        sys.exit(130)
+        _interrupted()
+    except OSError as exc:
+        # The machine, not the input: a full disk, a file-size limit, a read-only or vanished folder.
+        click.echo(f"error: {os_error_line(exc)}", err=True)
+        sys.exit(2)
+
+
+def _interrupted() -> None:
+    err_console.print("interrupted: rerun the same command to resume where it stopped")
+    sys.exit(130)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error, saying plainly when the disk or a size limit is the cause."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}: {what}; free space (or set a larger quota) and rerun the same command"
+    if exc.errno == errno.EFBIG:
+        return f"file-size limit reached{where}: {what}; raise it (ulimit -f) and rerun the same command"
+    return f"{what}{where}"
 
 
 if __name__ == "__main__":

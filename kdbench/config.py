@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -233,6 +234,9 @@ def _protocol(src: str, name: str, raw: dict[str, Any]) -> Protocol:
     if missing:
         raise _bad(src, f"protocols.{name} is missing {', '.join(sorted(missing))}")
     vals = {k: _typed(src, f"protocols.{name}.{k}", v, _PROTOCOL_TYPES[k]) for k, v in raw.items()}
+    for k, v in vals.items():  # nan, inf and overflowing literals (1e400) pass every comparison below
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _bad(src, f"protocols.{name}.{k} must be a finite number, got {v!r}")
     for k in ("epochs", "batch_size", "eval_every"):
         if k in vals and vals[k] < 1:
             raise _bad(src, f"protocols.{name}.{k} must be >= 1, got {vals[k]}")
@@ -350,8 +354,8 @@ def load_bench(path: str | Path | None = None) -> Bench:
         raise KdbenchError(f"config file {path} not found")
     try:
         raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise KdbenchError(f"{path}: not valid TOML ({exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise KdbenchError(f"{path}: not valid TOML ({str(exc) or type(exc).__name__})") from None
     # Relative data_root paths are resolved from the folder the file is named in, not where a link points: the
     # checkout's ./bench.toml links to the packaged kdbench/bench.toml, and its paths are relative to the checkout.
     return parse_bench(raw, str(path), path.absolute().parent)

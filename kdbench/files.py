@@ -20,13 +20,40 @@ def atomic_path(path: Path) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # torch / safetensors report a failed write as their own error types
+            error = _write_error(path, exc)
+            if error is None:
+                raise
+            raise error from exc
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: Exception) -> OSError | None:
+    """An OSError for a library's failed write (torch and safetensors raise their own types, with messages such as
+    "unexpected pos" that never name the cause) when the cause is the machine: a full disk, or a file-size limit
+    (ulimit -f). None when neither holds: the library's error then stands."""
+    import errno
+    import resource
+
+    try:
+        st = os.statvfs(path.parent)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full or "No space left" in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
+import math
 import os
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -48,6 +49,33 @@ class MethodConfig:
     kd_weight: float = 0.0
     temperature: float = 4.0
     weight: float = 0.0
+
+    #: The valid range of each numeric field, checked (with every number finite) before any run starts:
+    #: ">0", ">=0", ">=1", "[0,1)", or a tuple of the allowed values. Fields named ``*weight`` default to ">=0".
+    #: A subclass extends it (``RANGES = {**MethodConfig.RANGES, "tau": ">0"}``) and may override ``check``.
+    RANGES: ClassVar[dict[str, Any]] = {"temperature": ">0"}
+
+    def check(self, where: str = "methods") -> None:
+        """Raise KdbenchError naming the first setting that is not finite or out of its range."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            rule = self.RANGES.get(f.name, ">=0" if f.name.endswith("weight") else None)
+            key = f"{where}.{f.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise KdbenchError(f"{key} must be a finite number, got {value!r}")
+            if rule is None or value is None:
+                continue
+            if isinstance(rule, tuple):
+                if value not in rule:
+                    raise KdbenchError(f"{key} must be one of {', '.join(map(str, rule))}, got {value!r}")
+                continue
+            ok = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1,
+                  "[0,1)": lambda v: 0 <= v < 1}[rule](value)
+            if not ok:
+                raise KdbenchError(f"{key} must be {_RULE_WORDS[rule]}, got {value!r}")
+
+
+_RULE_WORDS = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1)": "in [0, 1)"}
 
 
 @dataclass(frozen=True)
@@ -272,7 +300,11 @@ def make_config(entry: MethodEntry, values: dict[str, Any] | None = None) -> Met
                 f"unknown setting {key!r} for method {entry.name!r}; valid: {', '.join(sorted(valid))}"
             )
         kwargs[key] = coerce(val, valid[key].type, f"methods.{entry.name}.{key}")
-    return cfg_cls(**kwargs)
+    cfg = cfg_cls(**kwargs)
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        check(f"methods.{entry.name}")
+    return cfg
 
 
 def config_identity(cfg: MethodConfig) -> dict[str, Any]:

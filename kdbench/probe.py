@@ -95,7 +95,7 @@ def load_student(run: dict[str, Any], root: Path, device: torch.device) -> nn.Mo
     rel = run.get("weights")
     if not rel:
         raise KdbenchError(f"run {run['run_id']} records no weights file")
-    weights = root / rel
+    weights = ResultStore(root).inside(rel, f"weights of run {run['run_id']}")
     if not weights.is_file():
         raise KdbenchError(f"weights of run {run['run_id']} not found at {weights}")
     num_classes = (run.get("data") or {}).get("num_classes")

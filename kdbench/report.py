@@ -44,7 +44,7 @@ def _probe_rows(root: Path) -> list[dict[str, Any]]:
             obj = json.loads(path.read_text())
             if isinstance(obj, dict) and "top1_last" in obj:
                 out.append(obj)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
     return out
 

@@ -13,11 +13,12 @@ Layout of a results folder (``ResultStore`` is the one place that names these pa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from kdbench.files import atomic_write_json
 SCHEMA_VERSION = 1
 STATUSES = ("done", "failed", "n/a")
 _REQUIRED = {"schema": int, "run_id": str, "status": str, "spec": dict, "method": dict, "metrics": dict}
+_SPEC_TYPES: dict[str, Any] = {"student": str, "method": str, "seed": int, "data": dict, "protocol": dict,
+                               "teacher": (dict, type(None))}
 
 
 def validate_run(obj: Any, name: str) -> dict[str, Any]:
@@ -45,54 +48,181 @@ def validate_run(obj: Any, name: str) -> dict[str, Any]:
     if obj["status"] not in STATUSES:
         raise KdbenchError(f"{name}: status {obj['status']!r} is not one of {', '.join(STATUSES)}")
     spec = obj["spec"]
-    for key in ("student", "method", "seed", "data"):
+    for key, typ in _SPEC_TYPES.items():
         if key not in spec:
             raise KdbenchError(f"{name}: spec has no {key!r}")
+        if not isinstance(spec[key], typ) or (typ is int and isinstance(spec[key], bool)):
+            raise KdbenchError(f"{name}: spec.{key} must be {_type_words(typ)}, got {type(spec[key]).__name__}")
+    if not isinstance(spec["data"].get("name"), str):
+        raise KdbenchError(f"{name}: spec.data.name must be a string")
+    if not isinstance(spec["protocol"].get("name"), str):
+        raise KdbenchError(f"{name}: spec.protocol.name must be a string")
+    if spec["teacher"] is not None and not isinstance(spec["teacher"].get("arch"), str):
+        raise KdbenchError(f"{name}: spec.teacher.arch must be a string")
     if obj["status"] == "done":
         for key in ("top1_last", "top1_best"):
             val = obj["metrics"].get(key)
-            if not isinstance(val, (int, float)):
-                raise KdbenchError(f"{name}: metrics.{key} must be a number")
+            if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+                raise KdbenchError(f"{name}: metrics.{key} must be a finite number, got {val!r}")
+    return obj
+
+
+def _type_words(typ: Any) -> str:
+    types = typ if isinstance(typ, tuple) else (typ,)
+    return " or ".join({dict: "an object", str: "a string", int: "an integer", type(None): "null"}[t] for t in types)
+
+
+def without_non_finite(obj: Any, path: str = "", found: list[str] | None = None) -> Any:
+    """A copy of obj where every NaN or infinite float is None (JSON has no such numbers); their paths go to found."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if found is not None:
+            found.append(path or ".")
+        return None
+    if isinstance(obj, dict):
+        return {k: without_non_finite(v, f"{path}.{k}" if path else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [without_non_finite(v, f"{path}[{i}]", found) for i, v in enumerate(obj)]
     return obj
 
 
 def load_run(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KdbenchError(f"{path}: unreadable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise KdbenchError(f"{path}: unreadable JSON ({str(exc) or type(exc).__name__})") from None
     return validate_run(obj, str(path))
 
 
-@dataclass
 class Lock:
-    """An exclusive lock file (O_EXCL).
+    """An exclusive, non-blocking lock on one run (or teacher), correct when many processes race for it.
 
-    A lock whose process is gone (same host) or that is older than `stale_s` (another host) is taken over."""
+    The lock is an advisory ``fcntl.flock`` on ``path``, held by the live process: the kernel (or, on NFS, the
+    server) releases it when the process dies, however it dies, so a dead owner's lock is free at once and a
+    reused PID cannot keep it. The file itself only says who holds it (pid, host, time; the time is refreshed
+    every ``heartbeat_s``). Release unlinks the file while still holding the lock, and a process that locked a file
+    that was unlinked meanwhile retries on the current one, so two processes never both own it.
 
-    path: Path
-    stale_s: float = 6 * 3600.0
+    On a file system without flock (Lustre mounted ``noflock``: ENOSYS), or with ``KDBENCH_LOCKS=file`` (for a
+    flock that is local to each node: Lustre ``localflock``, NFS ``local_lock``), it uses an ``O_EXCL`` lock file
+    instead, whose owner refreshes it every ``heartbeat_s``; it is taken over when its process is gone (same host) or
+    its heartbeat is older than ``stale_s`` (any host)."""
+
+    def __init__(self, path: Path, stale_s: float = 600.0, heartbeat_s: float = 30.0):
+        self.path = Path(path)
+        self.stale_s = stale_s
+        self.heartbeat_s = heartbeat_s
+        self.mode: str | None = None  # "flock" or "file" while held
+        self._fd: int | None = None
+        self._info = b""
+        self._stop: Any = None
 
     def acquire(self) -> bool:
+        import errno
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        if os.environ.get("KDBENCH_LOCKS", "flock") == "file":  # flock is node-local here (Lustre localflock)
+            return self._acquire_file()
+        for _ in range(10):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
             except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:
                     continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 return False
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, fh)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                    os.close(fd)
+                    raise
+                if created:  # no flock here, and this process made the file exclusively: a lock file it owns
+                    self._hold(fd, "file")
+                    return True
+                os.close(fd)
+                return self._acquire_file()
+            try:  # the owner before us may have released (unlinked) the file between our open and our flock
+                st, cur = os.fstat(fd), os.stat(self.path)
+                current = (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                continue
+            self._hold(fd, "flock")
             return True
         return False
 
-    def _stale(self) -> bool:
+    def _acquire_file(self) -> bool:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                try:
+                    seen = self.path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                if not self._stale(seen) or not self._take_over(seen):
+                    return False
+                continue
+            self._hold(fd, "file")
+            return True
+        return False
+
+    def _take_over(self, seen: bytes) -> bool:
+        """Remove the stale lock file whose content is `seen`, under a guard file that one process at a time can
+        create, so that no process ever removes a lock another process has just taken. A guard left by a process
+        killed inside these few lines is abandoned after 30 s."""
+        guard = self.path.with_name(self.path.name + ".takeover")
         try:
-            info = json.loads(self.path.read_text())
+            gfd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - guard.stat().st_mtime > 30:
+                    guard.unlink()
+            return False
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if self.path.read_bytes() == seen:  # still the stale one (a fresh lock holds another nonce)
+                    self.path.unlink()
+            return True
+        finally:
+            os.close(gfd)
+            guard.unlink(missing_ok=True)
+
+    def _hold(self, fd: int, mode: str) -> None:
+        import threading
+
+        self._fd, self.mode = fd, mode
+        self._nonce = os.urandom(8).hex()
+        self._write_info()
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, args=(self._stop, fd), daemon=True, name=f"lock {self.path.name}").start()
+
+    def _write_info(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "nonce": self._nonce}
+        data = json.dumps(info).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def _beat(self, stop: Any, fd: int) -> None:
+        """The heartbeat: the owner refreshes the lock's time while it lives (what other hosts judge it by)."""
+        while not stop.wait(self.heartbeat_s):
+            try:
+                if self._fd == fd:
+                    self._write_info()
+            except OSError:
+                pass
+
+    def _stale(self, seen: bytes) -> bool:
+        try:
+            info = json.loads(seen)
             pid, host, t = int(info["pid"]), info["host"], float(info["time"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             # Unreadable: a writer died between create and write, or it is being written right now.
             try:
                 return time.time() - self.path.stat().st_mtime > 60
@@ -104,12 +234,27 @@ class Lock:
             except ProcessLookupError:
                 return True
             except PermissionError:
-                return False
-            return False
+                pass
         return time.time() - t > self.stale_s
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._fd is None:
+            return
+        if self._stop is not None:
+            self._stop.set()
+        fd, self._fd = self._fd, None
+        try:
+            if self.mode == "flock" or self._nonce.encode() in self.path.read_bytes():
+                self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+            self.mode = None
 
 
 class ResultStore:
@@ -155,6 +300,17 @@ class ResultStore:
             raise KdbenchError(
                 f"results folder {self.root} is not writable ({exc.strerror}); pass --results DIR") from None
 
+    def inside(self, rel: Any, what: str) -> Path:
+        """A path read from a results file (relative to the folder), refused unless it resolves inside the folder:
+        a hand-edited or foreign JSON must not make kdbench read, or ask the user to delete, any other file."""
+        if not isinstance(rel, str) or not rel or "\x00" in rel:
+            raise KdbenchError(f"{what} {rel!r} is not a path inside the results folder {self.root}")
+        root = self.root.resolve()
+        path = (root / rel).resolve()
+        if Path(rel).is_absolute() or not path.is_relative_to(root) or path == root:
+            raise KdbenchError(f"{what} {rel!r} points outside the results folder {self.root}: refused")
+        return path
+
     def run_path(self, label: str) -> Path:
         return self.runs_dir / f"{label}.json"
 
@@ -175,6 +331,12 @@ class ResultStore:
             return None
 
     def write_run(self, label: str, obj: dict[str, Any]) -> Path:
+        """Validate and write a run JSON atomically. NaN and infinities (which JSON cannot hold) are written as null
+        and listed under "non_finite", so a failed run's record can always be written."""
+        found: list[str] = []
+        obj = without_non_finite(obj, found=found)
+        if found:
+            obj["non_finite"] = found
         validate_run(obj, label)
         path = self.run_path(label)
         atomic_write_json(path, obj)

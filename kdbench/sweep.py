@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, config_identity, discover, make_config, resolve
 from kdbench.models.base import check_model_name
-from kdbench.results import ResultStore
+from kdbench.results import ResultStore, load_run
 from kdbench.system import usable_cores
 from kdbench.teachers import TeacherStore, sha256_file
-from kdbench.train import (Member, autocast, build_member, load_checkpoint, not_applicable_reason, prepare_model,
-                           result_record, run_init_stage, run_record, train_cohort)
+from kdbench.train import (Member, autocast, build_member, fail_member, load_checkpoint, not_applicable_reason,
+                           prepare_model, result_record, run_init_stage, run_record, train_cohort)
 
 # Named groups of --methods: name -> (description, members given the registry).
 GROUPS: dict[str, str] = {
@@ -119,7 +120,7 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
             check_model_name(t)
             check_model_name(s)
             data = DataSpec(req.dataset or "cifar100", req.data_root, req.image_size)
-            proto = _protocol(bench, req.protocol or bench.protocol, sets)
+            proto = _protocol(bench, req.protocol if req.protocol is not None else bench.protocol, sets)
             groups.append((pname, data, pname, proto, proto))
             continue
         if pname not in bench.pair_sets:
@@ -134,10 +135,10 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
             data = dataclasses.replace(data, data_root=req.data_root)
         if req.image_size:
             data = dataclasses.replace(data, image_size=req.image_size)
-        proto = _protocol(bench, req.protocol or ps.protocol or bench.protocol, sets)
+        proto = _protocol(bench, req.protocol if req.protocol is not None else ps.protocol or bench.protocol, sets)
         # A pair set may train its teachers longer than its students (teacher_protocol); --protocol and
         # --set protocol.* then change the students' protocol only.
-        t_proto = bench.protocols[ps.teacher_protocol] if ps.teacher_protocol and not req.protocol else proto
+        t_proto = bench.protocols[ps.teacher_protocol] if ps.teacher_protocol and req.protocol is None else proto
         for pair in ps.pairs:
             t, s = pair.split(":", 1)
             check_model_name(t)
@@ -220,18 +221,64 @@ class Sweep:
 
     def preload(self, specs: list[RunSpec]) -> None:
         """Load every dataset the unfinished runs need (bad data roots fail here, before any file is written)."""
+        self._check_paths(specs)
         for spec in {s.data: s for s in self.pending(specs)}.values():
             self.data.get(spec.data)
+        for s in self.pending(specs):  # an epoch without a step would "finish" an untrained run
+            n = len(self.data.get(s.data).train_labels)
+            if s.protocol.drop_last and s.protocol.batch_size > n:
+                raise KdbenchError(f"protocol {s.protocol.name}: batch_size {s.protocol.batch_size} with drop_last "
+                                   f"leaves no batch of the {n} training images of {s.data.name}")
+
+    def _check_paths(self, specs: list[RunSpec]) -> None:
+        for s in specs:
+            for path in (self.store.run_path(s.label), self.store.checkpoint_path(s.label)):
+                if path.exists() and not path.is_file():
+                    raise KdbenchError(f"{path} should be a file but is a folder: remove it and rerun")
+
+    def _tidy(self, spec: RunSpec) -> None:
+        """A finished run needs no checkpoint, lock or temporary file: remove those a killed process left behind
+        (under the run's lock, so a process still writing them is never disturbed)."""
+        leftovers = self._leftovers(spec.label)
+        lock = self.store.lock(spec.label)
+        if not (leftovers or lock.path.exists()) or not lock.acquire():
+            return
+        try:
+            for p in leftovers:
+                p.unlink(missing_ok=True)
+        finally:
+            lock.release()
+
+    def _leftovers(self, label: str) -> list[Path]:
+        """The checkpoint and the temporary files of a run (what a finished run no longer needs)."""
+        found = [self.store.checkpoint_path(label)]
+        for folder in (self.store.runs_dir, self.store.checkpoint_path(label).parent, self.store.root / "weights"):
+            if folder.is_dir():
+                found += folder.glob(f".{label}.*.tmp")
+        return [p for p in found if p.is_file()]
+
+    def _finished(self, spec: RunSpec) -> dict[str, Any] | None:
+        """The run's valid JSON, else None; an unreadable one is reported (it is then trained again)."""
+        done = self.store.finished(spec.label)
+        path = self.store.run_path(spec.label)
+        if done is None and path.is_file():
+            try:
+                load_run(path)
+            except KdbenchError as exc:
+                self.log(f"{exc}: training the run again")
+        return done
 
     def pending(self, specs: list[RunSpec]) -> list[RunSpec]:
         return [s for s in specs if self.store.finished(s.label) is None]
 
     def run(self, specs: list[RunSpec]) -> SweepReport:
         report = SweepReport()
+        self._check_paths(specs)
         todo = []
         for s in specs:
-            if self.store.finished(s.label) is not None:
+            if self._finished(s) is not None:
                 report.skipped.append(s.label)
+                self._tidy(s)
             else:
                 todo.append(s)
         sweep_task = self.progress.add_task("sweep", total=len(todo)) if self.progress is not None else None
@@ -310,12 +357,26 @@ class Sweep:
                     report.busy.append(f"{spec.label} (being trained by another process)")
                     continue
                 locks.append(lock)
-                m = build_member(spec, data, teacher, self.device, compile=self.compile)
+                try:
+                    m = build_member(spec, data, teacher, self.device, compile=self.compile)
+                except KdbenchError:
+                    raise
+                except Exception as exc:  # e.g. a setting too large to allocate: this run fails, the others go on
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                    self._write_na(spec, data, card, f"could not be built: {type(exc).__name__}: {first}",
+                                   status="failed")
+                    report.failed.append(f"{spec.label}: could not be built ({type(exc).__name__})")
+                    continue
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
-                load_checkpoint(m)
+                if not load_checkpoint(m) and m.discarded:
+                    self.log(m.discarded)
                 members.append(m)
             for m in members:
-                run_init_stage(m, data, teacher, self.device)  # returns at once for a method without one
+                try:
+                    run_init_stage(m, data, teacher, self.device)  # returns at once for a method without one
+                except Exception as exc:  # this member fails; its cohort-mates go on
+                    fail_member(m, exc, -1)
+                    m.failed = "init stage: " + m.failed
             by_epoch: dict[int, list[Member]] = defaultdict(list)
             for m in members:
                 by_epoch[m.epoch].append(m)
@@ -327,8 +388,14 @@ class Sweep:
 
                 with autocast(self.device, specs[0].precision):
                     t_pred = predict_test_split(teacher, data, self.device)
-            for m in members:
-                self._finish(m, data, teacher, card, len(members), report, teacher_for, t_pred)
+            errors = []
+            for m in members:  # each member's result is written even when another's cannot be
+                try:
+                    self._finish(m, data, teacher, card, len(members), report, teacher_for, t_pred)
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
         finally:
             for lock in locks:
                 lock.release()
@@ -338,10 +405,14 @@ class Sweep:
                 teacher_for: TeacherSpec | None, teacher_predictions=None) -> None:
         from kdbench.evaluate import final_metrics
 
-        extra = {}
+        extra: dict[str, Any] = {}
         if m.failed is None:
-            with autocast(self.device, m.spec.precision):
-                extra = final_metrics(m.evaluated, teacher, data, self.device, teacher_predictions)
+            try:
+                with autocast(self.device, m.spec.precision):
+                    extra = final_metrics(m.evaluated, teacher, data, self.device, teacher_predictions)
+            except Exception as exc:  # the trained student is kept; only the extra metrics are missing
+                self.log(f"{m.spec.label}: final metrics failed ({type(exc).__name__}: {exc}); top-1 is recorded")
+                extra = {"final_metrics_error": f"{type(exc).__name__}: {exc}"}
         diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
         record = result_record(m, data, card, self.device, cohort_size, extra)
         if diagnostics:
@@ -360,6 +431,8 @@ class Sweep:
             self.teachers.save(teacher_for, m.student, self._card(teacher_for, data, m.spec, record["metrics"]))
         if m.checkpoint_path is not None:
             Path(m.checkpoint_path).unlink(missing_ok=True)
+        for p in self._leftovers(m.spec.label):  # .tmp files of earlier, killed attempts (we hold the run's lock)
+            p.unlink(missing_ok=True)
         (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed
                                                                else f"{m.spec.label}: {m.failed}")
 
@@ -371,8 +444,8 @@ class Sweep:
             "top1": metrics["top1_last"], "top5": metrics["top5_last"], "top1_best": metrics["top1_best"],
         }
 
-    def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str) -> None:
-        self.store.write_run(spec.label, run_record(spec, data, card, self.device, status="n/a", reason=reason))
+    def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str, status: str = "n/a") -> None:
+        self.store.write_run(spec.label, run_record(spec, data, card, self.device, status=status, reason=reason))
 
 
 # ---------------------------------------------------------------------------------------------- executors
@@ -382,7 +455,40 @@ def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download
             compile: bool | str = False) -> SweepReport:
     if threads:
         torch.set_num_threads(threads)
-    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download, compile=compile).run(specs)
+    import sys
+
+    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download, compile=compile,
+                 log=lambda s: print(s, file=sys.stderr, flush=True)).run(specs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker never outlives the process that started it (no orphans, even after a SIGKILL of
+    the parent): Linux's parent-death signal where there is one, and a watchdog thread everywhere."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent watchdog").start()
+
+
+def max_workers(device: torch.device) -> int:
+    """The most local workers a device supports: one per visible GPU, or one per CPU core."""
+    if device.type == "cuda":
+        return 1 if device.index is not None else max(1, torch.cuda.device_count())
+    return usable_cores()
 
 
 def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
@@ -398,9 +504,12 @@ def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, c
 
     # Each worker starts at a different cohort so they do not queue behind one another's locks.
     keys = list(dict.fromkeys(s.cohort_key for s in specs))
-    cpu_threads = max(1, usable_cores() // len(devices)) if devices[0] == "cpu" else 0
+    # CPU numbers depend on the intra-op thread count: every worker uses the thread count this process would
+    # train with, so --workers never changes a result (environment.torch_threads records it in every run).
+    cpu_threads = torch.get_num_threads() if devices[0] == "cpu" else 0
     merged = SweepReport()
-    with cf.ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         futures = []
         for i, dev in enumerate(devices):
             order = keys[i * len(keys) // len(devices):] + keys[: i * len(keys) // len(devices)]

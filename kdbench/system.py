@@ -74,5 +74,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "host": socket.gethostname(),
         "device": str(device),
         "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
     }

@@ -82,6 +82,11 @@ def collect(store: ResultStore) -> Collected:
             "status": run["status"], "reason": run.get("reason"), "run_id": run["run_id"], "file": path.name,
         }
         row.update({k: v for k, v in run["metrics"].items() if _is_number(v) and k not in _META_COLUMNS})
+        if run["status"] == "done":
+            bad = [k for k, v in run["metrics"].items() if not _is_number(v) and isinstance(v, (int, float, str))
+                   and k not in _META_COLUMNS]
+            if bad:
+                problems.append(f"{path}: metrics {', '.join(bad)} not a finite number (left out of the tables)")
         rows.append(row)
         if isinstance(run.get("curve"), dict):
             curves[run["run_id"]] = run["curve"]
@@ -328,6 +333,11 @@ def build_tables(col: Collected, metric: str = "top1_last", method_order: list[s
                                f"{', '.join(default_order(sorted(present)))}")
     for group, g in runs.groupby("group", sort=False):
         seen = list(dict.fromkeys(f"{t}:{s}" for t, s in zip(g["teacher"], g["student"]) if isinstance(t, str)))
+        # Methods trained without a teacher (requires_teacher False, no KD term) belong to every pair of their
+        # student, like the vanilla student; a student with no such pair gets a column "-:student".
+        teacherless = g[g["teacher"].isna() & (g["method"] != "ce")]
+        students = {p.split(":")[1] for p in seen}
+        seen += list(dict.fromkeys(f"-:{s}" for s in teacherless["student"] if s not in students))
         pairs = sorted(seen, key=lambda p: (paper_rank.get(p, len(paper_rank)), seen.index(p)))
         methods = [m for m in (method_order or default_order(list(g["method"].unique()))) if m != "ce"]
         cells: dict[tuple[str, str], Cell] = {}
@@ -340,7 +350,7 @@ def build_tables(col: Collected, metric: str = "top1_last", method_order: list[s
             if not ce.empty:
                 cells[(STUDENT, pair)] = _cell(ce, metric)
             for m in methods:
-                sub = g[(g["method"] == m) & (g["teacher"] == t) & (g["student"] == s)]
+                sub = g[(g["method"] == m) & ((g["teacher"] == t) | g["teacher"].isna()) & (g["student"] == s)]
                 if not sub.empty:
                     cells[(m, pair)] = _cell(sub, metric)
         rows = [r for r in [TEACHER, STUDENT, *methods]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,17 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str
         raise KdbenchError(f"{what} {path} does not match architecture {type(model).__name__}: {'; '.join(parts)}")
 
 
+def _recorded_accuracy(obj: Any) -> float | None:
+    """The accuracy a published checkpoint records (a number or a one-element tensor), when it is a finite number in
+    [0, 100]; anything else (NaN, a string, a vector) is not an accuracy and is left out of the card."""
+    acc = obj.get("accuracy") if isinstance(obj, dict) else None
+    if isinstance(acc, torch.Tensor) and acc.numel() == 1:
+        acc = acc.item()
+    if isinstance(acc, (int, float)) and not isinstance(acc, bool) and math.isfinite(acc) and 0 <= acc <= 100:
+        return float(acc)
+    return None
+
+
 class TeacherStore:
     def __init__(self, store: ResultStore):
         self.store = store
@@ -102,7 +114,7 @@ class TeacherStore:
             if not isinstance(card, dict) or "arch" not in card:
                 raise ValueError("not a teacher card")
             return card
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise KdbenchError(
                 f"teacher card {path} is malformed ({exc}); delete it and train or import again") from None
 
@@ -151,6 +163,9 @@ class TeacherStore:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KdbenchError(f"{file}: expected a state dict or a dict with a 'model' state dict")
         state = {k.removeprefix("module."): v for k, v in state.items()}
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:  # a teacher with NaN weights would make every student's loss NaN
+            raise KdbenchError(f"{file}: {len(broken)} tensors hold NaN or infinite values (e.g. {broken[0]})")
         model = create_model(arch, num_classes=num_classes)
         check_state_dict(model, state, "teacher checkpoint", file)
         model.load_state_dict(state, strict=True)
@@ -161,7 +176,7 @@ class TeacherStore:
         card = {
             "arch": arch, "dataset": data.name, "image_size": data.image_size, "source": "imported",
             "original_file": file.name, "original_sha256": sha256_file(file), "protocol": None, "seed": None,
-            "top1": (float(obj["accuracy"]) if isinstance(obj, dict) and "accuracy" in obj else None),
+            "top1": _recorded_accuracy(obj),
             "weights": weights.name, "weights_sha256": sha256_file(weights), "created": time.time(),
         }
         atomic_write_json(self.card_path(label), card)

@@ -106,6 +106,8 @@ class Member:
     checkpoint_path: Any = None
     compiled: bool | str = False  # the student's forward is torch.compile'd (True, or the backend's name); an
     # execution detail, recorded in the run JSON but not in the run id
+    init_optimizer_state: dict[str, Any] | None = None  # the init stage's SGD state while the stage is unfinished
+    discarded: str | None = None  # why an existing checkpoint could not be used (the run then starts again)
 
     @property
     def done(self) -> bool:
@@ -218,6 +220,7 @@ def save_checkpoint(m: Member) -> None:
         "student": m.student.state_dict(),
         "method": m.method.state_dict(),
         "optimizer": m.optimizer.state_dict(),
+        "init_optimizer": m.init_optimizer_state,
         "rng": m.method.rng.get_state() if m.method.rng is not None else None,
         "curve": m.curve,
         "best": m.best,
@@ -229,26 +232,54 @@ def save_checkpoint(m: Member) -> None:
 
 
 def load_checkpoint(m: Member) -> bool:
-    """Restore a member from its checkpoint (weights-only load); False when there is none or it is unusable."""
+    """Restore a member from its checkpoint (weights-only load), all or nothing: False when there is none or it is
+    unusable, and then the member is exactly as built (``m.discarded`` says why an existing one was not used)."""
     path = m.checkpoint_path
     if path is None or not path.is_file():
         return False
+    snapshot = _snapshot(m)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("run_id") != m.spec.run_id:
-            return False
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a kdbench checkpoint of format {CHECKPOINT_FORMAT}")
+        if state.get("run_id") != m.spec.run_id:
+            raise ValueError(f"it belongs to run {state.get('run_id')!r}")
         m.student.load_state_dict(state["student"])
         m.method.load_state_dict(state["method"])
         if state["epoch"] > 0:
             m.optimizer.load_state_dict(state["optimizer"])
         if state["rng"] is not None and m.method.rng is not None:
             m.method.rng.set_state(state["rng"])
-    except Exception:  # a truncated or foreign checkpoint: start the run again rather than crash
+        epoch, init_done = int(state["epoch"]), int(state["init_done"])
+        curve, best, last_eval = dict(state["curve"]), dict(state["best"]), dict(state["last_eval"])
+        epoch_seconds, init_seconds = list(state["epoch_seconds"]), float(state["init_seconds"])
+        init_opt = state.get("init_optimizer")
+    except Exception as exc:  # truncated, foreign or from another version of the method: start the run again
+        _restore(m, snapshot)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        m.discarded = f"checkpoint {path} not used ({first}): the run starts again from epoch 0"
         return False
-    m.epoch, m.init_done = state["epoch"], state["init_done"]
-    m.curve, m.best, m.last_eval = state["curve"], state["best"], state["last_eval"]
-    m.epoch_seconds, m.init_seconds = list(state["epoch_seconds"]), float(state["init_seconds"])
+    m.epoch, m.init_done = epoch, init_done
+    m.curve, m.best, m.last_eval = curve, best, last_eval
+    m.epoch_seconds, m.init_seconds = epoch_seconds, init_seconds
+    m.init_optimizer_state = init_opt
     return True
+
+
+def _snapshot(m: Member) -> dict[str, Any]:
+    import copy
+
+    return {"student": copy.deepcopy(m.student.state_dict()), "method": copy.deepcopy(m.method.state_dict()),
+            "optimizer": copy.deepcopy(m.optimizer.state_dict()),
+            "rng": m.method.rng.get_state() if m.method.rng is not None else None}
+
+
+def _restore(m: Member, snap: dict[str, Any]) -> None:
+    m.student.load_state_dict(snap["student"])
+    m.method.load_state_dict(snap["method"])
+    m.optimizer.load_state_dict(snap["optimizer"])
+    if snap["rng"] is not None:
+        m.method.rng.set_state(snap["rng"])
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -298,6 +329,13 @@ def optimizer_step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tens
     sums["total"] = sums["total"] + total.detach().float() if "total" in sums else total.detach().float()
 
 
+def fail_member(m: Member, exc: Exception, epoch: int) -> None:
+    """Record an exception raised by one member's step as that run's failure (epoch is 0-based; -1: init stage)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    m.failed = f"{type(exc).__name__}: {first}" + (f" in epoch {epoch + 1}" if epoch >= 0 else "")
+    m.failed_epoch = epoch + 1
+
+
 def _check_finite(m: Member, means: dict[str, float], epoch: int) -> None:
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:
@@ -319,11 +357,11 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
     for p in params:
         p.requires_grad_(True)
     opt = _sgd(params, m.spec, stage.lr if stage.lr is not None else m.base_lr)
+    if m.init_optimizer_state is not None:  # resumed inside the stage: its momentum goes on where it stopped
+        opt.load_state_dict(m.init_optimizer_state)
     loader = data.train_loader(m.spec.protocol.batch_size, seed=derive_seed(m.spec.seed, m.spec.method, "init-data"),
                                drop_last=m.spec.protocol.drop_last, device=device)
     try:
-        # The init-stage optimizer restarts at a resumed epoch (its momentum is not checkpointed): the
-        # stage is a warm-up of adapters and a few epochs of momentum do not change what it converges to.
         if teacher is not None:
             teacher.eval()
         while m.init_done < epochs:
@@ -350,6 +388,7 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
             m.curve.setdefault("init_loss", []).append(means.get("total", 0.0))
             m.init_done += 1
             m.init_seconds += time.perf_counter() - t0
+            m.init_optimizer_state = opt.state_dict() if m.init_done < epochs else None
             if save:
                 save_checkpoint(m)
     finally:
@@ -400,10 +439,15 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
                 t_out = teacher_outputs(teacher, batch.images, teacher_preact)
             where = Progress(epoch=epoch, epochs=proto.epochs, step=step, steps=steps)
             for m in active:
-                with autocast(device, precision):
-                    s_out = m.student(batch.images, preact=m.preact)
-                    terms = main_terms(m, s_out, t_out, batch, where)
-                optimizer_step(m.optimizer, terms, sums[id(m)])
+                if m.failed is not None:
+                    continue
+                try:
+                    with autocast(device, precision):
+                        s_out = m.student(batch.images, preact=m.preact)
+                        terms = main_terms(m, s_out, t_out, batch, where)
+                    optimizer_step(m.optimizer, terms, sums[id(m)])
+                except Exception as exc:  # one member's error must not cost its cohort-mates their results
+                    fail_member(m, exc, epoch)
             if task is not None:
                 progress.advance(task)
         seconds = time.perf_counter() - t0
@@ -414,7 +458,8 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
             for k, v in means.items():
                 m.curve["loss"].setdefault(k, []).append(v if math.isfinite(v) else None)
             m.epoch_seconds.append(seconds)
-            _check_finite(m, means, epoch)
+            if m.failed is None:
+                _check_finite(m, means, epoch)
             m.epoch = epoch + 1
             if m.failed is None and (m.epoch % proto.eval_every == 0 or m.epoch == proto.epochs):
                 with autocast(device, precision):

@@ -22,6 +22,8 @@ class ABConfig(MethodConfig):
     init_weight: float = 1.0
     connect_equal_shapes: bool = False
 
+    RANGES = {**MethodConfig.RANGES, "margin": ">=0"}
+
 
 def make_connector(s_channels: int, s_size: int, t_channels: int, t_size: int, always: bool = False) -> nn.Module:
     """The map from a student pre-activation (s_channels, s_size^2) onto the teacher's (t_channels, t_size^2).

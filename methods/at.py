@@ -23,6 +23,8 @@ class ATConfig(MethodConfig):
     attention_power: float = 2.0
     mode: str = field(default="code", metadata=ID_WHEN_SET)  # "code": RepDistiller's squared form; "paper"
 
+    RANGES = {**MethodConfig.RANGES, "attention_power": ">0"}
+
 
 def attention_map(f: torch.Tensor, power: float) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W): the channel mean of f**power, L2-normalised over the pixels."""

@@ -18,6 +18,8 @@ class CCConfig(MethodConfig):
     weight: float = 0.02
     embed_dim: int = 128
 
+    RANGES = {**MethodConfig.RANGES, "embed_dim": ">=1"}
+
 
 def correlation_congruence(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
     """Mean over consecutive sample pairs (i, i+1) of sum_k |e_s - e_t|[i, k] * |e_s - e_t|[i+1, k].

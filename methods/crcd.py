@@ -37,6 +37,8 @@ class CRCDConfig(MethodConfig):
     nce_m: float = 0.5  # momentum of the four memory banks (unofficial --nce_m)
     grad_weight: float = 1.0  # weight of the gradient-relation term relative to the feature one
 
+    RANGES = {**MethodConfig.RANGES, "feat_dim": ">=1", "nce_k": ">=1", "nce_t": ">0", "nce_m": "[0,1)"}
+
 
 def relation_scores(x: torch.Tensor, anchors: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
     """cos(x_i - anchors_a, contrast_ik - anchors_a) for every pair i != a: [B * (B - 1), 1 + K], rows (i, a).

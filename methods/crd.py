@@ -32,6 +32,8 @@ class CRDConfig(MethodConfig):
     nce_t: float = 0.07  # temperature of exp(sim / T) (reference --nce_t)
     nce_m: float = 0.5  # momentum of the memory banks (reference --nce_m)
 
+    RANGES = {**MethodConfig.RANGES, "feat_dim": ">=1", "nce_k": ">=1", "nce_t": ">0", "nce_m": "[0,1)"}
+
 
 @dataclass
 class CRDKDConfig(CRDConfig):

@@ -20,6 +20,8 @@ class FitNetConfig(MethodConfig):
     weight: float = 100.0
     hint_layer: int = 2
 
+    RANGES = {**MethodConfig.RANGES, "hint_layer": ">=0"}
+
 
 class FitNet(Method):
     """L = gamma CE + beta * mean (relu(BN(conv(f_s^h))) - f_t^h)^2, the mean over batch, channels and pixels.

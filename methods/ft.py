@@ -27,6 +27,9 @@ class FTConfig(MethodConfig):
     factor_power: float = 2.0
     paraphraser_lr: float = 0.01  # init-stage lr for CIFAR ResNet / WRN students (RepDistiller helper/pretrain.py)
 
+    RANGES = {**MethodConfig.RANGES, "factor_rate": ">0", "factor_mode": ("attention", "flatten"), "factor_power": ">0",
+              "paraphraser_lr": ">0"}
+
 
 def _conv(cin: int, cout: int, bn: bool) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=not bn)]

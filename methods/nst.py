@@ -20,6 +20,8 @@ class NSTConfig(MethodConfig):
     kernel_degree: int = 2
     kernel_offset: float = 0.0
 
+    RANGES = {**MethodConfig.RANGES, "kernel_degree": ">=1"}
+
 
 def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor, degree: int, offset: float) -> torch.Tensor:
     """Mean over the batch and all channel pairs of (a_i . b_j + offset)^degree; a: (B, Ca, N), b: (B, Cb, N)."""

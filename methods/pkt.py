@@ -17,6 +17,8 @@ class PKTConfig(MethodConfig):
     weight: float = 30000.0
     eps: float = 1e-7
 
+    RANGES = {**MethodConfig.RANGES, "eps": ">0"}
+
 
 def conditional_probabilities(f: torch.Tensor, eps: float) -> torch.Tensor:
     """(B, D) -> (B, B): the cosine kernel mapped to [0, 1] by (cos + 1) / 2, each row divided by its sum.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdbench.errors import KdbenchError
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import Embed, fp32
 from kdbench.models.base import ModelOutput
@@ -27,6 +28,14 @@ class RRDConfig(MethodConfig):
     tau_t: float = 0.10  # teacher temperature (reference --nce_t_t, June-Nov 2024)
     queue_update: str = "after"  # enqueue the batch's teacher embeddings "before" or "after" the loss
     train_teacher_embed: bool = False  # see the class docstring
+
+    RANGES = {**MethodConfig.RANGES, "feat_dim": ">=1", "queue_size": ">=1", "tau_s": ">0", "tau_t": ">0",
+              "queue_update": ("before", "after")}
+
+    def check(self, where: str = "methods") -> None:
+        super().check(where)
+        if self.train_teacher_embed and self.queue_update != "before":
+            raise KdbenchError(f"{where}.train_teacher_embed needs queue_update = \"before\"")
 
 
 @dataclass

@@ -23,6 +23,8 @@ class VIDConfig(MethodConfig):
     init_pred_var: float = 5.0
     eps: float = 1e-5
 
+    RANGES = {**MethodConfig.RANGES, "init_pred_var": ">0", "eps": ">0"}
+
 
 def softplus_inverse(y: float) -> float:
     """x such that log(1 + exp(x)) = y (y > 0)."""

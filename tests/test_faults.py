@@ -263,11 +263,13 @@ def _wait_for_writes(folder: Path, n: int, proc: subprocess.Popen, timeout: floa
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(tmp_path, tiny_toml):
-    """SIGKILL a sweep at random moments (mid-epoch, mid-checkpoint, mid-JSON, during the teacher or an init stage),
-    several times over, then finish it: the metrics equal those of an uninterrupted sweep. Each kill waits for a
-    random number of file writes plus a random delay, so it lands while the sweep works on any machine."""
+    """SIGKILL a sweep at random moments (mid-epoch, mid-checkpoint, mid-JSON, during the teacher or inside a
+    three-epoch init stage of AB or FT), several times over, then finish it: the metrics equal those of an
+    uninterrupted sweep. Each kill waits for a random number of file writes plus a random delay, so it lands while
+    the sweep works on any machine."""
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
-    args = ["run", "--methods", "kd,ab,crd", "--pairs", "tiny", "--device", "cpu", "--set", "protocol.epochs=8"]
+    args = ["run", "--methods", "kd,ab,ft,crd", "--pairs", "tiny", "--device", "cpu", "--set", "protocol.epochs=8",
+            "--set", "protocol.init_epochs=3"]
     ref = _kdbench(args + ["--results", "ref"], tmp_path)
     assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()
     expected = _final_metrics(tmp_path / "ref")
@@ -380,6 +382,8 @@ def test_local_executor_with_two_workers_trains_each_run_once(tmp_path, tiny_tom
     from kdbench.results import ResultStore
     from kdbench.sweep import Request, expand, run_local
 
+    from kdbench.sweep import Sweep
+
     store = ResultStore(tmp_path / "res")
     specs = expand(load_bench(tiny_toml), Request(["kd", "fitnet"], ["tiny", "tiny2"]), store)
     report = run_local(store, specs, ["cpu", "cpu"])
@@ -388,3 +392,8 @@ def test_local_executor_with_two_workers_trains_each_run_once(tmp_path, tiny_tom
     assert len(runs) == len(specs) + 2  # + the two teachers' vanilla runs, each once
     assert len({r["run_id"] for r in runs}) == len(runs)
     assert len(list(store.teachers_dir.glob("*.json"))) == 2
+    # The workers train with this process's thread count, so the numbers are those of a single process.
+    assert {r["environment"]["torch_threads"] for r in runs} == {torch.get_num_threads()}
+    single = ResultStore(tmp_path / "single")
+    Sweep(single, torch.device("cpu")).run(specs)
+    assert _final_metrics(single.root) == _final_metrics(store.root)
