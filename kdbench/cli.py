@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import kdbench
@@ -24,8 +25,31 @@ def _device(name: str):
 
 
 def _progress() -> Progress:
+    # No rich time-remaining column: it guesses from the last seconds only; the sweep's line shows an ETA priced
+    # from measured epochs (kdbench.progress.SweepMeter).
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=False, disable=not err_console.is_terminal)
+                    console=err_console, transient=False, disable=not err_console.is_terminal)
+
+
+def _echo_epochs():
+    """Where per-epoch lines go besides each run's log file: stderr when it is not a terminal (nohup, > log, | tee,
+    a SLURM log), nowhere in a terminal (the progress display shows them)."""
+    if err_console.is_terminal:
+        return None
+    return lambda line: click.echo(line, err=True)
+
+
+def _library_messages() -> None:
+    """Messages the library logs (e.g. a first Tiny-ImageNet decode) go to stderr, one line each."""
+    import logging
+
+    logger = logging.getLogger("kdbench")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -213,19 +237,14 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         dev = _device("cpu")  # the tasks choose their own device on the cluster
     else:
         dev = _device(device)
+    _library_messages()
+    echo = _echo_epochs()
     sweep = Sweep(store, dev, cohort=not no_cohort, download=download,
-                  log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+                  log=lambda s: err_console.print(f"[dim]{escape(s)}[/dim]"), echo=echo)
     if not dry_run:
         sweep.preload(specs)  # a missing or broken dataset fails here, before anything is written
     if dry_run:
-        table = Table(title=f"{len(specs)} runs")
-        for col in ("pair", "method", "seed", "protocol", "state"):
-            table.add_column(col)
-        for s in specs:
-            resumable = store.checkpoint_path(s.label).exists()
-            state = "done" if store.finished(s.label) else "resume" if resumable else "todo"
-            table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state)
-        console.print(table)
+        _dry_run(sweep, store, specs)
         return
     store.ensure_writable()
     if executor == "slurm":
@@ -248,14 +267,60 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
             sweep.progress = progress
             report = sweep.run(specs)
         else:
-            report = run_local(store, specs, devices, cohort=not no_cohort, download=download)
+            report = run_local(store, specs, devices, cohort=not no_cohort, download=download, echo=echo)
     console.print(f"trained {len(report.trained)}, already done {len(report.skipped)}, "
                   f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
-                  f"-> {store.runs_dir}")
+                  f"-> {store.runs_dir} (per-epoch logs: *.log beside each JSON)", soft_wrap=True)
     for line in report.failed:
         err_console.print(f"[red]failed[/red] {line}")
     for line in report.busy:
         err_console.print(f"[yellow]skipped[/yellow] {line}")
+
+
+def _dry_run(sweep, store, specs) -> None:
+    """The runs and their state, then the teachers that would be trained first, with their estimated cost."""
+    from kdbench.progress import estimate_seconds, hms
+    from kdbench.sweep import teacher_run
+
+    table = Table(title=f"{len(specs)} runs")
+    for col in ("pair", "method", "seed", "protocol", "state", "estimate"):
+        table.add_column(col)
+    pending = 0.0
+    unknown = 0
+    for s in specs:
+        resumable = store.checkpoint_path(s.label).exists()
+        state = "done" if store.finished(s.label) else "resume" if resumable else "todo"
+        est = estimate_seconds(store, s.student, s.data, s.protocol.epochs) if state != "done" else None
+        if state != "done":
+            pending += est or 0.0
+            unknown += est is None
+        table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state,
+                      hms(est) if est is not None else ("-" if state == "done" else "unknown"))
+    console.print(table)
+    teachers = sweep.teachers_to_train(specs)
+    if teachers:
+        tt = Table(title=f"{len(teachers)} teachers to train first (each the vanilla ce run of its architecture)")
+        for col in ("teacher", "dataset", "protocol", "epochs", "seed", "estimate"):
+            tt.add_column(col)
+        for t in teachers:
+            est = estimate_seconds(store, t.arch, t.data, t.protocol.epochs)
+            pending += est or 0.0
+            unknown += est is None
+            tt.add_row(t.arch, f"{t.data.name}" + (f" {t.data.image_size}px" if t.data.image_size else ""),
+                       t.protocol.name, str(t.protocol.epochs), str(t.seed),
+                       hms(est) if est is not None else "unknown")
+        console.print(tt)
+        labels = ", ".join(teacher_run(t).label for t in teachers[:2]) + (" ..." if len(teachers) > 2 else "")
+        console.print(f"Teachers are trained before their students ({labels}). To use published checkpoints "
+                      "instead (RepDistiller, mdistiller), import each once, e.g.\n  kdbench teachers import "
+                      f"ckpt_{teachers[0].arch}.pth --arch {teachers[0].arch} --dataset {teachers[0].data.name}"
+                      + (f" --results {store.root}" if str(store.root) != "results" else ""), soft_wrap=True)
+    else:
+        console.print("No teacher to train: every teacher these runs need is stored or imported.")
+    note = (f"; {unknown} without an estimate (no finished run of that architecture on this data in "
+            f"{store.runs_dir} to measure its speed)" if unknown else "")
+    console.print(f"Estimated training time of what is left: {hms(pending)} on this machine, from the measured "
+                  f"epoch times of earlier runs{note}.", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -288,11 +353,21 @@ def _collect(results: str):
 @click.option("--vs", default=None, metavar="METHOD",
               help="Paired differences over seeds against this method (ce = the vanilla student), with a 95% "
                    "bootstrap interval.")
-def table(results: str, metric: str, fmt: str, reference: str | None, vs: str | None) -> None:
+@click.option("--long", "long_", is_flag=True,
+              help="With --format csv: every run's per-epoch curve as one tidy CSV (one row per run, epoch and "
+                   "quantity: lr, loss_<term>, test_top1, test_top5) instead of the table.")
+def table(results: str, metric: str, fmt: str, reference: str | None, vs: str | None, long_: bool) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
     from kdbench.report import build_tables, render
 
+    if long_ and fmt != "csv":
+        raise KdbenchError("--long writes the per-epoch curves as CSV: use it with --format csv")
     col = _collect(results)
+    if long_:
+        from kdbench.export import curves_long_csv
+
+        click.echo(curves_long_csv(col), nl=False)
+        return
     tables = build_tables(col, metric, reference=reference, vs=vs)
     for t in tables.values():
         for note in t.notes:

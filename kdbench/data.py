@@ -14,12 +14,14 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
 import pickle
 import re
 import tarfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -324,6 +326,7 @@ def _download_cifar100(root: Path) -> None:
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 _CACHE_VERSION = 1
+_log = logging.getLogger(__name__)  # the CLI shows these messages on stderr
 _CHUNK = 1000  # images per decoding task
 
 
@@ -709,6 +712,11 @@ def _tiny_dataset(src: _TinySource, size: int, *, cache_dir: Path | None, progre
                                blob["test_labels"], blob["classes"], mean=blob["mean"], std=blob["std"],
                                checksum=blob["checksum"], class_ids=blob["class_ids"], source=src.where)
 
+    t0 = time.perf_counter()
+    where = " or ".join(str(d) for d in (dirs if cache_dir is None else dirs[:1]))
+    _log.info(f"decoding {len(train_rels) + len(val_rels):,} Tiny-ImageNet images ({len(wnids)} classes) from "
+              f"{src.where}, resized to {size}x{size}"
+              + (f": first use only (about a minute on 2 cores), then cached in {where}" if cache else ""))
     pixels = _decode_all(src, train_rels + val_rels, size, num_workers=num_workers, progress=progress,
                          desc=f"decoding Tiny-ImageNet ({len(wnids)} classes, {size}px)")
     n = len(train_rels)
@@ -718,11 +726,13 @@ def _tiny_dataset(src: _TinySource, size: int, *, cache_dir: Path | None, progre
     ds = _finish("tinyimagenet", train_x, torch.tensor(train_labels, dtype=torch.int64), test_x,
                  torch.tensor(val_labels, dtype=torch.int64), names, class_ids=wnids, source=src.where)
     if cache:
-        _write_cache(dirs if cache_dir is None else dirs[:1], stem, {
+        written = _write_cache(dirs if cache_dir is None else dirs[:1], stem, {
             "version": _CACHE_VERSION, "key": key, "train_images": ds.train_images, "train_labels": ds.train_labels,
             "test_images": ds.test_images, "test_labels": ds.test_labels, "classes": ds.classes,
             "class_ids": ds.class_ids, "mean": list(ds.mean), "std": list(ds.std), "checksum": ds.checksum,
         })
+        _log.info(f"decoded in {time.perf_counter() - t0:.0f} s; " + (f"cached as {written}" if written else
+                  "no writable cache folder: the next run decodes again"))
     return ds
 
 
@@ -794,43 +804,74 @@ def _load_stl10(data_root: Path, *, image_size: int | None, download: bool, cach
 
 
 def make_synthetic(num_classes: int = 10, image_size: int = 32, train_size: int = 2000, test_size: int = 500,
-                   seed: int = 0, noise: float = 0.15, grid: int = 4) -> Dataset:
+                   seed: int = 0, noise: float = 0.15, grid: int = 4, superclasses: int = 0,
+                   label_noise: float = 0.0) -> Dataset:
     """Deterministic, learnable class-conditional images.
 
     Each class owns a smooth random colour pattern (a ``grid x grid`` field of random colours, upsampled). A
     sample blends its class pattern (weight 0.5..1) with another class's pattern and adds pixel noise, so a
     classifier has to look at the spatial layout of colours, yet a small CNN learns it in a few hundred steps.
     Blends near 0.5 are ambiguous, so accuracy tops out a few points below 100% and methods can still differ.
+
+    ``superclasses`` > 0 groups the classes (class ``c`` is in group ``c % superclasses``): a class pattern is
+    then its group's pattern plus a weaker pattern of its own, and a sample's blended-in class comes from its own
+    group, so classes of one group look alike (as CIFAR-100's superclasses do) and a teacher's soft labels carry
+    that structure. ``label_noise`` replaces that fraction of the *training* labels by another class of the same
+    group (or any class without groups); test labels stay clean. The defaults (0, 0.0) give the original data.
     """
     for key, val, low in (("num_classes", num_classes, 1), ("image_size", image_size, 1),
-                          ("train_size", train_size, 1), ("test_size", test_size, 1), ("grid", grid, 1)):
+                          ("train_size", train_size, 1), ("test_size", test_size, 1), ("grid", grid, 1),
+                          ("superclasses", superclasses, 0)):
         if not isinstance(val, int) or isinstance(val, bool) or val < low:
             raise KdbenchError(f"synthetic dataset: {key} must be an integer >= {low}, got {val!r}")
+    if superclasses > num_classes or (superclasses and num_classes % superclasses):
+        raise KdbenchError(f"synthetic dataset: superclasses ({superclasses}) must divide num_classes ({num_classes})")
+    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
+        raise KdbenchError(f"synthetic dataset: label_noise must be a number in [0, 1), got {label_noise!r}")
     g = torch.Generator().manual_seed(int(seed))
     base = torch.rand(num_classes, 3, grid, grid, generator=g, dtype=torch.float64)
+    groups = superclasses or num_classes
+    if superclasses:
+        group_base = torch.rand(superclasses, 3, grid, grid, generator=g, dtype=torch.float64)
+        base = 0.6 * group_base[torch.arange(num_classes) % superclasses] + 0.4 * base
     patterns = F.interpolate(base, size=(image_size, image_size), mode="bilinear", align_corners=True)
+    per_group = num_classes // groups
 
-    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def another(labels: torch.Tensor) -> torch.Tensor:
+        """A different class of the same group (any different class without groups)."""
+        if not superclasses:
+            return (labels + torch.randint(1, max(num_classes, 2), labels.shape, generator=g)) % num_classes
+        step = torch.randint(1, max(per_group, 2), labels.shape, generator=g) % per_group
+        return labels % groups + groups * ((labels // groups + step) % per_group)
+
+    def split(n: int, flip: float) -> tuple[torch.Tensor, torch.Tensor]:
         labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
-        other = (labels + torch.randint(1, max(num_classes, 2), (n,), generator=g)) % num_classes
+        other = another(labels)
         w = 0.5 + 0.5 * torch.rand(n, 1, 1, 1, generator=g, dtype=torch.float64)
         x = w * patterns[labels] + (1 - w) * patterns[other]
         x = x + noise * torch.randn(n, 3, image_size, image_size, generator=g, dtype=torch.float64)
+        if flip:
+            flipped = torch.rand(n, generator=g) < flip
+            labels = torch.where(flipped, another(labels), labels)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels.to(torch.int64)
 
-    train_x, train_y = split(train_size)
-    test_x, test_y = split(test_size)
+    train_x, train_y = split(train_size, float(label_noise))
+    test_x, test_y = split(test_size, 0.0)
     classes = [f"class{i}" for i in range(num_classes)]
+    extra = ""
+    if superclasses or label_noise:
+        extra = f", superclasses={superclasses}, label_noise={label_noise}"
     return _finish("synthetic", train_x, train_y, test_x, test_y, classes,
                    source=f"synthetic(num_classes={num_classes}, image_size={image_size}, train_size={train_size}, "
-                          f"test_size={test_size}, seed={seed}, noise={noise}, grid={grid})")
+                          f"test_size={test_size}, seed={seed}, noise={noise}, grid={grid}{extra})")
 
 
 def _load_synthetic(data_root: Path, *, image_size: int | None, download: bool, cache_dir: Path | None,
                     num_classes: int = 10, train_size: int = 2000, test_size: int = 500, seed: int = 0,
-                    noise: float = 0.15, grid: int = 4) -> Dataset:
+                    noise: float = 0.15, grid: int = 4, superclasses: int = 0, label_noise: float = 0.0) -> Dataset:
     return make_synthetic(num_classes=num_classes, image_size=32 if image_size is None else image_size,
-                          train_size=train_size, test_size=test_size, seed=seed, noise=noise, grid=grid)
+                          train_size=train_size, test_size=test_size, seed=seed, noise=noise, grid=grid,
+                          superclasses=superclasses, label_noise=label_noise)
 
 
 # -------------------------------------------------------------------------------------------- registry

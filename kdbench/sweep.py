@@ -19,6 +19,7 @@ from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, discover, make_config, resolve
 from kdbench.models.base import check_model_name
+from kdbench.progress import RunLogs, SweepMeter
 from kdbench.results import ResultStore
 from kdbench.teachers import TeacherStore, sha256_file
 from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
@@ -185,7 +186,10 @@ class Sweep:
     """Trains a list of RunSpecs into a results folder; rerunning finishes exactly what is missing."""
 
     def __init__(self, store: ResultStore, device: torch.device, *, cohort: bool = True, download: bool = False,
-                 progress: Any = None, log: Callable[[str], None] = lambda s: None):
+                 progress: Any = None, log: Callable[[str], None] = lambda s: None,
+                 echo: Callable[[str], None] | None = None):
+        """``log`` gets the sweep's own messages; ``echo`` (when given) every per-epoch line, which also goes to
+        ``runs/<label>.log`` beside each run's JSON."""
         self.store = store
         self.teachers = TeacherStore(store)
         self.device = device
@@ -193,6 +197,7 @@ class Sweep:
         self.data = DataCache(download)
         self.progress = progress
         self.log = log
+        self.logs = RunLogs(store.runs_dir, echo)
 
     def preload(self, specs: list[RunSpec]) -> None:
         """Load every dataset the unfinished runs need (bad data roots fail here, before any file is written)."""
@@ -201,6 +206,15 @@ class Sweep:
 
     def pending(self, specs: list[RunSpec]) -> list[RunSpec]:
         return [s for s in specs if self.store.finished(s.label) is None]
+
+    def teachers_to_train(self, specs: list[RunSpec]) -> list[TeacherSpec]:
+        """The teachers that unfinished runs need and that are neither stored nor imported: trained first."""
+        out: dict[str, TeacherSpec] = {}
+        for s in self.pending(specs):
+            t = s.teacher
+            if t is not None and not t.imported and t.label not in out and self.teachers.card(t) is None:
+                out[t.label] = t
+        return list(out.values())
 
     def run(self, specs: list[RunSpec]) -> SweepReport:
         report = SweepReport()
@@ -213,13 +227,19 @@ class Sweep:
         groups: dict[tuple, list[RunSpec]] = defaultdict(list)
         for s in todo:
             groups[s.cohort_key].append(s)
-        sweep_task = self.progress.add_task("sweep", total=len(todo)) if self.progress is not None else None
+        meter = self.logs.meter = SweepMeter()
+        for t in self.teachers_to_train(todo):
+            meter.plan(teacher_run(t).label, t.arch, t.protocol.epochs)
+        for s in todo:
+            meter.plan(s.label, s.student, s.protocol.epochs)
+        if self.progress is not None:
+            self.logs.progress = self.progress
+            self.logs.task = self.progress.add_task("sweep", total=max(meter.total_epochs, 1))
+            self.logs.refresh()
         for group in groups.values():
             batches = [group] if self.cohort else [[s] for s in group]
             for cohort in batches:
                 self._run_cohort(cohort, report)
-                if sweep_task is not None:
-                    self.progress.advance(sweep_task, len(cohort))
         return report
 
     # -- teachers
@@ -283,15 +303,19 @@ class Sweep:
                 if reason is not None:
                     self._write_na(spec, data, card, reason)
                     report.not_applicable.append(spec.label)
+                    self.logs.meter.run_done(spec.label)
                     continue
                 lock = self.store.lock(spec.label)
                 if not lock.acquire():
                     report.busy.append(f"{spec.label} (being trained by another process)")
+                    self.logs.meter.run_done(spec.label)
                     continue
                 locks.append(lock)
                 m = build_member(spec, data, teacher, self.device)
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
-                load_checkpoint(m)
+                if load_checkpoint(m):
+                    self.logs.meter.start(spec.label, m.epoch)
+                    self.logs.note([spec], f"resumed at epoch {m.epoch}/{spec.protocol.epochs}")
                 members.append(m)
             for m in members:
                 if m.method.init_stage() is not None:
@@ -299,8 +323,9 @@ class Sweep:
             by_epoch: dict[int, list[Member]] = defaultdict(list)
             for m in members:
                 by_epoch[m.epoch].append(m)
+            on_epoch = self.logs.cohort(members, len(data.train_labels))
             for _, cohort in sorted(by_epoch.items()):
-                train_cohort(cohort, data, teacher, self.device, progress=self.progress)
+                train_cohort(cohort, data, teacher, self.device, progress=self.progress, on_epoch=on_epoch)
             t_pred = None
             if teacher is not None and any(m.failed is None for m in members):
                 from kdbench.evaluate import predict_test_split
@@ -340,6 +365,11 @@ class Sweep:
             Path(m.checkpoint_path).unlink(missing_ok=True)
         (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed
                                                                else f"{m.spec.label}: {m.failed}")
+        self.logs.meter.run_done(m.spec.label)
+        top1 = record["metrics"].get("top1_last")
+        self.logs.note([m.spec], f"failed: {m.failed}" if m.failed else
+                       f"done: top1_last {top1:.2f} -> {self.store.run_path(m.spec.label).name}")
+        self.logs.refresh()
 
     @staticmethod
     def _card(tspec: TeacherSpec, data: Dataset, spec: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -366,19 +396,28 @@ class Sweep:
 # ---------------------------------------------------------------------------------------------- executors
 
 
-def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int) -> SweepReport:
+def _stderr_line(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int,
+            echo: bool = False) -> SweepReport:
     if threads:
         torch.set_num_threads(threads)
-    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download).run(specs)
+    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download,
+                 echo=_stderr_line if echo else None).run(specs)
 
 
 def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
-              download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None) -> SweepReport:
+              download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None,
+              echo: Callable[[str], None] | None = None) -> SweepReport:
     """The local executor: one worker per device (each GPU, or N CPU workers), coordinated only through the run
     locks of the results folder, so workers, and other processes on the same folder, never train a run twice."""
     if len(devices) <= 1:
         return Sweep(store, torch.device(devices[0] if devices else "cpu"), cohort=cohort, download=download,
-                     progress=progress, log=log).run(specs)
+                     progress=progress, log=log, echo=echo).run(specs)
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -392,7 +431,8 @@ def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, c
             order = keys[i * len(keys) // len(devices):] + keys[: i * len(keys) // len(devices)]
             rank = {k: j for j, k in enumerate(order)}
             mine = sorted(specs, key=lambda s: rank[s.cohort_key])
-            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads))
+            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads,
+                                       echo is not None))
         for fut in futures:
             rep = fut.result()
             for f in dataclasses.fields(SweepReport):
