@@ -174,3 +174,25 @@ def test_cohort_progress_names_every_member_and_survives_markup(tiny_data):
     shown = [Text.from_markup(d).plain for d in rec.descriptions]
     assert shown[0] == "resnet8:resnet8 s0 [kd, fitnet]"
     assert shown[-1].startswith("resnet8:resnet8 s0 ep 1/1 top1: kd ") and ", fitnet " in shown[-1]
+
+
+def test_what_a_run_and_its_report_write_is_ignored_by_git(trained, tmp_path):
+    """A run's outputs (runs, logs, weights, teachers, checkpoints, locks) and its report, mapped into a checkout's
+    default results/ folder, are all ignored by git: `git status` stays clean after a user's run."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    if not shutil.which("git") or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    _, _, res, _ = trained
+    assert _kdbench(["report", "--results", str(res)], tmp_path).returncode == 0
+    (res / "checkpoints").mkdir(exist_ok=True)
+    (res / "checkpoints" / "x.pt").write_bytes(b"")  # what an interrupted run leaves
+    (res / "locks").mkdir(exist_ok=True)
+    (res / "locks" / "x.lock").write_text("")
+    written = [f"results/{p.relative_to(res).as_posix()}" for p in res.rglob("*") if p.is_file()]
+    assert any("/report/" in w for w in written) and any(w.endswith(".log") for w in written)
+    check = subprocess.run(["git", "check-ignore", "--no-index", "--stdin", "-v", "-n"], cwd=root,
+                           input="\n".join(written), capture_output=True, text=True)
+    not_ignored = [ln.split("\t")[-1] for ln in check.stdout.splitlines() if ln.startswith("::")]
+    assert not not_ignored, f"git would show these as changes: {not_ignored}"
