@@ -344,35 +344,77 @@ def _collect(results: str):
 
 @cli.command()
 @click.option("--results", default="results", type=click.Path(), help="Results folder.")
-@click.option("--metric", default="top1_last",
+@click.option("--metric", "metrics", default=("top1_last",), multiple=True,
               help="Any numeric metric of the run JSON: top1_last, top1_best, top5_*, cka, agreement, ece, kl_t1, "
-                   "kl_t4, corr_diff_mean, corr_diff_max, ...")
+                   "kl_t4, corr_diff_mean, corr_diff_max, ... Repeat it for one table per metric.")
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md")
 @click.option("--reference", default=None, metavar="NAME[,NAME]",
               help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024 or both.")
 @click.option("--vs", default=None, metavar="METHOD",
               help="Paired differences over seeds against this method (ce = the vanilla student), with a 95% "
                    "bootstrap interval.")
+@click.option("--rank-corr", "rank_corr", default=None, metavar="TEACHER:STUDENT",
+              help="With --reference (one name) and --format md: Kendall tau between each pair's ranking of the "
+                   "methods and the published ranking of this pair (e.g. the closest published pair).")
 @click.option("--long", "long_", is_flag=True,
               help="With --format csv: every run's per-epoch curve as one tidy CSV (one row per run, epoch and "
                    "quantity: lr, loss_<term>, test_top1, test_top5) instead of the table.")
-def table(results: str, metric: str, fmt: str, reference: str | None, vs: str | None, long_: bool) -> None:
+def table(results: str, metrics: tuple[str, ...], fmt: str, reference: str | None, vs: str | None,
+          rank_corr: str | None, long_: bool) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
     from kdbench.report import build_tables, render
 
     if long_ and fmt != "csv":
         raise KdbenchError("--long writes the per-epoch curves as CSV: use it with --format csv")
-    col = _collect(results)
     if long_:
         from kdbench.export import curves_long_csv
 
-        click.echo(curves_long_csv(col), nl=False)
+        click.echo(curves_long_csv(_collect(results)), nl=False)
         return
-    tables = build_tables(col, metric, reference=reference, vs=vs)
+    if rank_corr is not None:
+        if not reference or "," in reference:
+            raise KdbenchError("--rank-corr needs exactly one --reference, e.g. --reference crd2020")
+        if fmt != "md":
+            raise KdbenchError("--rank-corr is written in Markdown: use --format md")
+        if rank_corr.count(":") != 1:
+            raise KdbenchError(f"--rank-corr {rank_corr!r}: expected TEACHER:STUDENT, e.g. resnet56:resnet20")
+        if any(not m.startswith("top1") for m in metrics):
+            raise KdbenchError("--rank-corr compares published top-1: use --metric top1_last or top1_best")
+    col = _collect(results)
+    parts = []
+    for metric in metrics:
+        tables = build_tables(col, metric, reference=reference, vs=vs)
+        for t in tables.values():
+            for note in t.notes:
+                err_console.print(f"[yellow]note:[/yellow] {t.group}: {note}")
+        text = render(tables, fmt, metric)
+        if rank_corr is not None:
+            text += _rank_corr_text(tables, reference, rank_corr)
+        parts.append(text)
+    click.echo("\n".join(parts), nl=False)
+
+
+def _rank_corr_text(tables, reference: str, published_pair: str) -> str:
+    from kdbench.rankcorr import rank_agreement, render_agreement_md
+    from kdbench.report import PAPER_NAMES, STUDENT, TEACHER, load_reference
+
+    published, _ = load_reference(reference)
+    t_arch, s_arch = published_pair.split(":")
+    pub = {row: published.get((t_arch, s_arch, PAPER_NAMES.get(row, row))) for row in PAPER_NAMES}
+    pub[STUDENT] = published.get((t_arch, s_arch, "Student"))
+    if not any(v is not None for v in pub.values()):
+        raise KdbenchError(f"--rank-corr {published_pair}: {reference} has no numbers for that pair")
+    lines = []
     for t in tables.values():
-        for note in t.notes:
-            err_console.print(f"[yellow]note:[/yellow] {t.group}: {note}")
-    click.echo(render(tables, fmt, metric), nl=False)
+        for pair in t.pairs:
+            ours = {r: c.mean for r in t.rows if r != TEACHER and (c := t.cell(r, pair)) is not None and c.n}
+            try:
+                a = rank_agreement(ours, pub, pair=pair, published_pair=published_pair, reference=reference)
+            except ValueError as exc:
+                lines.append(f"Rank agreement: {exc}.")
+                continue
+            lines.append(render_agreement_md(a))
+    return "\n" + "\n\n".join(lines) + "\n" if lines else ""
 
 
 @cli.command()
