@@ -844,19 +844,19 @@ def make_synthetic(num_classes: int = 10, image_size: int = 32, train_size: int 
         step = torch.randint(1, max(per_group, 2), labels.shape, generator=g) % per_group
         return labels % groups + groups * ((labels // groups + step) % per_group)
 
-    def split(n: int, flip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
         other = another(labels)
         w = 0.5 + 0.5 * torch.rand(n, 1, 1, 1, generator=g, dtype=torch.float64)
         x = w * patterns[labels] + (1 - w) * patterns[other]
         x = x + noise * torch.randn(n, 3, image_size, image_size, generator=g, dtype=torch.float64)
-        if flip:
-            flipped = torch.rand(n, generator=g) < flip
-            labels = torch.where(flipped, another(labels), labels)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels.to(torch.int64)
 
-    train_x, train_y = split(train_size, float(label_noise))
-    test_x, test_y = split(test_size, 0.0)
+    train_x, train_y = split(train_size)
+    test_x, test_y = split(test_size)
+    if label_noise:  # drawn last: the images and the test split are those of the same data without noise
+        flipped = torch.rand(train_size, generator=g) < float(label_noise)
+        train_y = torch.where(flipped, another(train_y), train_y)
     classes = [f"class{i}" for i in range(num_classes)]
     extra = ""
     if superclasses or label_noise:
