@@ -110,7 +110,7 @@ def list_methods_cmd(show_config: str | None) -> None:
     import dataclasses
 
     from kdbench.method import discover, make_config, resolve
-    from kdbench.sweep import method_order
+    from kdbench.sweep import GROUPS, group_members, method_order
 
     if show_config:
         entry = resolve(show_config)
@@ -130,6 +130,12 @@ def list_methods_cmd(show_config: str | None) -> None:
         status = "ok" if e.ok else f"[red]broken[/red]: {e.error}"
         table.add_row(name, e.cls.paper if e.cls else e.value, f"{e.dist} {e.version}", status)
     console.print(table)
+    groups = Table(title="groups (--methods NAME)")
+    for col in ("group", "meaning", "methods"):
+        groups.add_column(col, overflow="fold")
+    for group, meaning in GROUPS.items():
+        groups.add_row(group, meaning, ", ".join(group_members(group, reg)))
+    console.print(groups)
 
 
 @list_.command("pairs")
@@ -203,7 +209,8 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
 
 
 @cli.command()
-@click.option("--methods", "-m", multiple=True, required=True, help="Comma-separated method names, or 'all'.")
+@click.option("--methods", "-m", multiple=True, required=True,
+              help="Comma-separated method names or groups: all, modern, everything (see `kdbench list methods`).")
 @_with_options(_run_options)
 @click.option("--no-cohort", is_flag=True, help="Train each run alone instead of side by side per (pair, seed).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local",
@@ -349,7 +356,8 @@ def _collect(results: str):
                    "kl_t4, corr_diff_mean, corr_diff_max, ... Repeat it for one table per metric.")
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md")
 @click.option("--reference", default=None, metavar="NAME[,NAME]",
-              help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024 or both.")
+              help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024, dkd2022, "
+                   "dist2022, ls2024, simkd2022, in any combination (sources: kdbench/reference/SOURCES.md).")
 @click.option("--vs", default=None, metavar="METHOD",
               help="Paired differences over seeds against this method (ce = the vanilla student), with a 95% "
                    "bootstrap interval.")

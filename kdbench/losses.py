@@ -23,3 +23,10 @@ def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     if b.shape[2:] != (h, w):
         b = F.adaptive_avg_pool2d(b, (h, w))
     return a, b
+
+
+def standardise(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score of each row of logits: (z - mean) / (eps + std), std with Bessel's correction (torch's default),
+    as the logit-standardisation reference code (Sun et al. CVPR 2024) computes it."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))

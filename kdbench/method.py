@@ -49,6 +49,21 @@ class Batch:
     index: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands when ``loss`` is called (the main stage only).
+
+    ``epoch`` is the 0-based epoch of the main stage and ``epochs`` the protocol's main-stage epochs; ``step`` is
+    the 0-based step within the epoch and ``steps`` the steps per epoch. A method that follows a reference written
+    with 1-based epochs (mdistiller's ``kwargs["epoch"]``) uses ``epoch + 1``.
+    """
+
+    epoch: int = 0
+    epochs: int = 1
+    step: int = 0
+    steps: int = 1
+
+
 @dataclass(frozen=True, eq=False)
 class MethodContext:
     """What a method may know when it is built: shapes, class count, training-set size and labels.
@@ -56,6 +71,10 @@ class MethodContext:
     ``student_head`` / ``teacher_head`` are the final linear classifiers (for methods that need the
     gradient of the cross-entropy with respect to the pooled features). Do not register them as
     submodules of the method: they belong to the student (optimised by the harness) and the frozen teacher.
+
+    ``teacher_preact_bn[i]`` is the (weight, bias) of the teacher's BatchNorm whose output is (the residual branch
+    of) ``preact[i]``, copied at build time (detached, on the CPU), or None where the teacher has no such BN at
+    tap i; empty when there is no teacher (OFD reads its margins from it).
     """
 
     student: FeatureInfo
@@ -68,6 +87,7 @@ class MethodContext:
     teacher_arch: str | None = None
     student_head: nn.Module | None = None
     teacher_head: nn.Module | None = None
+    teacher_preact_bn: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] = ()
 
 
 @dataclass
@@ -119,6 +139,15 @@ class Method(nn.Module):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         """The method's own weighted loss terms (CE and KD are added by the harness)."""
         return {}
+
+    def evaluated_model(self, student: nn.Module) -> nn.Module | None:
+        """The model that is evaluated, whose final metrics are reported and whose weights are saved, when it is
+        not the student itself (SimKD: the student, its projector and the teacher's frozen classifier).
+
+        None (the default): the student. The returned module must return a ``ModelOutput`` and must not register
+        the teacher's parameters as trainable; the harness counts its parameters and says so in the run JSON.
+        """
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- registry

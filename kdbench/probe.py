@@ -100,7 +100,7 @@ def load_student(run: dict[str, Any], root: Path, device: torch.device) -> nn.Mo
     if not isinstance(num_classes, int):
         raise KdbenchError(f"run {run['run_id']} does not record its class count (data.num_classes)")
     model = create_model(run["spec"]["student"], num_classes=num_classes)
-    load_weights_into(model, weights, "run weights")
+    load_weights_into(model, weights, "run weights", prefix=(run.get("model") or {}).get("student_prefix") or "")
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -31,13 +31,15 @@ LOWER_IS_BETTER = {"ece", "kl_t1", "kl_t4", "corr_diff_mean", "corr_diff_max"}
 DIGITS = {"cka": 3, "kl_t1": 3, "kl_t4": 3, "corr_diff_mean": 4, "corr_diff_max": 3, "best_epoch": 1}
 
 # Published numbers: the name given to --reference -> the prefix of the CSV's `source` column.
-REFERENCES = {"crd2020": "CRD (Tian et al. ICLR 2020)", "rrd2024": "RRD (Giakoumoglou"}
+REFERENCES = {"crd2020": "CRD (Tian et al. ICLR 2020)", "rrd2024": "RRD (Giakoumoglou", "dkd2022": "DKD (Zhao",
+              "dist2022": "DIST (Huang", "ls2024": "LS (Sun", "simkd2022": "SimKD (Chen"}
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 # Our method names -> the names in the published tables.
 PAPER_NAMES = {
     "ce": "Student", "kd": "KD", "fitnet": "FitNet", "at": "AT", "sp": "SP", "cc": "CC", "vid": "VID", "rkd": "RKD",
     "pkt": "PKT", "ab": "AB", "ft": "FT", "fsp": "FSP", "nst": "NST", "crd": "CRD", "crd+kd": "CRD+KD",
-    "crcd": "CRCD", "rrd": "RRD", "rrd+kd": "RRD+KD",
+    "crcd": "CRCD", "rrd": "RRD", "rrd+kd": "RRD+KD", "dkd": "DKD", "dist": "DIST", "kd-ls": "KD+LS",
+    "dkd-ls": "DKD+LS", "simkd": "SimKD", "reviewkd": "ReviewKD", "ofd": "OFD",
 }
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0

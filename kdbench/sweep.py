@@ -25,8 +25,17 @@ from kdbench.teachers import TeacherStore, sha256_file
 from kdbench.train import (Member, build_member, load_checkpoint, not_applicable_reason, result_record,
                            run_init_stage, train_cohort)
 
+# The modern baselines (issue 16): registered like every method, but outside `--methods all`, which keeps meaning
+# the mission's methods and their variants (plus installed plugins).
+MODERN = ["dkd", "dkd-ls", "kd-ls", "dist", "reviewkd", "simkd", "ofd"]
 BUILTIN_ORDER = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
-                 "crd+kd", "crcd", "rrd", "rrd+kd", "rrd-2025"]
+                 "crd+kd", "crcd", "rrd", "rrd+kd", "rrd-2025", *MODERN]
+# Named groups of --methods: name -> (description, members given the registry).
+GROUPS: dict[str, str] = {
+    "all": "the mission's methods and their variants, and installed plugins (not the modern group)",
+    "modern": "the modern baselines that came after CRD",
+    "everything": "all + modern",
+}
 
 
 def method_order(names: list[str]) -> list[str]:
@@ -35,8 +44,21 @@ def method_order(names: list[str]) -> list[str]:
 
 
 def all_methods(registry: dict[str, MethodEntry] | None = None) -> list[str]:
+    """The group `all`: every method that loads, except the modern group."""
     registry = discover() if registry is None else registry
-    return method_order([n for n, e in registry.items() if e.ok])
+    return method_order([n for n, e in registry.items() if e.ok and n not in MODERN])
+
+
+def group_members(group: str, registry: dict[str, MethodEntry] | None = None) -> list[str]:
+    """The methods of a named group (`all`, `modern`, `everything`)."""
+    registry = discover() if registry is None else registry
+    if group == "all":
+        return all_methods(registry)
+    if group == "modern":
+        return [n for n in MODERN if n in registry]
+    if group == "everything":
+        return method_order(all_methods(registry) + [n for n in MODERN if n in registry])
+    raise KeyError(group)
 
 
 @dataclass
@@ -66,8 +88,11 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
     names = _split_csv(req.methods)
     if not names:
         raise KdbenchError("no methods given: use --methods all or a list such as ce,kd")
-    if "all" in names:
-        names = all_methods(registry) + [n for n in names if n != "all" and n not in registry]
+    if any(n in GROUPS for n in names):
+        expanded: list[str] = []
+        for n in names:
+            expanded += group_members(n, registry) if n in GROUPS else [n]
+        names = expanded
     entries = {n: resolve(check_safe_name("method", n), registry) for n in dict.fromkeys(names)}
 
     sets = parse_sets(req.sets)
@@ -344,7 +369,7 @@ class Sweep:
 
         extra = {}
         if m.failed is None:
-            extra = final_metrics(m.student, teacher, data, self.device, teacher_predictions)
+            extra = final_metrics(m.evaluated, teacher, data, self.device, teacher_predictions)
         diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
         record = result_record(m, data, card, self.device, cohort_size, extra)
         if diagnostics:
@@ -353,7 +378,7 @@ class Sweep:
             from kdbench.teachers import save_weights
 
             weights = self.store.root / "weights" / f"{m.spec.label}.safetensors"
-            save_weights(weights, m.student.state_dict())
+            save_weights(weights, m.evaluated.state_dict())
             record["weights"] = str(weights.relative_to(self.store.root))
             record["weights_sha256"] = sha256_file(weights)
         # The run JSON first, the teacher card last: killed in between, the next call finds the finished run and

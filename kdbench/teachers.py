@@ -38,13 +38,18 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
 
 
-def load_weights_into(model: nn.Module, path: Path, what: str) -> None:
-    """Load a safetensors file into a model, with one clear error for a corrupt file or a wrong architecture."""
+def load_weights_into(model: nn.Module, path: Path, what: str, prefix: str = "") -> None:
+    """Load a safetensors file into a model, with one clear error for a corrupt file or a wrong architecture.
+
+    ``prefix``: load only the keys under it, without it (the student inside a saved composite model, e.g. SimKD's
+    student + projector + teacher classifier, whose run JSON names the prefix under model.student_prefix)."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise KdbenchError(
             f"{what} {path} is corrupt or truncated ({exc}); delete it and train or import it again") from None
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     check_state_dict(model, state, what, path)
     model.load_state_dict(state, strict=True)
 

@@ -23,7 +23,7 @@ from kdbench.config import RunSpec
 from kdbench.data import Dataset
 from kdbench.evaluate import evaluate
 from kdbench.losses import kd_loss
-from kdbench.method import Batch, Method, MethodContext, make_config, resolve
+from kdbench.method import Batch, Method, MethodContext, Progress, make_config, resolve
 from kdbench.models import ModelOutput, create_model
 from kdbench.results import atomic_torch_save, environment
 
@@ -66,6 +66,25 @@ class Member:
     def done(self) -> bool:
         return self.failed is not None or self.epoch >= self.spec.protocol.epochs
 
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model evaluated, reported and saved: the student, unless the method defines another (SimKD)."""
+        model = self.method.evaluated_model(self.student)
+        return self.student if model is None else model
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters of a model (a tensor shared by two submodules counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _preact_bn(teacher: nn.Module | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
+    if teacher is None or not hasattr(teacher, "preact_bn"):
+        return ()
+    return tuple(None if bn is None else (bn.weight.detach().float().cpu().clone(),
+                                          bn.bias.detach().float().cpu().clone())
+                 for bn in teacher.preact_bn())
+
 
 def method_context(spec: RunSpec, data: Dataset, student: nn.Module, teacher: nn.Module | None) -> MethodContext:
     return MethodContext(
@@ -79,6 +98,7 @@ def method_context(spec: RunSpec, data: Dataset, student: nn.Module, teacher: nn
         teacher_arch=spec.teacher.arch if spec.teacher else None,
         student_head=student.head,
         teacher_head=teacher.head if teacher is not None else None,
+        teacher_preact_bn=_preact_bn(teacher),
     )
 
 
@@ -170,8 +190,24 @@ def _teacher_out(teacher: nn.Module | None, x: torch.Tensor) -> ModelOutput | No
         return teacher(x)
 
 
-def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
-    """The loss terms of one step: ce_weight*CE + kd_weight*KD (added here for every method) + the method's own."""
+_TAKES_PROGRESS: dict[type, bool] = {}
+
+
+def _takes_progress(method: Method) -> bool:
+    """Whether ``method.loss`` accepts ``progress`` (a bridge until every method's loss takes it)."""
+    cls = type(method)
+    if cls not in _TAKES_PROGRESS:
+        import inspect
+
+        _TAKES_PROGRESS[cls] = len(inspect.signature(method.loss).parameters) >= 4
+    return _TAKES_PROGRESS[cls]
+
+
+def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: Batch,
+               progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """The loss terms of one step: ce_weight*CE + kd_weight*KD (added here for every method) + the method's own.
+
+    ``progress`` defaults to the first step of the main stage."""
     cfg = m.method.cfg
     terms: dict[str, torch.Tensor] = {}
     if cfg.ce_weight:
@@ -180,7 +216,10 @@ def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: 
         if t_out is None:
             raise RuntimeError(f"method {m.spec.method} has kd_weight > 0 but no teacher")
         terms["kd"] = cfg.kd_weight * kd_loss(s_out.logits, t_out.logits, cfg.temperature)
-    own = m.method.loss(s_out, t_out, batch)
+    if progress is None:
+        progress = Progress(epoch=0, epochs=m.spec.protocol.epochs, step=0, steps=1)
+    own = m.method.loss(s_out, t_out, batch, progress) if _takes_progress(m.method) else m.method.loss(s_out, t_out,
+                                                                                                       batch)
     clash = set(own) & set(terms)
     if clash:
         raise RuntimeError(f"method {m.spec.method} returned reserved term names {sorted(clash)}")
@@ -285,11 +324,13 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
             m.method.train()
         if task is not None:
             progress.reset(task, total=len(loader))
-        for batch in loader.epoch(epoch):
+        steps = len(loader)
+        for step, batch in enumerate(loader.epoch(epoch)):
             t_out = _teacher_out(teacher, batch.images)
+            progress_now = Progress(epoch=epoch, epochs=proto.epochs, step=step, steps=steps)
             for m in active:
                 s_out = m.student(batch.images)
-                _step(m.optimizer, main_terms(m, s_out, t_out, batch), sums[id(m)])
+                _step(m.optimizer, main_terms(m, s_out, t_out, batch, progress_now), sums[id(m)])
             if task is not None:
                 progress.advance(task)
         seconds = time.perf_counter() - t0
@@ -303,7 +344,7 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
             _check_finite(m, means, epoch)
             m.epoch = epoch + 1
             if m.failed is None and (m.epoch % proto.eval_every == 0 or m.epoch == proto.epochs):
-                ev = evaluate(m.student, test_loader)
+                ev = evaluate(m.evaluated, test_loader)
                 m.last_eval = {**ev, "epoch": m.epoch}
                 m.curve["eval_epoch"].append(m.epoch)
                 m.curve["test_top1"].append(ev["top1"])
@@ -321,6 +362,21 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
                                                      f"ep {epoch + 1}/{proto.epochs} top1: {tops}"))
     if task is not None:
         progress.remove_task(task)
+
+
+def model_record(m: Member) -> dict[str, Any]:
+    """Which model the metrics and the saved weights are of, and its parameter count (without the modules it holds
+    but does not use at inference, ``unused_modules``: SimKD's student classifier)."""
+    evaluated = m.evaluated
+    own = evaluated is m.student
+    return {
+        "evaluated": "student" if own else type(evaluated).__name__,
+        "description": "the student alone" if own else (type(evaluated).__doc__ or "").strip().split("\n")[0],
+        "parameters": parameter_count(evaluated) - sum(parameter_count(u) for u in getattr(evaluated,
+                                                                                             "unused_modules", ())),
+        "student_parameters": parameter_count(m.student),
+        **({} if own else {"student_prefix": getattr(evaluated, "student_prefix", None)}),
+    }
 
 
 def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None, device: torch.device,
@@ -352,6 +408,7 @@ def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None,
         "data": {"name": data.name, "checksum": data.checksum, "num_classes": data.num_classes,
                  "image_size": data.image_size, "train_size": n, "test_size": len(data.test_labels)},
         "metrics": metrics,
+        "model": model_record(m),
         "curve": m.curve,
         "timings": {
             "epoch_seconds": m.epoch_seconds,

@@ -11,11 +11,11 @@ import torch
 from kdbench.config import load_bench
 from kdbench.method import discover
 from kdbench.models import create_model
-from kdbench.sweep import Request, all_methods, expand
+from kdbench.sweep import Request, expand, method_order
 from kdbench.train import build_member, main_terms, not_applicable_reason
 
 CPU = torch.device("cpu")
-BUILTINS = [n for n in all_methods() if discover()[n].builtin]
+BUILTINS = method_order([n for n, e in discover().items() if e.ok and e.builtin])
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,9 @@ def test_method_trains_through_the_harness(name, tiny_toml, tiny_data, teacher):
                 trained.add(id(p))
         m.optimizer.step()
 
-    missing_student = [n for n, p in m.student.named_parameters() if id(p) not in trained]
+    # Every student parameter the evaluated model uses is trained (SimKD leaves the student's own head unused).
+    unused = {id(p) for u in getattr(m.evaluated, "unused_modules", ()) for p in u.parameters()}
+    missing_student = [n for n, p in m.student.named_parameters() if id(p) not in trained and id(p) not in unused]
     assert not missing_student, f"student parameters without gradient: {missing_student[:5]}"
     init_params = {id(p) for p in stage.parameters} if stage is not None else set()
     missing_method = [n for n, p in m.method.named_parameters()
@@ -116,3 +118,44 @@ def test_any_method_combines_with_kd(name, tiny_toml):
         assert spec.method_config["kd_weight"] == 1.0 and spec.method == "fitnet+kd"
     (kd_set,) = expand(load_bench(tiny_toml), Request([name], ["tiny"], sets=[f"methods.{name}.kd_weight=0.5"]))
     assert kd_set.method_config["kd_weight"] == 0.5
+
+
+def test_method_groups(tiny_toml):
+    from kdbench.sweep import MODERN
+
+    def methods(group: str) -> list[str]:
+        return [s.method for s in expand(load_bench(tiny_toml), Request([group], ["tiny"]))]
+
+    mission = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "crd+kd",
+               "crcd", "rrd", "rrd+kd", "rrd-2025"]
+    builtin_all = [n for n in methods("all") if discover()[n].builtin]
+    assert builtin_all == mission, "--methods all keeps meaning the mission's methods and variants"
+    assert methods("modern") == MODERN
+    assert set(methods("everything")) == set(methods("all")) | set(MODERN)
+    assert methods("modern,kd") == MODERN + ["kd"]
+
+
+CRD_PAIRS = ["wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1", "resnet56:resnet20", "resnet110:resnet20", "resnet110:resnet32",
+             "resnet32x4:resnet8x4", "vgg13:vgg8", "vgg13:mobilenetv2", "resnet50:mobilenetv2", "resnet50:vgg8",
+             "resnet32x4:shufflenetv1", "resnet32x4:shufflenetv2", "wrn_40_2:shufflenetv1"]
+
+
+@pytest.mark.parametrize("pair", CRD_PAIRS)
+def test_modern_methods_apply_to_every_crd_pair(pair):
+    from kdbench.method import MethodContext, make_config, resolve
+    from kdbench.sweep import MODERN
+    from kdbench.train import _preact_bn
+
+    t_arch, s_arch = pair.split(":")
+    teacher = create_model(t_arch, num_classes=100)  # real weights: OFD reads its BN statistics
+    with torch.device("meta"):
+        student = create_model(s_arch, num_classes=100)
+    ctx = MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=100, num_train=8,
+                        train_labels=torch.arange(8) % 2, image_size=32, student_arch=s_arch, teacher_arch=t_arch,
+                        student_head=student.head, teacher_head=teacher.head, teacher_preact_bn=_preact_bn(teacher))
+    for name in MODERN:
+        entry = resolve(name)
+        cfg = make_config(entry)
+        assert entry.cls.not_applicable(cfg, ctx) is None, (name, pair)
+        with torch.device("meta"):
+            entry.cls(cfg, ctx)

@@ -287,3 +287,30 @@ def test_latex_compiles(col, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:]
     assert (tmp_path / "t.pdf").stat().st_size > 1000
+
+
+def test_modern_references_hold_only_their_methods_rows():
+    ref, names = load_reference("dkd2022,dist2022,ls2024,simkd2022")
+    assert names == ["dkd2022", "dist2022", "ls2024", "simkd2022"]
+    assert {k[2] for k in ref} == {"DKD", "DIST", "KD+LS", "DKD+LS", "SimKD"}
+    assert ref[("resnet32x4", "resnet8x4", "DKD")] == 76.32 and ref[("resnet56", "resnet20", "DIST")] == 71.75
+    assert ref[("resnet110", "resnet20", "DKD+LS")] == 71.85 and ref[("resnet32x4", "resnet8x4", "SimKD")] == 78.08
+    crd, _ = load_reference("crd2020")
+    assert not {k[2] for k in crd} & {"DKD", "DIST", "KD+LS", "DKD+LS", "SimKD"}
+
+
+def test_modern_reference_beside_our_run(tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(FIXTURE, tmp_path / "res")
+    runs = tmp_path / "res" / "runs"
+    for src in runs.glob("cifar100__resnet32x4__resnet8x4__rrd__s*.json"):  # rrd's runs, renamed to dkd
+        run = json.loads(src.read_text())
+        run["spec"]["method"] = run["method"]["name"] = "dkd"
+        src.unlink()
+        (runs / src.name.replace("__rrd__", "__dkd__")).write_text(json.dumps(run))
+    table = build_tables(collect(ResultStore(tmp_path / "res")), "top1_last", reference="dkd2022")["cifar100 / paper"]
+    assert table.reference[("dkd", "resnet32x4:resnet8x4")] == 76.32
+    assert round(table.diff("dkd", "resnet32x4:resnet8x4"), 6) == round(74.60 - 76.32, 6)
+    assert ("kd", "resnet32x4:resnet8x4") not in table.reference  # dkd2022 holds only DKD's own rows

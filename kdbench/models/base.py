@@ -61,6 +61,12 @@ class ZooModel(nn.Module):
     def head(self) -> nn.Linear:  # pragma: no cover - implemented by each family
         raise NotImplementedError
 
+    def preact_bn(self) -> list[nn.BatchNorm2d | None]:
+        """Per tap i, the BatchNorm whose output is ``preact[i]`` (or its residual branch, before the shortcut is
+        added), or None where no single BN precedes that tap's ReLU. OFD reads its margins from these; a family
+        that does not say is treated as having none."""
+        return [None] * len(self.feature_info.channels)
+
     def forward(self, x: torch.Tensor) -> ModelOutput:  # pragma: no cover - implemented by each family
         raise NotImplementedError
 

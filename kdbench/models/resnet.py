@@ -92,6 +92,10 @@ class ResNet(ZooModel):
     def head(self) -> nn.Linear:
         return self.fc
 
+    def preact_bn(self) -> list[nn.BatchNorm2d | None]:
+        # The stem's BN is preact[0] itself; a group's preact is its last block's bn2 output plus the shortcut.
+        return [self.bn1, self.layer1[-1].bn2, self.layer2[-1].bn2, self.layer3[-1].bn2]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         # preact[0] is the stem's BN output before its ReLU. The reference has no pre-ReLU stem tap (its
         # preact=True list repeats the post-ReLU stem there), so the reference's value is relu(preact[0]).

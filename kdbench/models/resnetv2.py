@@ -83,6 +83,10 @@ class ResNetV2(ZooModel):
     def head(self) -> nn.Linear:
         return self.linear
 
+    def preact_bn(self) -> list[nn.BatchNorm2d | None]:
+        # The stem's BN is preact[0] itself; a group's preact is its last block's bn3 output plus the shortcut.
+        return [self.bn1] + [layer[-1].bn3 for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         # preact[0] is the stem's BN output before its ReLU; the reference has no pre-ReLU stem tap (it repeats
         # the post-ReLU stem), so the reference's value there is relu(preact[0]).

@@ -73,6 +73,11 @@ class VGG(ZooModel):
     def head(self) -> nn.Linear:
         return self.classifier
 
+    def preact_bn(self) -> list[nn.BatchNorm2d | None]:
+        # Every stage ends in BN and preact[i] is that BN's output.
+        stages = (self.block0, self.block1, self.block2, self.block3, self.block4)
+        return [s[-1] if isinstance(s[-1], nn.BatchNorm2d) else None for s in stages]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         # Every stage ends in BN, so preact[i] is that BN's output; the reference's preact=True path gives the
         # same for stages 1-4 and the post-ReLU map for stage 0, which here is relu(preact[0]).

@@ -98,6 +98,10 @@ class WideResNet(ZooModel):
     def head(self) -> nn.Linear:
         return self.fc
 
+    def preact_bn(self) -> list[nn.BatchNorm2d | None]:
+        # preact[i] is exactly the output of the BN that the ReLU after tap i follows (see forward).
+        return [self.block1.layer[0].bn1, self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         # A pre-activation network: the taps (stem conv and group outputs) are not ReLU outputs themselves; the
         # ReLU that consumes tap i follows a BN, and preact[i] is that BN's output, as in the reference's

@@ -1,0 +1,173 @@
+"""OFD: the margin from BN statistics by hand, the partial L2 case by case, the tap weights, which teachers have the
+BN statistics (and that each zoo family's hook names the BN that really feeds its preact), golden values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdbench.method import Batch, MethodContext, Progress, discover
+from kdbench.methods.ofd import OFD, OFDConfig, margin_from_bn, partial_l2
+from kdbench.models import create_model
+from kdbench.models.base import FeatureInfo, ModelOutput
+
+GOLDEN = Path(__file__).parent / "golden" / "ofd.json"
+STUDENT = FeatureInfo(channels=(2, 3, 4), reduction=(1, 1, 2), pooled_dim=4, num_classes=5)
+TEACHER = FeatureInfo(channels=(2, 3, 4), reduction=(1, 1, 2), pooled_dim=4, num_classes=5)
+
+
+def bn_stats(info: FeatureInfo, gen: torch.Generator) -> tuple:
+    return tuple((torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)) for c in info.channels)
+
+
+def ctx(student=STUDENT, teacher=TEACHER, bn=None) -> MethodContext:
+    bn = bn_stats(teacher, torch.Generator().manual_seed(7)) if bn is None else bn
+    return MethodContext(
+        student=student,
+        teacher=teacher,
+        num_classes=5,
+        num_train=4,
+        train_labels=torch.zeros(4, dtype=torch.long),
+        image_size=4,
+        teacher_preact_bn=bn,
+    )
+
+
+def outputs(info: FeatureInfo, b: int, gen: torch.Generator) -> ModelOutput:
+    maps = [torch.randn(b, c, 4 // r, 4 // r, generator=gen) for c, r in zip(info.channels, info.reduction)]
+    return ModelOutput(
+        logits=torch.zeros(b, 5), feats=[m.relu() for m in maps], preact=maps, pooled=torch.zeros(b, info.pooled_dim)
+    )
+
+
+def loss(m: OFD, s: ModelOutput, t: ModelOutput) -> float:
+    b = s.logits.shape[0]
+    batch = Batch(images=torch.zeros(b, 3, 4, 4), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
+    return m.loss(s, t, batch, Progress(epoch=0, epochs=1, step=0, steps=1))["ofd"].item()
+
+
+def test_registered_with_reference_defaults():
+    assert discover()["ofd"].cls is OFD
+    c = OFDConfig()
+    assert (c.ce_weight, c.kd_weight, c.weight, c.kernel_size) == (1.0, 0.0, 1e-3, 1)
+    assert OFD.needs == {"preact"}
+
+
+def test_margin_by_hand():
+    phi = 1 / math.sqrt(2 * math.pi)
+    # N(0, 1): E[x | x < 0] = -phi(0) / Phi(0) = -2 phi(0)
+    # N(-1, 2^2): -1 - 2 phi(1/2) / Phi(1/2); N(5, 1): Phi(-5) < 0.001 -> -3 * 1; gamma's sign does not matter
+    cdf_half = 0.5 * math.erfc(-0.5 / math.sqrt(2))
+    expected = [-2 * phi, -1 - 2 * phi * math.exp(-0.125) / cdf_half, -3.0, -2 * phi]
+    got = margin_from_bn(torch.tensor([1.0, 2.0, 1.0, -1.0]), torch.tensor([0.0, -1.0, 5.0, 0.0]))
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    # against a Monte-Carlo estimate of E[x | x < 0] for N(0.7, 1.3^2)
+    x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.3 + 0.7
+    mc = x[x < 0].mean().item()
+    assert margin_from_bn(torch.tensor([1.3]), torch.tensor([0.7])).item() == pytest.approx(mc, abs=2e-3)
+
+
+def test_partial_l2_case_by_case():
+    m = torch.tensor([-1.0])
+
+    def one(s: float, t: float) -> float:
+        return partial_l2(torch.tensor(s).view(1, 1, 1, 1), torch.tensor(t).view(1, 1, 1, 1), m).item()
+
+    assert one(0.5, 2.0) == pytest.approx(2.25)  # t > 0: plain L2, from below
+    assert one(3.0, 2.0) == pytest.approx(1.0)  # t > 0: plain L2, from above
+    assert one(-0.2, -0.5) == pytest.approx(0.09)  # m < t <= 0 and s > t: pulled down to t
+    assert one(-0.8, -0.5) == 0.0  # s <= t <= 0: the teacher's ReLU gives 0 as well
+    assert one(0.5, -3.0) == pytest.approx(2.25)  # t <= m < s: pulled down to the margin, not to t
+    assert one(-2.0, -3.0) == 0.0  # s <= m
+    # mean over the batch, sum over channels and pixels
+    s = torch.tensor([[[[1.0, 2.0]], [[0.0, 0.0]]], [[[3.0, 0.0]], [[1.0, 1.0]]]])  # [2, 2, 1, 2]
+    t = torch.ones(2, 2, 1, 2)
+    assert partial_l2(s, t, torch.tensor([-1.0, -1.0])).item() == pytest.approx((1 + 2 + 4 + 1 + 0 + 0) / 2)
+
+
+def test_taps_weights_and_margins():
+    gen = torch.Generator().manual_seed(1)
+    m = OFD(OFDConfig(weight=1.0), ctx())
+    m.connectors = nn.ModuleList(nn.Identity() for _ in m.connectors)  # same channels: isolate the distance
+    s, t = outputs(STUDENT, 3, gen), outputs(TEACHER, 3, gen)
+    assert m.taps == [(1, 1), (2, 2)]
+    bn = ctx().teacher_preact_bn
+    expected = sum(partial_l2(s.preact[i], t.preact[i], margin_from_bn(*bn[i])).item() / 2 ** (2 - i) for i in (1, 2))
+    assert loss(m, s, t) == pytest.approx(expected, rel=1e-5)
+    # the target max(t, m) itself costs nothing
+    target = [torch.maximum(p, margin_from_bn(*bn[i]).view(1, -1, 1, 1)) for i, p in enumerate(t.preact)]
+    same = ModelOutput(logits=s.logits, feats=s.feats, preact=target, pooled=s.pooled)
+    assert loss(m, same, t) == 0.0
+
+
+@pytest.mark.parametrize("teacher", ["resnet56", "resnet32x4", "resnet50", "wrn_40_2", "vgg13"])
+def test_bn_hook_names_the_bn_that_feeds_preact(teacher):
+    torch.manual_seed(0)
+    model = create_model(teacher, num_classes=5).eval()
+    for mod in model.modules():  # non-trivial BN statistics
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_()
+    seen: dict[int, torch.Tensor] = {}
+    bns = model.preact_bn()
+    hooks = [bn.register_forward_hook(lambda _m, _i, o, i=i: seen.__setitem__(i, o)) for i, bn in enumerate(bns)]
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    residual = teacher.startswith("resnet")
+    for i, bn in enumerate(bns):
+        assert bn.num_features == model.feature_info.channels[i]
+        if i == 0 or not residual:
+            assert torch.equal(seen[i], out.preact[i]), i  # the BN's output is the preact itself
+        else:
+            assert seen[i].shape == out.preact[i].shape  # the residual branch; the shortcut is added after
+
+
+@pytest.mark.parametrize(
+    "teacher,ok",
+    [
+        ("resnet56", True),
+        ("wrn_40_2", True),
+        ("vgg13", True),
+        ("resnet50", True),
+        ("mobilenetv2", False),
+        ("shufflenetv1", False),
+    ],
+)
+def test_applicable_teachers(teacher, ok):
+    from kdbench.train import _preact_bn
+
+    with torch.device("meta"):
+        s = create_model("resnet20", num_classes=100)
+    t = create_model(teacher, num_classes=100)
+    c = MethodContext(
+        student=s.feature_info,
+        teacher=t.feature_info,
+        num_classes=100,
+        num_train=4,
+        train_labels=torch.zeros(4, dtype=torch.long),
+        teacher_preact_bn=_preact_bn(t),
+    )
+    reason = OFD.not_applicable(OFDConfig(), c)
+    assert (reason is None) == ok, reason
+
+
+def golden_values() -> dict[str, float]:
+    torch.manual_seed(0)
+    m = OFD(OFDConfig(), ctx())
+    gen = torch.Generator().manual_seed(100)
+    return {"default": loss(m, outputs(STUDENT, 4, gen), outputs(TEACHER, 4, gen))}
+
+
+def test_golden_values():
+    expected = json.loads(GOLDEN.read_text())
+    got = golden_values()
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-5), name
