@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import kdbench
@@ -27,8 +28,31 @@ def _device(name: str):
 
 
 def _progress() -> Progress:
+    # No rich time-remaining column: it guesses from the last seconds only; the sweep's line shows an ETA priced
+    # from measured epochs (kdbench.progress.SweepMeter).
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=False, disable=not err_console.is_terminal)
+                    console=err_console, transient=False, disable=not err_console.is_terminal)
+
+
+def _echo_epochs():
+    """Where per-epoch lines go besides each run's log file: stderr when it is not a terminal (nohup, > log, | tee,
+    a SLURM log), nowhere in a terminal (the progress display shows them)."""
+    if err_console.is_terminal:
+        return None
+    return lambda line: click.echo(line, err=True)
+
+
+def _library_messages() -> None:
+    """Messages the library logs (e.g. a first Tiny-ImageNet decode) go to stderr, one line each."""
+    import logging
+
+    logger = logging.getLogger("kdbench")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -237,6 +261,8 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         if workers > max_workers(dev):
             raise KdbenchError(f"--workers {workers}: at most {max_workers(dev)} on {dev} "
                                f"({'one per visible GPU' if dev.type == 'cuda' else 'one per CPU core'})")
+    _library_messages()
+    echo = _echo_epochs()
     if dry_run:
         if slurm is None:
             _device(device)  # a bad --device fails in a dry run too
@@ -244,8 +270,8 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         return
     with _progress() as progress:
         done = execute(store, specs, executor=executor, device=device, workers=workers, cohort=not no_cohort,
-                       download=download, slurm=slurm, progress=progress, compile=compile_,
-                       log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+                       download=download, slurm=slurm, progress=progress, compile=compile_, echo=echo,
+                       log=lambda s: err_console.print(f"[dim]{escape(s)}[/dim]"))
     if done.report is None:
         jobs = done.jobs
         console.print(f"submitted {len(jobs)} jobs ({', '.join(j.job_id for j in jobs[:5])}"
@@ -254,7 +280,7 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
     report = done.report
     console.print(f"trained {len(report.trained)}, already done {len(report.skipped)}, "
                   f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
-                  f"-> {store.runs_dir}")
+                  f"-> {store.runs_dir} (per-epoch logs: *.log beside each JSON)", soft_wrap=True)
     for line in report.failed:
         err_console.print(f"[red]failed[/red] {line}")
     for line in report.busy:
@@ -268,14 +294,55 @@ def _dry_run(store, specs, slurm, cohort: bool) -> None:
 
         click.echo(sbatch_script(store, slurm, max(1, len(cohorts(store, specs, cohort)))))
         return
+    _dry_run_table(store, specs)
+
+
+def _dry_run_table(store, specs) -> None:
+    """The runs and their state, then the teachers that would be trained first, with their estimated cost."""
+    from kdbench.progress import estimate_seconds, hms
+    import torch
+
+    from kdbench.sweep import Sweep, teacher_run
+
     table = Table(title=f"{len(specs)} runs")
-    for col in ("pair", "method", "seed", "protocol", "state"):
+    for col in ("pair", "method", "seed", "protocol", "state", "estimate"):
         table.add_column(col)
+    pending = 0.0
+    unknown = 0
     for s in specs:
         resumable = store.checkpoint_path(s.label).exists()
         state = "done" if store.finished(s.label) else "resume" if resumable else "todo"
-        table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state)
+        est = estimate_seconds(store, s.student, s.data, s.protocol.epochs) if state != "done" else None
+        if state != "done":
+            pending += est or 0.0
+            unknown += est is None
+        table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state,
+                      hms(est) if est is not None else ("-" if state == "done" else "unknown"))
     console.print(table)
+    teachers = Sweep(store, torch.device("cpu")).teachers_to_train(specs)
+    if teachers:
+        tt = Table(title=f"{len(teachers)} teachers to train first (each the vanilla ce run of its architecture)")
+        for col in ("teacher", "dataset", "protocol", "epochs", "seed", "estimate"):
+            tt.add_column(col)
+        for t in teachers:
+            est = estimate_seconds(store, t.arch, t.data, t.protocol.epochs)
+            pending += est or 0.0
+            unknown += est is None
+            tt.add_row(t.arch, f"{t.data.name}" + (f" {t.data.image_size}px" if t.data.image_size else ""),
+                       t.protocol.name, str(t.protocol.epochs), str(t.seed),
+                       hms(est) if est is not None else "unknown")
+        console.print(tt)
+        labels = ", ".join(teacher_run(t).label for t in teachers[:2]) + (" ..." if len(teachers) > 2 else "")
+        console.print(f"Teachers are trained before their students ({labels}). To use published checkpoints "
+                      "instead (RepDistiller, mdistiller), import each once, e.g.\n  kdbench teachers import "
+                      f"ckpt_{teachers[0].arch}.pth --arch {teachers[0].arch} --dataset {teachers[0].data.name}"
+                      + (f" --results {store.root}" if str(store.root) != "results" else ""), soft_wrap=True)
+    else:
+        console.print("No teacher to train: every teacher these runs need is stored or imported.")
+    note = (f"; {unknown} without an estimate (no finished run of that architecture on this data in "
+            f"{store.runs_dir} to measure its speed)" if unknown else "")
+    console.print(f"Estimated training time of what is left: {hms(pending)} on this machine, from the measured "
+                  f"epoch times of earlier runs{note}.", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -312,12 +379,22 @@ def _collect(results: str):
 @click.option("--rank-corr", "rank_corr", default=None, metavar="TEACHER:STUDENT",
               help="With --reference (one name) and --format md: Kendall tau between each pair's ranking of the "
                    "methods and the published ranking of this pair (e.g. the closest published pair).")
+@click.option("--long", "long_", is_flag=True,
+              help="With --format csv: every run's per-epoch curve as one tidy CSV (one row per run, epoch and "
+                   "quantity: lr, loss_<term>, test_top1, test_top5) instead of the table.")
 def table(results: str, metrics: tuple[str, ...], fmt: str, reference: str | None, vs: str | None,
-          rank_corr: str | None) -> None:
+          rank_corr: str | None, long_: bool) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
     from kdbench.render import render
     from kdbench.tables import build_tables
 
+    if long_ and fmt != "csv":
+        raise KdbenchError("--long writes the per-epoch curves as CSV: use it with --format csv")
+    if long_:
+        from kdbench.export import curves_long_csv
+
+        click.echo(curves_long_csv(_collect(results)), nl=False)
+        return
     if rank_corr is not None:
         if not reference or "," in reference:
             raise KdbenchError("--rank-corr needs exactly one --reference, e.g. --reference crd2020")

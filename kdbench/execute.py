@@ -51,6 +51,7 @@ def execute(
     progress: Any = None,
     log: Callable[[str], None] = lambda s: None,
     compile: bool | str = False,
+    echo: Callable[[str], None] | None = None,
 ) -> Execution:
     """Train the unfinished runs of ``specs`` into ``store`` (local), or submit them as a job array (slurm).
 
@@ -64,7 +65,8 @@ def execute(
 
     # On SLURM the tasks choose their own device; here the data is only checked.
     dev = torch.device("cpu") if executor == "slurm" else resolve_device(device)
-    sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log, compile=compile)
+    sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log, compile=compile,
+                  echo=echo)
     sweep.preload(specs)  # a missing or broken dataset fails here, before anything is written
     store.ensure_writable()
     if executor == "slurm":
@@ -76,4 +78,4 @@ def execute(
     if len(devices) == 1:
         return Execution(executor, report=sweep.run(specs))
     return Execution(executor, report=run_local(store, specs, devices, cohort=cohort, download=download, log=log,
-                                                                compile=compile))
+                                                                compile=compile, echo=echo))

@@ -29,6 +29,11 @@ from kdbench.tables import STUDENT, TEACHER, Collected, Table, load_corr_diff
 PALETTE = sns.color_palette("colorblind", 10)
 GREY = PALETTE[7]  # the vanilla student
 METHOD_COLOURS = [PALETTE[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
+# Past nine methods the same hues come back darker, then lighter, so no two of 27 methods share a colour; the
+# hatch, marker and line style change with each round too, so the look stays distinct in greyscale as well.
+SHADES = [METHOD_COLOURS,
+          [sns.color_palette("dark", 10)[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)],
+          [sns.color_palette("pastel", 10)[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]]
 HATCHES = ["", "//", "..", "xx"]
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -50,9 +55,24 @@ def styles_for(methods: list[str]) -> dict[str, Style]:
     k = len(METHOD_COLOURS)
     for i, m in enumerate(m for m in method_order(list(dict.fromkeys(methods))) if m not in out):
         cycle = i // k
-        out[m] = (METHOD_COLOURS[i % k], HATCHES[cycle % len(HATCHES)], MARKERS[cycle % len(MARKERS)],
+        out[m] = (SHADES[cycle % len(SHADES)][i % k], HATCHES[cycle % len(HATCHES)], MARKERS[cycle % len(MARKERS)],
                   LINESTYLES[cycle % len(LINESTYLES)])
     return out
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped to its width so that a narrow figure does not clip it."""
+    import textwrap
+
+    size = matplotlib.rcParams["figure.titlesize"]
+    size = size if isinstance(size, (int, float)) else 12
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.56 * size)))
+    fig.suptitle("\n".join(textwrap.wrap(text, chars)) if len(text) > chars else text)
+
+
+def _legend_cols(n: int, rows: int) -> int:
+    """Columns so that a legend of n entries has at most `rows` rows."""
+    return max(1, math.ceil(n / max(rows, 1)))
 
 
 def _style(styles: dict[str, Style] | None, method: str, fallback: list[str]) -> Style:
@@ -83,7 +103,10 @@ def save(fig: Figure | None, path: Path) -> Path | None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with matplotlib.rc_context(STYLE):
-        fig.savefig(path, dpi=DPI, metadata={"Title": title, "Software": "kdbench"})
+        # bbox_inches="tight" grows the canvas around anything that would still stick out (a last guard: the
+        # figures are laid out to fit, and tests check that nothing is clipped)
+        fig.savefig(path, dpi=DPI, metadata={"Title": title.replace("\n", " "), "Software": "kdbench"},
+                    bbox_inches="tight", pad_inches=0.08)
     return path
 
 
@@ -107,7 +130,8 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
                 continue
             std = c.std if c.n > 1 and math.isfinite(c.std) else 0.0
             ax.bar(i, c.mean, width=0.7, color=colour, hatch=hatch, edgecolor="white" if not hatch else "black",
-                   linewidth=0.6, yerr=std if c.n > 1 else None, capsize=4, error_kw={"elinewidth": 1.2})
+                   linewidth=0.6, yerr=std if c.n > 1 else None, capsize=4, error_kw={"elinewidth": 1.2},
+                   label=f"_{row}")
             tops.append(c.mean + std)
             lows.append(c.mean - std)
         teacher = table.cell(TEACHER, pair)
@@ -118,10 +142,12 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
             tops.append(teacher.mean)
         if student is not None and student.n:
             ax.axhline(student.mean, color=GREY, ls=":", lw=1.6, label=f"vanilla student ({student.mean:.2f})")
-        lo, hi = min(lows), max(tops)
-        pad = max(0.12 * (hi - lo), 0.5)
-        bottom = max(math.floor(lo - 2 * pad), 0.0) if lo >= 0 else lo - 2 * pad
-        ax.set_ylim(bottom, hi + 2.2 * pad)
+        # Bars start at 0 in every chart (a bar's length is its value; the gain heatmap shows the differences),
+        # so the charts of all pairs read the same way; a negative metric extends the axis below 0.
+        lo, hi = min(lows + [0.0]), max(tops)
+        pad = 0.04 * (hi - lo) or 1.0
+        bottom = 0.0 if lo >= 0 else lo - pad
+        ax.set_ylim(bottom, hi + 4 * pad)
         for i, row in enumerate(rows):
             c = table.cell(row, pair)
             if c.n:
@@ -143,10 +169,16 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
         ax.set_xlabel("method")
         ax.set_ylabel(_metric_label(table.metric))
         n = table.common_n()
-        cut = f"; the y axis starts at {bottom:g}" if bottom > 0 else ""
-        ax.set_title((f"error bars: std over {n} seeds" if n and n > 1 else "one seed per method") + cut, fontsize=9)
-        fig.legend(loc="outside lower center", ncols=2, frameon=False)
-        fig.suptitle(f"{pair} — {table.metric} per method ({table.group})")
+        ax.set_title(f"error bars: std over {n} seeds" if n and n > 1 else "one seed per method", fontsize=9)
+        handles, _ = ax.get_legend_handles_labels()
+        hatched = [r for r in rows if _style(styles, r, table.rows)[1]]
+        if hatched:  # past nine methods colours come back with a hatch: every hatched bar gets a legend entry
+            from matplotlib.patches import Patch
+
+            handles += [Patch(facecolor=_style(styles, r, table.rows)[0], hatch=_style(styles, r, table.rows)[1],
+                              edgecolor="black", linewidth=0.6, label=r) for r in hatched]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
+        _suptitle(fig, f"{pair} — {table.metric} per method ({table.group})")
     return fig
 
 
@@ -212,6 +244,8 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
     if not by_method:
         return None
     bands = len(by_method) <= 5 and any(len(c) > 1 for c in by_method.values())
+    counts = [len(c) for c in by_method.values()]
+    common = max(set(counts), key=counts.count)  # the usual number of seeds: said once, in the title
     series = {m: (_series(curves, "eval_epoch", lambda c: c.get("test_top1")),
                   _series(curves, "epoch", lambda c: (c.get("loss") or {}).get("total"))) for m, curves in
               by_method.items()}
@@ -224,6 +258,7 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
         ax_zoom = axes[1] if zoom_from is not None else None
         handles = []
         positive = True
+        span: list[float] = []
         zoom_values: list[float] = []
         for m, curves in by_method.items():
             colour, _, marker, ls = _style(styles, m, list(by_method))
@@ -243,8 +278,9 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
                     ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.12, lw=0)
             if loss is not None:
                 positive &= bool(np.nanmin(loss[1]) > 0)
+                span += [float(np.nanmin(loss[1])), float(np.nanmax(loss[1]))]
             handles.append(Line2D([], [], color=colour, ls=ls, marker=marker if few else None, lw=1.5,
-                                  label=f"{_label(m)} (n={len(curves)})"))
+                                  label=_label(m) + (f" (n={len(curves)})" if len(curves) != common else "")))
         if teacher_top1 is not None:
             for ax in (ax_acc, ax_zoom):
                 if ax is not None:
@@ -261,6 +297,7 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
                 lo, hi = min(zoom_values), max(zoom_values + ([teacher_top1] if teacher_top1 is not None else []))
                 pad = max(0.05 * (hi - lo), 0.2)
                 ax_zoom.set_ylim(lo - pad, hi + pad)
+        positive &= bool(span) and max(span) > 3 * min(span)  # a log scale only when the losses span a lot
         if positive:
             _log_axis(ax_loss)
         ax_loss.set_title("total training loss (mean over the epoch)")
@@ -268,7 +305,9 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
         ax_loss.set_ylabel("loss" + (" (log scale)" if positive else ""))
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
         band = "; band: ±1 std over seeds" if bands else ""
-        fig.suptitle(f"{pair} — training curves ({group}; mean over seeds{band})")
+        seeds = f"mean over {common} seeds" if common > 1 else "one seed"
+        _suptitle(fig, f"{pair} — training curves ({group}; {seeds} per method unless marked n=…{band})"
+                  if len(set(counts)) > 1 else f"{pair} — training curves ({group}; {seeds}{band})")
     return fig
 
 
@@ -296,15 +335,18 @@ def losses_figure(col: Collected, group: str, pair: str, styles: dict[str, Style
         for ax, (m, curves) in zip(axes, by_method.items()):
             names = sorted({t for c in curves for t in (c.get("loss") or {})}, key=lambda t: (t == "total", t))
             positive = True
+            span: list[float] = []
             for t in names:
                 s = _series(curves, "epoch", lambda c, t=t: (c.get("loss") or {}).get(t))
                 if s is None:
                     continue
                 x, mean, _ = s
                 positive &= bool(np.nanmin(mean) > 0)
+                span += [float(np.nanmin(mean)), float(np.nanmax(mean))]
                 style = {"color": "black", "ls": "--", "lw": 1.2} if t == "total" else {"color": term_colour[t],
                                                                                          "lw": 1.6}
                 ax.plot(x, mean, label=t, marker="o" if len(x) <= 12 else None, ms=3, **style)
+            positive &= bool(span) and max(span) > 3 * min(span)
             if positive:
                 _log_axis(ax)
             ax.set_title(_label(m))
@@ -313,7 +355,7 @@ def losses_figure(col: Collected, group: str, pair: str, styles: dict[str, Style
             ax.legend(fontsize=7, loc="best")
         for ax in axes[len(by_method):]:
             ax.set_visible(False)
-        fig.suptitle(f"{pair} — loss terms per epoch ({group}; weighted as optimised, mean over seeds)")
+        _suptitle(fig, f"{pair} — loss terms per epoch ({group}; weighted as optimised, mean over seeds)")
     return fig
 
 
@@ -353,7 +395,7 @@ def corr_diff_figure(col: Collected, group: str, pair: str, methods: list[str] |
             ax.set_title(f"{m}: mean {a.mean():.3f}" + (f" (n={n})" if n > 1 else ""))
             ax.set_xlabel("class")
             ax.set_ylabel("class")
-        fig.suptitle(f"{pair} — teacher/student logit-correlation difference ({group}; darker = larger)")
+        _suptitle(fig, f"{pair} — teacher/student logit-correlation difference ({group}; darker = larger)")
     return fig
 
 
@@ -399,7 +441,7 @@ def gain_figure(table: Table) -> Figure | None:
         for lab in ax.get_xticklabels():
             lab.set_ha("right")
         ax.tick_params(axis="y", rotation=0)
-        fig.suptitle(f"Gain over the vanilla student — {table.metric} ({table.group})")
+        _suptitle(fig, f"Gain over the vanilla student — {table.metric} ({table.group})")
     return fig
 
 
@@ -415,8 +457,8 @@ def alignment_figure(col: Collected, group: str, metric: str = "top1_last",
                      styles: dict[str, Style] | None = None) -> Figure | None:
     """Accuracy against teacher-student alignment, one small point per finished run and a large one per method
     (its mean). With several pairs the accuracy is taken relative to the pair's vanilla student (the mean of its
-    ce runs), so that pairs of different difficulty share one axis; the marker then tells the pair (up to nine
-    methods; past that it tells the method)."""
+    ce runs), so that pairs of different difficulty share one axis. Colour and marker tell the method, as in every
+    figure of the report."""
     runs = col.runs[(col.runs["group"] == group) & (col.runs["status"] == "done")]
     r = runs[runs["method"] != "ce"].copy()
     if metric not in r:
@@ -433,38 +475,33 @@ def alignment_figure(col: Collected, group: str, metric: str = "top1_last",
         if all(p.split(":")[1] in ce.index for p in pairs):
             r["y"] = r[metric] - r["student"].map(ce)
             ylabel = f"{metric} - vanilla student of the pair (points)"
-    pair_marker = {p: MARKERS[i % len(MARKERS)] for i, p in enumerate(pairs)}
     methods = method_order(list(r["method"].unique()))
-    by_pair = len(pairs) > 1 and len(methods) <= len(METHOD_COLOURS)
+    # A marker always means the method (as in every other figure); pairs are not told apart here (their
+    # accuracy is relative to their own vanilla student when there are several).
+    rows = 14
     with matplotlib.rc_context(STYLE):
-        fig = _figure(5.0 * len(panels) + 2.4, 4.4)
+        ncols = _legend_cols(len(methods) + 1, rows)
+        fig = _figure(5.0 * len(panels) + 1.3 + 1.1 * ncols, 4.6)
         axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
         for ax, (key, xlabel) in zip(axes, panels):
             for m in methods:
                 sub = r[r["method"] == m].dropna(subset=[key, "y"])
                 if sub.empty:
                     continue
-                colour, _, own_marker, _ = _style(styles, m, methods)
-                for p in pairs:
-                    pts = sub[sub["pair"] == p]
-                    if not pts.empty:
-                        ax.scatter(pts[key], pts["y"], color=colour, marker=pair_marker[p] if by_pair else own_marker,
-                                   s=30, edgecolor="black", linewidth=0.3, alpha=0.55, zorder=2)
+                colour, _, marker, _ = _style(styles, m, methods)
+                ax.scatter(sub[key], sub["y"], color=colour, marker=marker, s=30, edgecolor="black", linewidth=0.3,
+                           alpha=0.55, zorder=2)
                 ax.scatter([sub[key].mean()], [sub["y"].mean()], color=colour, s=150, edgecolor="black",
-                           marker="o" if by_pair else own_marker, linewidth=1.6, zorder=3)
+                           marker=marker, linewidth=1.6, zorder=3)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{metric} vs {key}")
-        handles = [Line2D([], [], ls="", marker="o" if by_pair else _style(styles, m, methods)[2],
-                          color=_style(styles, m, methods)[0], markeredgecolor="black", label=m) for m in methods]
-        if by_pair:
-            handles += [Line2D([], [], ls="", marker=pair_marker[p], color="lightgray", markeredgecolor="black",
-                               label=p) for p in pairs]
+            ax.set_title(f"{metric} vs {key}" + (f" ({len(pairs)} pairs)" if len(pairs) > 1 else ""))
+        handles = [Line2D([], [], ls="", marker=_style(styles, m, methods)[2], color=_style(styles, m, methods)[0],
+                          markeredgecolor="black", label=m) for m in methods]
         handles.append(Line2D([], [], ls="", marker="o", color="white", markeredgecolor="black", markersize=11,
                               markeredgewidth=1.6, label="mean of a method"))
-        fig.legend(handles=handles, loc="outside right upper", frameon=False,
-                   title="method" + (" / pair" if by_pair else ""))
-        fig.suptitle(f"Accuracy vs alignment with the teacher — small: one run, large: a method's mean ({group})")
+        fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method", ncols=ncols)
+        _suptitle(fig, f"Accuracy vs alignment with the teacher — small: one run, large: a method's mean ({group})")
     return fig
 
 

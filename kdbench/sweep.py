@@ -20,6 +20,7 @@ from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, config_identity, discover, make_config, resolve
 from kdbench.models.base import check_model_name
+from kdbench.progress import RunLogs, SweepMeter
 from kdbench.results import ResultStore, load_run
 from kdbench.system import usable_cores
 from kdbench.teachers import TeacherStore, sha256_file
@@ -209,7 +210,10 @@ class Sweep:
     """Trains a list of RunSpecs into a results folder; rerunning finishes exactly what is missing."""
 
     def __init__(self, store: ResultStore, device: torch.device, *, cohort: bool = True, download: bool = False,
-                 progress: Any = None, log: Callable[[str], None] = lambda s: None, compile: bool | str = False):
+                 progress: Any = None, log: Callable[[str], None] = lambda s: None, compile: bool | str = False,
+                 echo: Callable[[str], None] | None = None):
+        """``log`` gets the sweep's own messages; ``echo`` (when given) every per-epoch line, which also goes to
+        ``runs/<label>.log`` beside each run's JSON."""
         self.store = store
         self.compile = compile  # torch.compile the students' and teachers' forward
         self.teachers = TeacherStore(store)
@@ -218,6 +222,7 @@ class Sweep:
         self.data = DataCache(download)
         self.progress = progress
         self.log = log
+        self.logs = RunLogs(store.runs_dir, echo)
 
     def preload(self, specs: list[RunSpec]) -> None:
         """Load every dataset the unfinished runs need (bad data roots fail here, before any file is written)."""
@@ -271,6 +276,15 @@ class Sweep:
     def pending(self, specs: list[RunSpec]) -> list[RunSpec]:
         return [s for s in specs if self.store.finished(s.label) is None]
 
+    def teachers_to_train(self, specs: list[RunSpec]) -> list[TeacherSpec]:
+        """The teachers that unfinished runs need and that are neither stored nor imported: trained first."""
+        out: dict[str, TeacherSpec] = {}
+        for s in self.pending(specs):
+            t = s.teacher
+            if t is not None and not t.imported and t.label not in out and self.teachers.card(t) is None:
+                out[t.label] = t
+        return list(out.values())
+
     def run(self, specs: list[RunSpec]) -> SweepReport:
         report = SweepReport()
         self._check_paths(specs)
@@ -281,11 +295,17 @@ class Sweep:
                 self._tidy(s)
             else:
                 todo.append(s)
-        sweep_task = self.progress.add_task("sweep", total=len(todo)) if self.progress is not None else None
+        meter = self.logs.meter = SweepMeter()
+        for t in self.teachers_to_train(todo):
+            meter.plan(teacher_run(t).label, t.arch, t.protocol.epochs)
+        for s in todo:
+            meter.plan(s.label, s.student, s.protocol.epochs)
+        if self.progress is not None:
+            self.logs.progress = self.progress
+            self.logs.task = self.progress.add_task("sweep", total=max(meter.total_epochs, 1))
+            self.logs.refresh()
         for cohort in group_cohorts(todo, self.cohort):
             self._run_cohort(cohort, report)
-            if sweep_task is not None:
-                self.progress.advance(sweep_task, len(cohort))
         return report
 
     # -- teachers
@@ -351,10 +371,12 @@ class Sweep:
                 if reason is not None:
                     self._write_na(spec, data, card, reason)
                     report.not_applicable.append(spec.label)
+                    self.logs.meter.run_done(spec.label)
                     continue
                 lock = self.store.lock(spec.label)
                 if not lock.acquire():
                     report.busy.append(f"{spec.label} (being trained by another process)")
+                    self.logs.meter.run_done(spec.label)
                     continue
                 locks.append(lock)
                 try:
@@ -368,7 +390,10 @@ class Sweep:
                     report.failed.append(f"{spec.label}: could not be built ({type(exc).__name__})")
                     continue
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
-                if not load_checkpoint(m) and m.discarded:
+                if load_checkpoint(m):
+                    self.logs.meter.start(spec.label, m.epoch)
+                    self.logs.note([spec], f"resumed at epoch {m.epoch}/{spec.protocol.epochs}")
+                elif m.discarded:
                     self.log(m.discarded)
                 members.append(m)
             for m in members:
@@ -380,8 +405,9 @@ class Sweep:
             by_epoch: dict[int, list[Member]] = defaultdict(list)
             for m in members:
                 by_epoch[m.epoch].append(m)
+            on_epoch = self.logs.cohort(members, len(data.train_labels))
             for _, cohort in sorted(by_epoch.items()):
-                train_cohort(cohort, data, teacher, self.device, progress=self.progress)
+                train_cohort(cohort, data, teacher, self.device, progress=self.progress, on_epoch=on_epoch)
             t_pred = None
             if teacher is not None and any(m.failed is None for m in members):
                 from kdbench.evaluate import predict_test_split
@@ -435,6 +461,11 @@ class Sweep:
             p.unlink(missing_ok=True)
         (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed
                                                                else f"{m.spec.label}: {m.failed}")
+        self.logs.meter.run_done(m.spec.label)
+        top1 = record["metrics"].get("top1_last")
+        self.logs.note([m.spec], f"failed: {m.failed}" if m.failed else
+                       f"done: top1_last {top1:.2f} -> {self.store.run_path(m.spec.label).name}")
+        self.logs.refresh()
 
     @staticmethod
     def _card(tspec: TeacherSpec, data: Dataset, spec: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -451,14 +482,18 @@ class Sweep:
 # ---------------------------------------------------------------------------------------------- executors
 
 
-def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int,
-            compile: bool | str = False) -> SweepReport:
-    if threads:
-        torch.set_num_threads(threads)
+def _stderr_line(line: str) -> None:
     import sys
 
+    print(line, file=sys.stderr, flush=True)
+
+
+def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int,
+            compile: bool | str = False, echo: bool = False) -> SweepReport:
+    if threads:
+        torch.set_num_threads(threads)
     return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download, compile=compile,
-                 log=lambda s: print(s, file=sys.stderr, flush=True)).run(specs)
+                 log=_stderr_line, echo=_stderr_line if echo else None).run(specs)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -493,12 +528,12 @@ def max_workers(device: torch.device) -> int:
 
 def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
               download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None,
-              compile: bool | str = False) -> SweepReport:
+              compile: bool | str = False, echo: Callable[[str], None] | None = None) -> SweepReport:
     """The local executor: one worker per device (each GPU, or N CPU workers), coordinated only through the run
     locks of the results folder, so workers, and other processes on the same folder, never train a run twice."""
     if len(devices) <= 1:
         return Sweep(store, torch.device(devices[0] if devices else "cpu"), cohort=cohort, download=download,
-                     progress=progress, log=log, compile=compile).run(specs)
+                     progress=progress, log=log, compile=compile, echo=echo).run(specs)
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -515,7 +550,8 @@ def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, c
             order = keys[i * len(keys) // len(devices):] + keys[: i * len(keys) // len(devices)]
             rank = {k: j for j, k in enumerate(order)}
             mine = sorted(specs, key=lambda s: rank[s.cohort_key])
-            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads, compile))
+            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads, compile,
+                                       echo is not None))
         for fut in futures:
             rep = fut.result()
             for f in dataclasses.fields(SweepReport):

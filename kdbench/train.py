@@ -416,8 +416,10 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
         teacher.eval()
     task = None
     if progress is not None:
+        from rich.markup import escape
+
         names = ", ".join(m.spec.method for m in active)
-        task = progress.add_task(f"{active[0].spec.pair} [{names}]", total=len(loader))
+        task = progress.add_task(escape(f"{active[0].spec.pair} s{active[0].spec.seed} [{names}]"), total=len(loader))
     for epoch in range(start.pop(), proto.epochs):
         active = [m for m in active if not m.done]
         if not active:
@@ -474,11 +476,11 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
                 save_checkpoint(m)
             if on_epoch:
                 on_epoch(m)
-            if task is not None:
-                loss = m.curve["loss"].get("total", [float("nan")])[-1]
-                top1 = m.last_eval.get("top1", float("nan"))
-                progress.update(task, description=f"{m.spec.pair} ep {m.epoch}/{proto.epochs} "
-                                f"loss {loss if loss is not None else float('nan'):.3f} top1 {top1:.2f}")
+        if task is not None:  # every member's top-1, named (rich markup escaped: method names may hold brackets)
+            tops = ", ".join(f"{m.spec.method} {m.last_eval['top1']:.2f}" if "top1" in m.last_eval else
+                             f"{m.spec.method} -" for m in active)
+            progress.update(task, description=escape(f"{active[0].spec.pair} s{active[0].spec.seed} "
+                                                     f"ep {epoch + 1}/{proto.epochs} top1: {tops}"))
     if task is not None:
         progress.remove_task(task)
 

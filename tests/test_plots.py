@@ -13,7 +13,7 @@ from PIL import Image
 
 from kdbench import plots
 from kdbench.report import write_report
-from kdbench.tables import build_tables, collect
+from kdbench.tables import STUDENT, TEACHER, build_tables, collect
 from kdbench.results import ResultStore
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_known"
@@ -58,11 +58,25 @@ def check_png(path: Path, title: str | None = None) -> None:
     with Image.open(path) as im:
         assert im.text.get("Title", "").strip(), f"{path.name} has no Title"
         if title is not None:
-            assert im.text["Title"] == title
+            assert im.text["Title"] == title.replace("\n", " ")  # a wrapped title is stored on one line
         pixels = np.asarray(im.convert("L"), dtype=np.float64) / 255.0
     assert pixels.shape[0] > 200 and pixels.shape[1] > 300
     assert pixels.std() > 0.05, f"{path.name} looks blank"
     assert (pixels < 0.5).mean() > 0.005, f"{path.name} has almost nothing drawn"
+
+
+def check_nothing_clipped(fig) -> None:
+    """Everything drawn (titles, labels, tick labels, legends, annotations) lies inside the figure: matplotlib's
+    tight bounding box of what is drawn (what bbox_inches="tight" would crop to) fits in the canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    tight = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    w, h = fig.get_size_inches()
+    eps = 0.02
+    assert tight.x0 >= -eps and tight.y0 >= -eps and tight.x1 <= w + eps and tight.y1 <= h + eps, \
+        f"drawn area {tight} exceeds the {w:.2f}x{h:.2f} in canvas of {fig.get_suptitle()!r}"
 
 
 def test_bar_chart(table, tmp_path):
@@ -73,6 +87,8 @@ def test_bar_chart(table, tmp_path):
         fitnet = "fitnet" if pair == PAIRS[0] else "fitnet\n(n=2, 1 failed)"
         assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["student (ce)", "kd", fitnet]
         assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # the teacher level
+        assert ax.get_ylim()[0] == 0  # every bar chart starts at 0, so that charts of pairs read alike
+        check_nothing_clipped(fig)
         check_png(plots.save(fig, tmp_path / f"bar-{pair}.png"), fig.get_suptitle())
     # The wrn pair's fitnet failed and fsp is n/a: no bar, a label instead.
     texts = [t.get_text() for t in plots.bar_figure(table, PAIRS[0]).axes[0].texts]
@@ -82,6 +98,7 @@ def test_bar_chart(table, tmp_path):
 def test_gain_heatmap(table, tmp_path):
     fig = plots.gain_figure(table)
     check_figure(fig)
+    check_nothing_clipped(fig)
     labels = [t.get_text() for t in fig.axes[0].texts]
     # kd on resnet32x4:resnet8x4: 74.60 - 73.00; crd on wrn_40_2:wrn_16_2: 76.01 - 73.50.
     assert "+1.60" in labels and "+2.51" in labels and "failed" in labels and "n/a" in labels
@@ -94,12 +111,14 @@ def test_curves_losses_corr_diff_and_alignment(col, tmp_path):
         for fig in (plots.curves_figure(col, GROUP, pair, teacher_top1=79.42), plots.losses_figure(col, GROUP, pair),
                     plots.corr_diff_figure(col, GROUP, pair)):
             check_figure(fig)
+            check_nothing_clipped(fig)
             check_png(plots.save(fig, tmp_path / f"{len(list(tmp_path.iterdir()))}.png"), fig.get_suptitle())
     corr = plots.corr_diff_figure(col, GROUP, PAIRS[1])
     assert [ax.get_title().split(":")[0] for ax in corr.axes if ax.get_label() != "<colorbar>"] == \
         ["kd", "crd", "rrd", "fitnet"]  # the preferred methods first, at most four
     fig = plots.alignment_figure(col, GROUP, "top1_last")
     check_figure(fig)
+    check_nothing_clipped(fig)
     assert [ax.get_xlabel() for ax in fig.axes] == [lab for _, lab in plots.ALIGNMENT]
     # One small point per finished run that has the alignment metric: 3 kd + 3 crd (wrn) + 3 kd + 2 fitnet + 3 fsp
     # + 3 crd + 3 rrd (resnet) = 20, and one large point per method (5).
@@ -125,7 +144,87 @@ def test_method_styles_are_distinct_and_stable():
     looks = [styles[m] for m in BUILTIN_ORDER if m != "ce"]
     assert len({(tuple(c), h) for c, h, _, _ in looks}) == len(looks)  # colour + hatch tell every method apart
     assert len({(tuple(c), ls) for c, _, _, ls in looks}) == len(looks)  # colour + line style too
+    many = [f"m{i:02d}" for i in range(25)]
+    styles = plots.styles_for(many)
+    colours = [tuple(np.round(styles[m][0], 4)) for m in many]
+    assert len(set(colours)) == 25 and tuple(np.round(plots.GREY, 4)) not in colours  # 25 methods, 25 colours
+    assert len({(h, mk, ls) for _, h, mk, ls in styles.values()}) >= 3  # and the look changes with each round
     assert plots.styles_for(["crd", "kd"])["kd"] == plots.styles_for(["kd", "crd", "zz"])["kd"]
+
+
+# ---------------------------------------------------------------------------------------------- many methods
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """The fixture's runs with 25 methods on each pair (its kd runs copied under every built-in name and extra
+    ones, with shifted numbers): the crowded case of a full report."""
+    import copy
+    import json
+    import math
+
+    from kdbench.sweep import BUILTIN_ORDER
+
+    names = [m for m in BUILTIN_ORDER if m != "ce"]
+    names += [f"extra{i}" for i in range(25 - len(names))]
+    root = tmp_path_factory.mktemp("many")
+    (root / "runs").mkdir()
+    for f in (FIXTURE / "runs").glob("*.json"):
+        try:
+            r = json.loads(f.read_text())
+        except ValueError:
+            continue  # the half-written file
+        if r["spec"]["method"] in ("ce", "kd"):
+            (root / "runs" / f.name).write_text(json.dumps(r))
+        if r["spec"]["method"] != "kd" or r["status"] != "done":
+            continue
+        for i, m in enumerate(names[1:], 1):
+            q = copy.deepcopy(r)
+            q["spec"]["method"] = q["method"]["name"] = m
+            q["run_id"] = f"{i:02d}{r['run_id'][2:]}"
+            d = 1.5 * math.sin(1.7 * i)
+            for k in ("top1_last", "top1_best"):
+                q["metrics"][k] += d
+            q["curve"]["test_top1"] = [v + d for v in q["curve"]["test_top1"]]
+            q["curve"]["loss"][m] = [0.5 * v for v in q["curve"]["loss"]["kd"]]
+            (root / "runs" / f.name.replace("__kd__", f"__{m}__").replace(r["run_id"], q["run_id"])).write_text(
+                json.dumps(q))
+    return collect(ResultStore(root))
+
+
+def test_every_figure_kind_with_25_methods(many, tmp_path):
+    """The crowded case: nothing clipped, 25 looks for 25 methods, a legend entry for every hatch, bar charts
+    that start at 0 for every pair, no '(n=3)' repeated in the curves' legend, markers that mean the method."""
+    from matplotlib.patches import Patch, Rectangle
+
+    table = build_tables(many, "top1_last")[GROUP]
+    methods = [r for r in table.rows if r not in (TEACHER, STUDENT)]
+    assert len(methods) == 25
+    styles = plots.styles_for(list(many.runs["method"].unique()))
+    figs = []
+    for pair in PAIRS:
+        bar = plots.bar_figure(table, pair, styles)
+        ax = bar.axes[0]
+        assert ax.get_ylim()[0] == 0
+        bars = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch()]
+        legend = {(tuple(np.round(h.get_facecolor(), 3)), h.get_hatch()): h.get_label()
+                  for h in bar.legends[0].legend_handles if isinstance(h, Patch)}
+        assert bars and all((tuple(np.round(b.get_facecolor(), 3)), b.get_hatch()) in legend for b in bars)
+        curves = plots.curves_figure(many, GROUP, pair, teacher_top1=79.42, styles=styles)
+        labels = [t.get_text() for t in curves.legends[0].get_texts()]
+        assert not any("(n=" in t for t in labels) and "3 seeds" in curves.get_suptitle()
+        lines = {(tuple(np.round(h.get_color(), 3)) if not isinstance(h.get_color(), str) else h.get_color(),
+                  h.get_linestyle(), h.get_marker()) for h in curves.legends[0].legend_handles}
+        assert len(lines) == len(labels)  # every entry looks different
+        figs += [bar, curves, plots.losses_figure(many, GROUP, pair, styles), plots.corr_diff_figure(many, GROUP, pair)]
+    align = plots.alignment_figure(many, GROUP, "top1_last", styles)
+    for h in align.legends[0].legend_handles[:-1]:
+        assert h.get_marker() == styles[h.get_label()][2]  # the marker tells the method, as everywhere
+    figs += [plots.gain_figure(table), align]
+    for fig in figs:
+        check_figure(fig)
+        check_nothing_clipped(fig)
+        check_png(plots.save(fig, tmp_path / f"{len(list(tmp_path.iterdir()))}.png"), fig.get_suptitle())
 
 
 def _linked(report: Path) -> list[str]:

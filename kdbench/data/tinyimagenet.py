@@ -6,10 +6,12 @@ import concurrent.futures as cf
 import hashlib
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import pickle
 import re
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -30,6 +32,7 @@ from kdbench.system import usable_cores
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 _CACHE_VERSION = 1
+_log = logging.getLogger(__name__)  # the CLI shows these messages on stderr
 _CHUNK = 1000  # images per decoding task
 
 
@@ -409,6 +412,11 @@ def _tiny_dataset(src: _TinySource, size: int, *, cache_dir: Path | None, progre
                                blob["test_labels"], blob["classes"], mean=blob["mean"], std=blob["std"],
                                checksum=blob["checksum"], class_ids=blob["class_ids"], source=src.where)
 
+    t0 = time.perf_counter()
+    where = " or ".join(str(d) for d in (dirs if cache_dir is None else dirs[:1]))
+    _log.info(f"decoding {len(train_rels) + len(val_rels):,} Tiny-ImageNet images ({len(wnids)} classes) from "
+              f"{src.where}, resized to {size}x{size}"
+              + (f": first use only (about a minute on 2 cores), then cached in {where}" if cache else ""))
     pixels = _decode_all(src, train_rels + val_rels, size, num_workers=num_workers, progress=progress,
                          desc=f"decoding Tiny-ImageNet ({len(wnids)} classes, {size}px)")
     n = len(train_rels)
@@ -418,11 +426,13 @@ def _tiny_dataset(src: _TinySource, size: int, *, cache_dir: Path | None, progre
     ds = build_dataset("tinyimagenet", train_x, torch.tensor(train_labels, dtype=torch.int64), test_x,
                  torch.tensor(val_labels, dtype=torch.int64), names, class_ids=wnids, source=src.where)
     if cache:
-        _write_cache(dirs if cache_dir is None else dirs[:1], stem, {
+        written = _write_cache(dirs if cache_dir is None else dirs[:1], stem, {
             "version": _CACHE_VERSION, "key": key, "train_images": ds.train_images, "train_labels": ds.train_labels,
             "test_images": ds.test_images, "test_labels": ds.test_labels, "classes": ds.classes,
             "class_ids": ds.class_ids, "mean": list(ds.mean), "std": list(ds.std), "checksum": ds.checksum,
         })
+        _log.info(f"decoded in {time.perf_counter() - t0:.0f} s; " + (f"cached as {written}" if written else
+                  "no writable cache folder: the next run decodes again"))
     return ds
 
 
