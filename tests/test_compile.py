@@ -116,11 +116,13 @@ def test_compiled_cohort_trains_and_resumes(tmp_path, monkeypatch):
     class Killed(Exception):
         pass
 
-    def dying(members, *a, **kw):
-        def on_epoch(m: Member):
+    def dying(members, *a, on_epoch=None, **kw):
+        def die(m: Member):
+            if on_epoch is not None:  # the sweep's own per-epoch callback (logs) still runs
+                on_epoch(m)
             if m.epoch == 1 and m.spec.method != "ce":
                 raise Killed()
-        return real(members, *a, on_epoch=on_epoch, **kw)
+        return real(members, *a, on_epoch=die, **kw)
 
     monkeypatch.setattr("kdbench.sweep.train_cohort", dying)
     with pytest.raises(Killed):

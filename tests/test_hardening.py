@@ -160,10 +160,10 @@ def test_a_run_that_cannot_be_built_fails_alone(tmp_path, tiny_toml, monkeypatch
 
     real = sweep.build_member
 
-    def build(spec, *args):
+    def build(spec, *args, **kw):
         if spec.method == "cc":
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")  # e.g. methods.cc.embed_dim=1e9
-        return real(spec, *args)
+        return real(spec, *args, **kw)
 
     monkeypatch.setattr(sweep, "build_member", build)
     store = ResultStore(tmp_path / "r")

@@ -117,7 +117,7 @@ def test_bn_hook_names_the_bn_that_feeds_preact(teacher):
     bns = model.preact_bn()
     hooks = [bn.register_forward_hook(lambda _m, _i, o, i=i: seen.__setitem__(i, o)) for i, bn in enumerate(bns)]
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 16, 16))
+        out = model(torch.randn(2, 3, 16, 16), preact=True)
     for h in hooks:
         h.remove()
     residual = teacher.startswith("resnet")

@@ -21,7 +21,7 @@ from kdbench.config import load_bench
 from kdbench.method import Batch, Method, MethodContext, discover, make_config, resolve
 from kdbench.models import ModelOutput, create_model
 from kdbench.sweep import Request, expand, method_order
-from kdbench.train import build_member, main_terms, not_applicable_reason
+from kdbench.train import _preact_bn, build_member, main_terms, not_applicable_reason
 from tests.method_helpers import START, make_out
 
 CPU = torch.device("cpu")
@@ -174,7 +174,7 @@ def zoo_net(name: str) -> nn.Module:
 def zoo_context(teacher: nn.Module, student: nn.Module) -> MethodContext:
     return MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=10,
                          num_train=NUM_TRAIN, train_labels=TRAIN_LABELS, image_size=32, student_arch="",
-                         student_head=student.head, teacher_head=teacher.head)
+                         student_head=student.head, teacher_head=teacher.head, teacher_preact_bn=_preact_bn(teacher))
 
 
 def build_method(name: str, ctx: MethodContext) -> Method:
@@ -382,7 +382,6 @@ CRD_PAIRS = ["wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1", "resnet56:resnet20", "res
 def test_modern_methods_apply_to_every_crd_pair(pair):
     from kdbench.method import MethodContext, make_config, resolve
     from kdbench.sweep import MODERN
-    from kdbench.train import _preact_bn
 
     t_arch, s_arch = pair.split(":")
     teacher = create_model(t_arch, num_classes=100)  # real weights: OFD reads its BN statistics
