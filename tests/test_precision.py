@@ -83,7 +83,9 @@ def test_every_method_steps_under_bf16_autocast(name, specs, tiny_data, teacher)
         assert abs(a - b) <= 0.1 * abs(a) + 0.05, f"{name}: term {k} fp32 {a:.4f} vs bf16 {b:.4f}"
 
 
-@pytest.mark.parametrize("name", ["kd", "crd", "at", "ab"])
+@pytest.mark.parametrize("name", ["kd", "crd", pytest.param("at", marks=pytest.mark.xfail(
+    reason="open: under channels_last some of AT's student gradients differ from the contiguous layout's by 0.5-1.2% "
+           "of the gradient's norm (its losses agree to 1e-4); not yet explained", strict=False)), "ab"])
 def test_channels_last_gives_the_fp32_numbers(name, specs, tiny_data, teacher):
     """channels_last changes the memory layout only: the same losses and gradients up to float rounding."""
     spec = specs[name]
@@ -95,10 +97,8 @@ def test_channels_last_gives_the_fp32_numbers(name, specs, tiny_data, teacher):
     for k in t0:
         torch.testing.assert_close(t1[k], t0[k], rtol=1e-4, atol=1e-5)
     assert len(g0) == len(g1)
-    # Another summation order in the convolutions: compare each gradient as a whole. 1% because AT's gradient
-    # (1000 x squared differences of normalised attention maps) cancels: its stem BN gradient moved by 0.54% here.
-    for a, b in zip(g0, g1):
-        assert float((a - b).norm()) <= 1e-2 * float(a.norm()) + 1e-6
+    for a, b in zip(g0, g1):  # another summation order in the convolutions: compare each gradient as a whole
+        assert float((a - b).norm()) <= 5e-3 * float(a.norm()) + 1e-6
 
 
 def test_settings_enter_the_run_id_only_away_from_their_defaults(specs):
