@@ -132,13 +132,17 @@ class _Memory:
             out = {"ru_maxrss_mb": ru}
             if hwm is not None:
                 peak = hwm
-                out["memory_kind"] = ("cpu proxy: peak resident set size of the main process from this "
-                                      "configuration's start (VmHWM reset through /proc/self/clear_refs; worker "
-                                      "processes not included)")
+                out["memory_kind"] = (
+                    "cpu proxy: peak resident set size of the main process from this "
+                    "configuration's start (VmHWM reset through /proc/self/clear_refs; worker "
+                    "processes not included)"
+                )
             else:
                 peak = ru
-                out["memory_kind"] = ("cpu proxy: resource.getrusage ru_maxrss, the main process's lifetime peak "
-                                      "resident set size (never reset; not per configuration)")
+                out["memory_kind"] = (
+                    "cpu proxy: resource.getrusage ru_maxrss, the main process's lifetime peak "
+                    "resident set size (never reset; not per configuration)"
+                )
             out["peak_memory_mb"] = peak
         out["base_memory_mb"] = self.base_mb
         out["peak_increment_mb"] = peak - self.base_mb if self.base_mb is not None else None
@@ -173,20 +177,31 @@ def bench_data(train_size: int, seed: int = 0) -> Dataset:
     banks scale with the training-set size, so the default (50,000) matches CIFAR-100.
     """
     base_n = min(train_size, SYNTHETIC_BASE)
-    base = load_dataset("synthetic", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, train_size=base_n,
-                        test_size=NUM_CLASSES, seed=seed)
+    base = load_dataset(
+        "synthetic", num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, train_size=base_n, test_size=NUM_CLASSES, seed=seed
+    )
     if train_size == base_n:
         return base
     reps = -(-train_size // base_n)
     images = base.train_images.repeat(reps, 1, 1, 1)[:train_size].contiguous()
     labels = base.train_labels.repeat(reps)[:train_size].contiguous()
-    return Dataset(base.name, images, labels, base.test_images, base.test_labels, list(base.classes), base.mean,
-                   base.std, data_checksum(images, labels, base.test_images, base.test_labels),
-                   source=f"{base.source} tiled to {train_size} training images")
+    return Dataset(
+        base.name,
+        images,
+        labels,
+        base.test_images,
+        base.test_labels,
+        list(base.classes),
+        base.mean,
+        base.std,
+        data_checksum(images, labels, base.test_images, base.test_labels),
+        source=f"{base.source} tiled to {train_size} training images",
+    )
 
 
-def reference_transform(mean: Sequence[float], std: Sequence[float], train: bool = True, image_size: int = IMAGE_SIZE,
-                        pad: int = 4):
+def reference_transform(
+    mean: Sequence[float], std: Sequence[float], train: bool = True, image_size: int = IMAGE_SIZE, pad: int = 4
+):
     """The reference code's torchvision pipeline: RandomCrop(padding) + flip for training, then ToTensor, Normalize."""
     from torchvision import transforms as T
 
@@ -214,14 +229,23 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i], i
 
 
-def reference_loader(data: Dataset, batch_size: int, workers: int, *, train: bool = True,
-                     seed: int = 0) -> torch.utils.data.DataLoader:
+def reference_loader(
+    data: Dataset, batch_size: int, workers: int, *, train: bool = True, seed: int = 0
+) -> torch.utils.data.DataLoader:
     """The reference's loader: shuffled (train) batches assembled by ``workers`` processes, not pinned."""
-    ds = ReferenceDataset(data.train_images if train else data.test_images,
-                          data.train_labels if train else data.test_labels,
-                          reference_transform(data.mean, data.std, train, data.image_size))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                                       generator=torch.Generator().manual_seed(seed))
+    ds = ReferenceDataset(
+        data.train_images if train else data.test_images,
+        data.train_labels if train else data.test_labels,
+        reference_transform(data.mean, data.std, train, data.image_size),
+    )
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _reference_batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[Batch]:
@@ -282,8 +306,9 @@ def _specs(pair: str, methods: list[str], batch_size: int):
     if pair.count(":") != 1 or not all(pair.split(":")):
         raise KdbenchError(f"--pair {pair!r}: expected teacher:student, e.g. resnet32x4:resnet8x4")
     bench = load_bench(PACKAGED_CONFIG)
-    req = Request(methods, [pair], seeds=[0], protocol="paper", sets=[f"protocol.batch_size={batch_size}"],
-                  dataset="synthetic")
+    req = Request(
+        methods, [pair], seeds=[0], protocol="paper", sets=[f"protocol.batch_size={batch_size}"], dataset="synthetic"
+    )
     return expand(bench, req)
 
 
@@ -332,10 +357,16 @@ class _Run:
             import copy
 
             self.teacher = prepare_model(copy.deepcopy(c["teacher"]), compile=c["compile_backend"])
-        self.members = [build_member(dataclasses.replace(c["specs"][n], precision=self.precision), c["data"],
-                                     self.teacher if t else None, c["device"],
-                                     compile=c["compile_backend"] if self.compiled else False)
-                        for n, t in zip(self.methods, self.uses_teacher)]
+        self.members = [
+            build_member(
+                dataclasses.replace(c["specs"][n], precision=self.precision),
+                c["data"],
+                self.teacher if t else None,
+                c["device"],
+                compile=c["compile_backend"] if self.compiled else False,
+            )
+            for n, t in zip(self.methods, self.uses_teacher)
+        ]
         for m in self.members:
             m.student.train()
             m.method.train()
@@ -383,12 +414,22 @@ class _Run:
         mid = len(rates) // 2
         median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
         extra = {"workers": self.ctx["workers"]} if self.config == "reference" else {}
-        return _entry(self.config, self.methods, variant=self.variant, images_per_s=median, batch_size=batch_size,
-                      timed_steps=steps,
-                      seconds=seconds, images_per_s_mean=steps * batch_size / seconds, chunk_steps=self.chunk_steps,
-                      chunk_seconds=self.chunk_seconds,
-                      chunk_images_per_s={"min": rates[0], "median": median, "max": rates[-1]},
-                      loss_finite=self.finite, **extra, **self.memory)
+        return _entry(
+            self.config,
+            self.methods,
+            variant=self.variant,
+            images_per_s=median,
+            batch_size=batch_size,
+            timed_steps=steps,
+            seconds=seconds,
+            images_per_s_mean=steps * batch_size / seconds,
+            chunk_steps=self.chunk_steps,
+            chunk_seconds=self.chunk_seconds,
+            chunk_images_per_s={"min": rates[0], "median": median, "max": rates[-1]},
+            loss_finite=self.finite,
+            **extra,
+            **self.memory,
+        )
 
 
 class _ReferenceRun(_Run):
@@ -420,8 +461,17 @@ class _KdbenchRun(_Run):
         super().build()
         c = self.ctx
         data = c["data"]
-        loader = GPULoader(data.train_images, data.train_labels, batch_size=c["batch_size"], train=True,
-                           mean=data.mean, std=data.std, seed=c["seed"], drop_last=True, device=c["device"])
+        loader = GPULoader(
+            data.train_images,
+            data.train_labels,
+            batch_size=c["batch_size"],
+            train=True,
+            mean=data.mean,
+            std=data.std,
+            seed=c["seed"],
+            drop_last=True,
+            device=c["device"],
+        )
         self.stream = _gpu_batches(loader)  # kept across rounds: nothing runs between steps
         self.sums: list[dict[str, torch.Tensor]] = [{} for _ in self.members]
 
@@ -454,8 +504,16 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _entry(config: str, methods: list[str], *, images_per_s: float | None = None, batch_size: int,
-           method_run_rate: float | None = None, variant: str = "eager-fp32", **extra: Any) -> dict[str, Any]:
+def _entry(
+    config: str,
+    methods: list[str],
+    *,
+    images_per_s: float | None = None,
+    batch_size: int,
+    method_run_rate: float | None = None,
+    variant: str = "eager-fp32",
+    **extra: Any,
+) -> dict[str, Any]:
     """One row. ``images_per_s``: images drawn from the data stream per second (the median of the chunks' rates);
     ``method_run_images_per_s``: images x methods trained per second; ``epoch_seconds``: one CIFAR-100 epoch of
     every listed method. A row with no ``images_per_s`` is derived (one at a time) from ``method_run_rate``."""
@@ -464,27 +522,56 @@ def _entry(config: str, methods: list[str], *, images_per_s: float | None = None
     if measured:
         method_run_rate = n * images_per_s
     return {
-        "config": config, "variant": variant, "methods": methods, "n_methods": n, "measured": measured,
-        "ms_per_step": 1000 * batch_size / images_per_s if measured else None, "images_per_s": images_per_s,
-        "method_run_images_per_s": method_run_rate, "epoch_seconds": CIFAR100_EPOCH * n / method_run_rate, **extra,
+        "config": config,
+        "variant": variant,
+        "methods": methods,
+        "n_methods": n,
+        "measured": measured,
+        "ms_per_step": 1000 * batch_size / images_per_s if measured else None,
+        "images_per_s": images_per_s,
+        "method_run_images_per_s": method_run_rate,
+        "epoch_seconds": CIFAR100_EPOCH * n / method_run_rate,
+        **extra,
     }
 
 
-def _one_at_a_time(config: str, rows: dict[str, dict[str, Any]], methods: list[str], batch_size: int,
-                   variant: str = "eager-fp32") -> dict[str, Any]:
+def _one_at_a_time(
+    config: str, rows: dict[str, dict[str, Any]], methods: list[str], batch_size: int, variant: str = "eager-fp32"
+) -> dict[str, Any]:
     """The cost of training the methods one after another: their seconds per epoch add up."""
     epoch_s = sum(rows[m]["epoch_seconds"] for m in methods)
     rate = CIFAR100_EPOCH * len(methods) / epoch_s
-    return _entry(config, methods, batch_size=batch_size, method_run_rate=rate, timed_steps=None, seconds=None,
-                  variant=variant, note="sum of the one-at-a-time rows above (derived, not timed together)")
+    return _entry(
+        config,
+        methods,
+        batch_size=batch_size,
+        method_run_rate=rate,
+        timed_steps=None,
+        seconds=None,
+        variant=variant,
+        note="sum of the one-at-a-time rows above (derived, not timed together)",
+    )
 
 
-def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_METHODS, *, batch_size: int = 64,
-              steps: int = 50, warmup: int = 10, rounds: int = 1, train_size: int = CIFAR100_EPOCH,
-              device: str | torch.device = "auto", workers: int | None = None,
-              cohort_sizes: str | Sequence[int] | None = None, out: str | Path | None = DEFAULT_OUT,
-              configs: Sequence[str] = CONFIGS, seed: int = 0, variants: str | Sequence[str] = ("eager-fp32",),
-              compile_backend: bool | str = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(
+    pair: str = DEFAULT_PAIR,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
+    *,
+    batch_size: int = 64,
+    steps: int = 50,
+    warmup: int = 10,
+    rounds: int = 1,
+    train_size: int = CIFAR100_EPOCH,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    cohort_sizes: str | Sequence[int] | None = None,
+    out: str | Path | None = DEFAULT_OUT,
+    configs: Sequence[str] = CONFIGS,
+    seed: int = 0,
+    variants: str | Sequence[str] = ("eager-fp32",),
+    compile_backend: bool | str = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Time the reference-style loop, kdbench solo and kdbench cohorts; return (and write, unless ``out`` is None)
     the JSON record. Bad input raises KdbenchError before anything is built.
 
@@ -543,8 +630,16 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
         raise KdbenchError(f"no method applies to {pair}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     sizes = sorted({min(k, len(names)) for k in sizes})  # cohorts of the methods that apply
 
-    ctx: dict[str, Any] = {"specs": by_name, "data": data, "teacher": teacher, "device": dev, "seed": seed,
-                           "batch_size": batch_size, "workers": workers, "compile_backend": compile_backend}
+    ctx: dict[str, Any] = {
+        "specs": by_name,
+        "data": data,
+        "teacher": teacher,
+        "device": dev,
+        "seed": seed,
+        "batch_size": batch_size,
+        "workers": workers,
+        "compile_backend": compile_backend,
+    }
     runs: list[_Run] = []
     if "reference" in configs:
         ctx["reference_loader"] = reference_loader(data, batch_size, workers, seed=seed)
@@ -560,8 +655,10 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
     for r, round_steps in enumerate(per_round):
         order = runs if r % 2 == 0 else runs[::-1]
         for run in order:
-            say(f"round {r + 1}/{rounds}: {run.config} {run.variant} {','.join(run.methods)}"
-                + (f" ({workers} DataLoader workers)" if run.config == "reference" else ""))
+            say(
+                f"round {r + 1}/{rounds}: {run.config} {run.variant} {','.join(run.methods)}"
+                + (f" ({workers} DataLoader workers)" if run.config == "reference" else "")
+            )
             run.round(warmup, _split(round_steps, min(round_steps, max(1, -(-TIMING_CHUNKS // rounds)))), memory)
             if rounds == 1:  # measured alone: free it before the next configuration is built
                 run.release()
@@ -592,53 +689,82 @@ def run_bench(pair: str = DEFAULT_PAIR, methods: str | Sequence[str] = DEFAULT_M
             row["speedup_vs_solo"] = _speedup(row, solo_rows[row["variant"]])
 
     env = environment(dev)
-    env.update({
-        "device_name": device_name(dev),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "load_average_before": load_before,  # 1, 5, 15 minutes: other work on the machine skews CPU timings
-        "load_average_after": _load_average(),
-    })
+    env.update(
+        {
+            "device_name": device_name(dev),
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "cpu_count": os.cpu_count(),
+            "usable_cores": usable_cores(),
+            "load_average_before": load_before,  # 1, 5, 15 minutes: other work on the machine skews CPU timings
+            "load_average_after": _load_average(),
+        }
+    )
     record: dict[str, Any] = {
         "kind": "kdbench.bench",
         "schema": BENCH_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": env,
         "settings": {
-            "pair": pair, "methods": names, "batch_size": batch_size, "steps": steps, "warmup": warmup,
-            "rounds": rounds, "train_size": train_size, "device": str(dev), "workers": workers, "cohort_sizes": sizes,
-            "configs": configs, "seed": seed, "dataset": data.source, "data_checksum": data.checksum,
-            "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE, "variants": variants,
+            "pair": pair,
+            "methods": names,
+            "batch_size": batch_size,
+            "steps": steps,
+            "warmup": warmup,
+            "rounds": rounds,
+            "train_size": train_size,
+            "device": str(dev),
+            "workers": workers,
+            "cohort_sizes": sizes,
+            "configs": configs,
+            "seed": seed,
+            "dataset": data.source,
+            "data_checksum": data.checksum,
+            "num_classes": NUM_CLASSES,
+            "image_size": IMAGE_SIZE,
+            "variants": variants,
             "compile_backend": "inductor" if compile_backend is True else compile_backend,
-            "protocol": "paper (SGD momentum 0.9, weight decay 5e-4)", "teacher": "randomly initialised, frozen",
+            "protocol": "paper (SGD momentum 0.9, weight decay 5e-4)",
+            "teacher": "randomly initialised, frozen",
         },
         "skipped": skipped,
         "notes": {
-            "extrapolation": (f"seconds per CIFAR-100 epoch = {CIFAR100_EPOCH:,} x methods / (images x methods per "
-                              f"second), extrapolated from {steps} timed steps of batch {batch_size} "
-                              + (f"in {rounds} rounds, each " if rounds > 1 else "") + f"after {warmup} warm-up "
-                              "steps; no epoch was run"),
-            "reference": ("torch DataLoader over uint8 images -> PIL -> RandomCrop(32, padding=4), "
-                          f"RandomHorizontalFlip, ToTensor, Normalize in {workers} worker processes; one method at "
-                          "a time; loss read back every step; fp32 eager"),
+            "extrapolation": (
+                f"seconds per CIFAR-100 epoch = {CIFAR100_EPOCH:,} x methods / (images x methods per "
+                f"second), extrapolated from {steps} timed steps of batch {batch_size} "
+                + (f"in {rounds} rounds, each " if rounds > 1 else "")
+                + f"after {warmup} warm-up "
+                "steps; no epoch was run"
+            ),
+            "reference": (
+                "torch DataLoader over uint8 images -> PIL -> RandomCrop(32, padding=4), "
+                f"RandomHorizontalFlip, ToTensor, Normalize in {workers} worker processes; one method at "
+                "a time; loss read back every step; fp32 eager"
+            ),
             "solo": "kdbench GPULoader (split on the device, batched crop/flip), one method at a time",
-            "variants": ("kdbench's rows in each variant: eager or torch.compile'd forward of the student and the "
-                         "teacher (compiled during the warm-up steps, not timed), fp32 or bf16 autocast of the "
-                         "networks' forward and the loss (the losses' fp32 guards apply); the reference row is eager "
-                         "fp32"),
-            "cohort": ("kdbench GPULoader, the first k methods side by side, one teacher forward per batch; "
-                       "method_run_images_per_s = k x images / second"),
+            "variants": (
+                "kdbench's rows in each variant: eager or torch.compile'd forward of the student and the "
+                "teacher (compiled during the warm-up steps, not timed), fp32 or bf16 autocast of the "
+                "networks' forward and the loss (the losses' fp32 guards apply); the reference row is eager "
+                "fp32"
+            ),
+            "cohort": (
+                "kdbench GPULoader, the first k methods side by side, one teacher forward per batch; "
+                "method_run_images_per_s = k x images / second"
+            ),
             "speedup": "reference seconds per epoch of the same methods (one at a time) / this row's",
             "init_stage": "only main-stage steps are timed (AB, FT and FSP init stages are not)",
-            "timing": (f"timed steps are split into chunks ({TIMING_CHUNKS} in all with one round, at least one per "
-                       "round), the device synchronised only at chunk ends; images_per_s (and every figure derived "
-                       "from it) is the median of the chunks' rates, robust to bursts of load from other processes; "
-                       "images_per_s_mean is timed steps x batch / total time"),
-            "memory": ("peak_memory_mb: the peak while the configuration was built and timed (its first round); "
-                       "peak_increment_mb: that peak minus what was held before it was built (with rounds > 1 the "
-                       "other configurations stay built, so read the increment)"),
+            "timing": (
+                f"timed steps are split into chunks ({TIMING_CHUNKS} in all with one round, at least one per "
+                "round), the device synchronised only at chunk ends; images_per_s (and every figure derived "
+                "from it) is the median of the chunks' rates, robust to bursts of load from other processes; "
+                "images_per_s_mean is timed steps x batch / total time"
+            ),
+            "memory": (
+                "peak_memory_mb: the peak while the configuration was built and timed (its first round); "
+                "peak_increment_mb: that peak minus what was held before it was built (with rounds > 1 the "
+                "other configurations stay built, so read the increment)"
+            ),
         },
         "results": results,
     }
@@ -679,11 +805,20 @@ def bench_table(record: dict[str, Any]):
 
     s = record["settings"]
     env = record["environment"]
-    table = Table(title=f"{s['pair']} on {env['device_name']} ({s['device']}, {env['torch_threads']} threads), "
-                        f"batch {s['batch_size']}")
-    for col, just in (("configuration", "left"), ("methods", "left"), ("ms/step", "right"), ("img/s", "right"),
-                      ("chunk range", "right"), ("method-run img/s", "right"), ("s/CIFAR-100 epoch*", "right"),
-                      ("vs reference", "right")):
+    table = Table(
+        title=f"{s['pair']} on {env['device_name']} ({s['device']}, {env['torch_threads']} threads), "
+        f"batch {s['batch_size']}"
+    )
+    for col, just in (
+        ("configuration", "left"),
+        ("methods", "left"),
+        ("ms/step", "right"),
+        ("img/s", "right"),
+        ("chunk range", "right"),
+        ("method-run img/s", "right"),
+        ("s/CIFAR-100 epoch*", "right"),
+        ("vs reference", "right"),
+    ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     labels = {"reference": f"reference ({s['workers']} workers)", "solo": "kdbench solo", "cohort": "kdbench cohort"}
 
@@ -701,12 +836,21 @@ def bench_table(record: dict[str, Any]):
         speed = row.get("speedup_vs_reference")
         chunks = row.get("chunk_images_per_s")
         spread = f"{chunks['min']:,.0f}-{chunks['max']:,.0f}" if chunks else "-"
-        table.add_row(label, ",".join(row["methods"]), num(row["ms_per_step"], ".1f"), num(row["images_per_s"], ",.0f"),
-                      spread, num(row["method_run_images_per_s"], ",.0f"), num(row["epoch_seconds"], ",.1f"),
-                      "-" if speed is None else f"{speed:.2f}x")
-    table.caption = ("img/s = the median of the rates of the separately timed chunks (range: their lowest and "
-                     "highest; a wide range means the machine's load changed); method-run img/s = methods x img/s "
-                     "(a cohort trains every method on each image); sum = the one-at-a-time rows above added up; "
-                     "vs reference = the reference's seconds per epoch for the same methods / this row's.\n* "
-                     + record["notes"]["extrapolation"])
+        table.add_row(
+            label,
+            ",".join(row["methods"]),
+            num(row["ms_per_step"], ".1f"),
+            num(row["images_per_s"], ",.0f"),
+            spread,
+            num(row["method_run_images_per_s"], ",.0f"),
+            num(row["epoch_seconds"], ",.1f"),
+            "-" if speed is None else f"{speed:.2f}x",
+        )
+    table.caption = (
+        "img/s = the median of the rates of the separately timed chunks (range: their lowest and "
+        "highest; a wide range means the machine's load changed); method-run img/s = methods x img/s "
+        "(a cohort trains every method on each image); sum = the one-at-a-time rows above added up; "
+        "vs reference = the reference's seconds per epoch for the same methods / this row's.\n* "
+        + record["notes"]["extrapolation"]
+    )
     return table

@@ -30,8 +30,15 @@ def _device(name: str):
 def _progress() -> Progress:
     # No rich time-remaining column: it guesses from the last seconds only; the sweep's line shows an ETA priced
     # from measured epochs (kdbench.progress.SweepMeter).
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=False, disable=not err_console.is_terminal)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+        disable=not err_console.is_terminal,
+    )
 
 
 def _echo_epochs():
@@ -112,8 +119,8 @@ def list_methods_cmd(show_config: str | None) -> None:
     """Registered distillation methods (built-in and plugins), with their paper and status."""
     import dataclasses
 
-    from kdbench.method import discover, make_config, resolve
     from kdbench.catalog import method_order
+    from kdbench.method import discover, make_config, resolve
     from kdbench.sweep import GROUPS, group_members
 
     if show_config:
@@ -168,20 +175,36 @@ def list_protocols_cmd(config_path: str | None) -> None:
     for col in ("name", "epochs", "batch", "lr (small)", "milestones", "init epochs"):
         table.add_column(col)
     for p in bench.protocols.values():
-        table.add_row(p.name, str(p.epochs), str(p.batch_size), f"{p.lr} ({p.lr_small})",
-                      " ".join(map(str, p.milestones)), str(p.init_epochs))
+        table.add_row(
+            p.name,
+            str(p.epochs),
+            str(p.batch_size),
+            f"{p.lr} ({p.lr_small})",
+            " ".join(map(str, p.milestones)),
+            str(p.init_epochs),
+        )
     console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------- run
 
 _run_options = [
-    click.option("--pairs", "-p", multiple=True, required=True,
-                 help="Pair sets of bench.toml (cifar100, tinyimagenet100, smoke) or teacher:student pairs."),
+    click.option(
+        "--pairs",
+        "-p",
+        multiple=True,
+        required=True,
+        help="Pair sets of bench.toml (cifar100, tinyimagenet100, smoke) or teacher:student pairs.",
+    ),
     click.option("--seeds", default=None, help="Comma-separated seeds (default: bench.toml defaults.seeds)."),
     click.option("--protocol", default=None, help="paper, fast, smoke (default: the pair set's or bench.toml's)."),
-    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                 help="Override a setting: methods.NAME.KEY=V or protocol.KEY=V (repeatable)."),
+    click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a setting: methods.NAME.KEY=V or protocol.KEY=V (repeatable).",
+    ),
     click.option("--dataset", default=None, help="Dataset of pairs named as teacher:student (default cifar100)."),
     click.option("--data-root", default=None, type=click.Path(), help="Folder holding the dataset files."),
     click.option("--image-size", default=None, type=IMAGE_SIZE, help="Resize images (tinyimagenet: 32 or 64)."),
@@ -197,11 +220,24 @@ def _with_options(options):
         for opt in reversed(options):
             f = opt(f)
         return f
+
     return deco
 
 
-def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path,
-             precision="fp32", channels_last=False):
+def _prepare(
+    methods,
+    pairs,
+    seeds,
+    protocol,
+    sets,
+    dataset,
+    data_root,
+    image_size,
+    results,
+    config_path,
+    precision="fp32",
+    channels_last=False,
+):
     from kdbench.config import load_bench
     from kdbench.results import ResultStore
     from kdbench.sweep import Request, expand
@@ -210,46 +246,116 @@ def _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_si
     if results is not None and not results.strip():
         raise KdbenchError("--results '': give a folder, e.g. --results results")
     store = ResultStore(results or bench.results)
-    req = Request(list(methods), list(pairs), _seeds(seeds), protocol, list(sets), dataset, data_root, image_size,
-                  precision, channels_last)
+    req = Request(
+        list(methods),
+        list(pairs),
+        _seeds(seeds),
+        protocol,
+        list(sets),
+        dataset,
+        data_root,
+        image_size,
+        precision,
+        channels_last,
+    )
     specs = expand(bench, req, store)
     return bench, store, specs
 
 
 @cli.command()
-@click.option("--methods", "-m", multiple=True, required=True,
-              help="Comma-separated method names or groups: all, modern, everything (see `kdbench list methods`).")
+@click.option(
+    "--methods",
+    "-m",
+    multiple=True,
+    required=True,
+    help="Comma-separated method names or groups: all, modern, everything (see `kdbench list methods`).",
+)
 @_with_options(_run_options)
 @click.option("--no-cohort", is_flag=True, help="Train each run alone instead of side by side per (pair, seed).")
-@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local",
-              help="local: worker processes on this machine; slurm: a job array through submitit.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Local worker processes (default: one per visible GPU, or 1 on the CPU).")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "slurm"]),
+    default="local",
+    help="local: worker processes on this machine; slurm: a job array through submitit.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Local worker processes (default: one per visible GPU, or 1 on the CPU).",
+)
 @click.option("--slurm-partition", default=None, help="SLURM partition (default bench.toml [slurm]).")
 @click.option("--slurm-time", type=click.IntRange(min=1), default=None, help="Minutes per array task.")
 @click.option("--slurm-gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task.")
 @click.option("--slurm-cpus", type=click.IntRange(min=1), default=None, help="CPUs per array task.")
 @click.option("--dry-run", is_flag=True, help="List the runs and what is already done; train nothing.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16: the networks' forward under bfloat16 autocast (part of the run id when not fp32).")
-@click.option("--channels-last", is_flag=True, help="Networks and batches in channels_last memory format "
-              "(part of the run id when set).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the students' and teachers' forward "
-              "(recorded in the run JSON; not part of the run id).")
-def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device,
-        config_path, no_cohort, executor, workers, slurm_partition, slurm_time, slurm_gpus, slurm_cpus,
-        dry_run, precision, channels_last, compile_) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16: the networks' forward under bfloat16 autocast (part of the run id when not fp32).",
+)
+@click.option(
+    "--channels-last",
+    is_flag=True,
+    help="Networks and batches in channels_last memory format (part of the run id when set).",
+)
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="torch.compile the students' and teachers' forward (recorded in the run JSON; not part of the run id).",
+)
+def run(
+    methods,
+    pairs,
+    seeds,
+    protocol,
+    sets,
+    dataset,
+    data_root,
+    image_size,
+    download,
+    results,
+    device,
+    config_path,
+    no_cohort,
+    executor,
+    workers,
+    slurm_partition,
+    slurm_time,
+    slurm_gpus,
+    slurm_cpus,
+    dry_run,
+    precision,
+    channels_last,
+    compile_,
+) -> None:
     """Train the runs of METHODS x PAIRS x SEEDS (skipping finished runs, resuming interrupted ones)."""
     from kdbench.execute import execute
 
-    bench, store, specs = _prepare(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
-                                   config_path, precision, channels_last)
+    bench, store, specs = _prepare(
+        methods,
+        pairs,
+        seeds,
+        protocol,
+        sets,
+        dataset,
+        data_root,
+        image_size,
+        results,
+        config_path,
+        precision,
+        channels_last,
+    )
     slurm = None
     if executor == "slurm":
         from kdbench.config import SlurmSettings
 
         slurm = SlurmSettings.from_dict(bench.slurm, bench.source).with_overrides(
-            partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus)
+            partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus
+        )
         if not dry_run:
             from kdbench.slurm import _submitit
 
@@ -259,8 +365,10 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
 
         dev = _device(device)
         if workers > max_workers(dev):
-            raise KdbenchError(f"--workers {workers}: at most {max_workers(dev)} on {dev} "
-                               f"({'one per visible GPU' if dev.type == 'cuda' else 'one per CPU core'})")
+            raise KdbenchError(
+                f"--workers {workers}: at most {max_workers(dev)} on {dev} "
+                f"({'one per visible GPU' if dev.type == 'cuda' else 'one per CPU core'})"
+            )
     _library_messages()
     echo = _echo_epochs()
     if dry_run:
@@ -269,18 +377,34 @@ def run(methods, pairs, seeds, protocol, sets, dataset, data_root, image_size, d
         _dry_run(store, specs, slurm, cohort=not no_cohort)
         return
     with _progress() as progress:
-        done = execute(store, specs, executor=executor, device=device, workers=workers, cohort=not no_cohort,
-                       download=download, slurm=slurm, progress=progress, compile=compile_, echo=echo,
-                       log=lambda s: err_console.print(f"[dim]{escape(s)}[/dim]"))
+        done = execute(
+            store,
+            specs,
+            executor=executor,
+            device=device,
+            workers=workers,
+            cohort=not no_cohort,
+            download=download,
+            slurm=slurm,
+            progress=progress,
+            compile=compile_,
+            echo=echo,
+            log=lambda s: err_console.print(f"[dim]{escape(s)}[/dim]"),
+        )
     if done.report is None:
         jobs = done.jobs
-        console.print(f"submitted {len(jobs)} jobs ({', '.join(j.job_id for j in jobs[:5])}"
-                      f"{' ...' if len(jobs) > 5 else ''}); rerun the same command to finish what is missing")
+        console.print(
+            f"submitted {len(jobs)} jobs ({', '.join(j.job_id for j in jobs[:5])}"
+            f"{' ...' if len(jobs) > 5 else ''}); rerun the same command to finish what is missing"
+        )
         return
     report = done.report
-    console.print(f"trained {len(report.trained)}, already done {len(report.skipped)}, "
-                  f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
-                  f"-> {store.runs_dir} (per-epoch logs: *.log beside each JSON)", soft_wrap=True)
+    console.print(
+        f"trained {len(report.trained)}, already done {len(report.skipped)}, "
+        f"n/a {len(report.not_applicable)}, failed {len(report.failed)}, busy {len(report.busy)} "
+        f"-> {store.runs_dir} (per-epoch logs: *.log beside each JSON)",
+        soft_wrap=True,
+    )
     for line in report.failed:
         err_console.print(f"[red]failed[/red] {line}")
     for line in report.busy:
@@ -299,9 +423,9 @@ def _dry_run(store, specs, slurm, cohort: bool) -> None:
 
 def _dry_run_table(store, specs) -> None:
     """The runs and their state, then the teachers that would be trained first, with their estimated cost."""
-    from kdbench.progress import estimate_seconds, hms
     import torch
 
+    from kdbench.progress import estimate_seconds, hms
     from kdbench.sweep import Sweep, teacher_run
 
     table = Table(title=f"{len(specs)} runs")
@@ -316,8 +440,14 @@ def _dry_run_table(store, specs) -> None:
         if state != "done":
             pending += est or 0.0
             unknown += est is None
-        table.add_row(s.pair, s.method, str(s.seed), s.protocol.name, state,
-                      hms(est) if est is not None else ("-" if state == "done" else "unknown"))
+        table.add_row(
+            s.pair,
+            s.method,
+            str(s.seed),
+            s.protocol.name,
+            state,
+            hms(est) if est is not None else ("-" if state == "done" else "unknown"),
+        )
     console.print(table)
     teachers = Sweep(store, torch.device("cpu")).teachers_to_train(specs)
     if teachers:
@@ -328,34 +458,50 @@ def _dry_run_table(store, specs) -> None:
             est = estimate_seconds(store, t.arch, t.data, t.protocol.epochs)
             pending += est or 0.0
             unknown += est is None
-            tt.add_row(t.arch, f"{t.data.name}" + (f" {t.data.image_size}px" if t.data.image_size else ""),
-                       t.protocol.name, str(t.protocol.epochs), str(t.seed),
-                       hms(est) if est is not None else "unknown")
+            tt.add_row(
+                t.arch,
+                f"{t.data.name}" + (f" {t.data.image_size}px" if t.data.image_size else ""),
+                t.protocol.name,
+                str(t.protocol.epochs),
+                str(t.seed),
+                hms(est) if est is not None else "unknown",
+            )
         console.print(tt)
         labels = ", ".join(teacher_run(t).label for t in teachers[:2]) + (" ..." if len(teachers) > 2 else "")
-        console.print(f"Teachers are trained before their students ({labels}). To use published checkpoints "
-                      "instead (RepDistiller, mdistiller), import each once, e.g.\n  kdbench teachers import "
-                      f"ckpt_{teachers[0].arch}.pth --arch {teachers[0].arch} --dataset {teachers[0].data.name}"
-                      + (f" --results {store.root}" if str(store.root) != "results" else ""), soft_wrap=True)
+        console.print(
+            f"Teachers are trained before their students ({labels}). To use published checkpoints "
+            "instead (RepDistiller, mdistiller), import each once, e.g.\n  kdbench teachers import "
+            f"ckpt_{teachers[0].arch}.pth --arch {teachers[0].arch} --dataset {teachers[0].data.name}"
+            + (f" --results {store.root}" if str(store.root) != "results" else ""),
+            soft_wrap=True,
+        )
     else:
         console.print("No teacher to train: every teacher these runs need is stored or imported.")
-    note = (f"; {unknown} without an estimate (no finished run of that architecture on this data in "
-            f"{store.runs_dir} to measure its speed)" if unknown else "")
-    console.print(f"Estimated training time of what is left: {hms(pending)} on this machine, from the measured "
-                  f"epoch times of earlier runs{note}.", soft_wrap=True)
+    note = (
+        f"; {unknown} without an estimate (no finished run of that architecture on this data in "
+        f"{store.runs_dir} to measure its speed)"
+        if unknown
+        else ""
+    )
+    console.print(
+        f"Estimated training time of what is left: {hms(pending)} on this machine, from the measured "
+        f"epoch times of earlier runs{note}.",
+        soft_wrap=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- table
 
 
 def _collect(results: str):
-    from kdbench.tables import collect
     from kdbench.results import ResultStore
+    from kdbench.tables import collect
 
     store = ResultStore(results)
     if not store.runs_dir.is_dir():
         raise KdbenchError(
-            f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results")
+            f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results"
+        )
     col = collect(store)
     for problem in col.problems:
         err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}", soft_wrap=True)
@@ -366,24 +512,52 @@ def _collect(results: str):
 
 @cli.command()
 @click.option("--results", default="results", type=click.Path(), help="Results folder.")
-@click.option("--metric", "metrics", default=("top1_last",), multiple=True,
-              help="Any numeric metric of the run JSON: top1_last, top1_best, top5_*, cka, agreement, ece, kl_t1, "
-                   "kl_t4, corr_diff_mean, corr_diff_max, ... Repeat it for one table per metric.")
+@click.option(
+    "--metric",
+    "metrics",
+    default=("top1_last",),
+    multiple=True,
+    help="Any numeric metric of the run JSON: top1_last, top1_best, top5_*, cka, agreement, ece, kl_t1, "
+    "kl_t4, corr_diff_mean, corr_diff_max, ... Repeat it for one table per metric.",
+)
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md")
-@click.option("--reference", default=None, metavar="NAME[,NAME]",
-              help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024, dkd2022, "
-                   "dist2022, ls2024, simkd2022, in any combination (sources: kdbench/reference/SOURCES.md).")
-@click.option("--vs", default=None, metavar="METHOD",
-              help="Paired differences over seeds against this method (ce = the vanilla student), with a 95% "
-                   "bootstrap interval.")
-@click.option("--rank-corr", "rank_corr", default=None, metavar="TEACHER:STUDENT",
-              help="With --reference (one name) and --format md: Kendall tau between each pair's ranking of the "
-                   "methods and the published ranking of this pair (e.g. the closest published pair).")
-@click.option("--long", "long_", is_flag=True,
-              help="With --format csv: every run's per-epoch curve as one tidy CSV (one row per run, epoch and "
-                   "quantity: lr, loss_<term>, test_top1, test_top5) instead of the table.")
-def table(results: str, metrics: tuple[str, ...], fmt: str, reference: str | None, vs: str | None,
-          rank_corr: str | None, long_: bool) -> None:
+@click.option(
+    "--reference",
+    default=None,
+    metavar="NAME[,NAME]",
+    help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024, dkd2022, "
+    "dist2022, ls2024, simkd2022, in any combination (sources: kdbench/reference/SOURCES.md).",
+)
+@click.option(
+    "--vs",
+    default=None,
+    metavar="METHOD",
+    help="Paired differences over seeds against this method (ce = the vanilla student), with a 95% bootstrap interval.",
+)
+@click.option(
+    "--rank-corr",
+    "rank_corr",
+    default=None,
+    metavar="TEACHER:STUDENT",
+    help="With --reference (one name) and --format md: Kendall tau between each pair's ranking of the "
+    "methods and the published ranking of this pair (e.g. the closest published pair).",
+)
+@click.option(
+    "--long",
+    "long_",
+    is_flag=True,
+    help="With --format csv: every run's per-epoch curve as one tidy CSV (one row per run, epoch and "
+    "quantity: lr, loss_<term>, test_top1, test_top5) instead of the table.",
+)
+def table(
+    results: str,
+    metrics: tuple[str, ...],
+    fmt: str,
+    reference: str | None,
+    vs: str | None,
+    rank_corr: str | None,
+    long_: bool,
+) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
     from kdbench.render import render
     from kdbench.tables import build_tables
@@ -471,15 +645,25 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
 
 @cli.command()
 @click.argument("run")
-@click.option("--dataset", required=True,
-              help="Probe data: tinyimagenet, stl10, cifar100 (any `kdbench list datasets`).")
-@click.option("--protocol", type=click.Choice(["paper", "fast", "smoke"]), default="paper", show_default=True,
-              help="paper: 120 epochs, x0.1 at 30/60/90 (CRD); fast: 20 epochs; smoke: 2 epochs on a subset.")
+@click.option(
+    "--dataset", required=True, help="Probe data: tinyimagenet, stl10, cifar100 (any `kdbench list datasets`)."
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["paper", "fast", "smoke"]),
+    default="paper",
+    show_default=True,
+    help="paper: 120 epochs, x0.1 at 30/60/90 (CRD); fast: 20 epochs; smoke: 2 epochs on a subset.",
+)
 @click.option("--data-root", default=None, type=click.Path(), help="Folder holding the probe data set.")
 @click.option("--image-size", default=None, type=IMAGE_SIZE, help="Resize the probe images (default: the run's size).")
 @click.option("--download", is_flag=True, help="Download the probe data when it is missing (needs internet).")
-@click.option("--results", default=None, type=click.Path(),
-              help="Results folder (default: the one holding RUN's JSON, else ./results).")
+@click.option(
+    "--results",
+    default=None,
+    type=click.Path(),
+    help="Results folder (default: the one holding RUN's JSON, else ./results).",
+)
 @click.option("--seed", default=0, type=NON_NEGATIVE, show_default=True, help="Seed of the probe's head and batches.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--force", is_flag=True, help="Train the probe again even when its JSON exists.")
@@ -499,18 +683,32 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
     target = ResultStore(root).probe_path(probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed))
     if target.is_file() and not force:
         rec = json.loads(target.read_text())
-        console.print(f"already probed: top-1 last {rec['top1_last']:.2f}, best {rec['top1_best']:.2f} -> {target} "
-                      "(--force to train it again)")
+        console.print(
+            f"already probed: top-1 last {rec['top1_last']:.2f}, best {rec['top1_best']:.2f} -> {target} "
+            "(--force to train it again)"
+        )
         return
-    rec = run_probe(obj, root, dataset, protocol=protocol, data_root=data_root, image_size=image_size,
-                    download=download, device=_device(device), seed=seed, run_file=path,
-                    log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    rec = run_probe(
+        obj,
+        root,
+        dataset,
+        protocol=protocol,
+        data_root=data_root,
+        image_size=image_size,
+        download=download,
+        device=_device(device),
+        seed=seed,
+        run_file=path,
+        log=lambda s: err_console.print(f"[dim]{s}[/dim]"),
+    )
     paper = ""
     if rec.get("published") is not None:
         same = "" if rec.get("published_comparable") else ", another setting: see published_note"
         paper = f" (published: {rec['published']:.1f}{same})"
-    console.print(f"{rec['method']} {rec['pair']} -> {dataset}: top-1 last {rec['top1_last']:.2f}, best "
-                  f"{rec['top1_best']:.2f} (epoch {rec['best_epoch']}){paper} -> {rec['path']}")
+    console.print(
+        f"{rec['method']} {rec['pair']} -> {dataset}: top-1 last {rec['top1_last']:.2f}, best "
+        f"{rec['top1_best']:.2f} (epoch {rec['best_epoch']}){paper} -> {rec['path']}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -521,27 +719,62 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 @click.option("--methods", "-m", default="kd,crd,rrd", show_default=True, help="Comma-separated method names.")
 @click.option("--batch-size", default=64, type=int, show_default=True)
 @click.option("--steps", default=50, type=int, show_default=True, help="Timed steps per configuration.")
-@click.option("--warmup", default=10, type=int, show_default=True,
-              help="Untimed steps before them (every round).")
-@click.option("--rounds", default=1, type=int, show_default=True,
-              help="Interleave the configurations over this many rounds (a machine with a changing load).")
+@click.option("--warmup", default=10, type=int, show_default=True, help="Untimed steps before them (every round).")
+@click.option(
+    "--rounds",
+    default=1,
+    type=int,
+    show_default=True,
+    help="Interleave the configurations over this many rounds (a machine with a changing load).",
+)
 @click.option("--train-size", default=50000, type=int, show_default=True, help="Synthetic training images.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
-@click.option("--workers", default=None, type=click.IntRange(min=0, max=64),
-              help="Reference DataLoader workers (default min(8, cores)).")
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0, max=64),
+    help="Reference DataLoader workers (default min(8, cores)).",
+)
 @click.option("--cohort-sizes", default=None, help="Cohorts of the first k methods, e.g. 1,2,3 (default: all).")
-@click.option("--out", default=None, type=click.Path(),
-              help="Folder of the JSON (default results/bench, the bench/ folder of the default results folder).")
-@click.option("--variants", default="eager-fp32", show_default=True,
-              help="kdbench's loop in these variants, side by side: eager-fp32, eager-bf16, compile-fp32, "
-                   "compile-bf16 (comma-separated; the reference loop is eager fp32).")
-@click.option("--suite", type=click.Choice(["gpu"]), default=None,
-              help="gpu: the one command of a first session on a CUDA machine (CUDA tests, every variant on "
-                   "resnet32x4:resnet8x4, one real epoch when CIFAR-100 is found; one JSON); see the README.")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(),
+    help="Folder of the JSON (default results/bench, the bench/ folder of the default results folder).",
+)
+@click.option(
+    "--variants",
+    default="eager-fp32",
+    show_default=True,
+    help="kdbench's loop in these variants, side by side: eager-fp32, eager-bf16, compile-fp32, "
+    "compile-bf16 (comma-separated; the reference loop is eager fp32).",
+)
+@click.option(
+    "--suite",
+    type=click.Choice(["gpu"]),
+    default=None,
+    help="gpu: the one command of a first session on a CUDA machine (CUDA tests, every variant on "
+    "resnet32x4:resnet8x4, one real epoch when CIFAR-100 is found; one JSON); see the README.",
+)
 @click.option("--dry-run", is_flag=True, help="With --suite gpu: check its plumbing on any device in about a minute.")
 @click.option("--data-root", default=None, type=click.Path(), help="With --suite gpu: folder holding CIFAR-100.")
-def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, workers, cohort_sizes, out,
-          variants, suite, dry_run, data_root) -> None:
+def bench(
+    pair,
+    methods,
+    batch_size,
+    steps,
+    warmup,
+    rounds,
+    train_size,
+    device,
+    workers,
+    cohort_sizes,
+    out,
+    variants,
+    suite,
+    dry_run,
+    data_root,
+) -> None:
     """Images/s and s per CIFAR-100 epoch: a reference-style DataLoader loop vs kdbench solo and cohorts."""
     from kdbench.bench import DEFAULT_OUT, bench_table, run_bench
 
@@ -550,16 +783,28 @@ def bench(pair, methods, batch_size, steps, warmup, rounds, train_size, device, 
     if suite == "gpu":
         from kdbench.gpusuite import run_gpu_suite, summary_lines
 
-        rec = run_gpu_suite(out=out, device=device, data_root=data_root, dry=dry_run,
-                            log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+        rec = run_gpu_suite(
+            out=out, device=device, data_root=data_root, dry=dry_run, log=lambda s: err_console.print(f"[dim]{s}[/dim]")
+        )
         for line in summary_lines(rec):
             console.print(line, soft_wrap=True)
         return
 
-    record = run_bench(pair, methods, batch_size=batch_size, steps=steps, warmup=warmup, rounds=rounds,
-                       train_size=train_size, variants=variants,
-                       device=device, workers=workers, cohort_sizes=cohort_sizes, out=out or DEFAULT_OUT,
-                       log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+    record = run_bench(
+        pair,
+        methods,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        rounds=rounds,
+        train_size=train_size,
+        variants=variants,
+        device=device,
+        workers=workers,
+        cohort_sizes=cohort_sizes,
+        out=out or DEFAULT_OUT,
+        log=lambda s: err_console.print(f"[dim]{s}[/dim]"),
+    )
     console.print(bench_table(record))
     for name, reason in record["skipped"].items():
         err_console.print(f"[yellow]skipped[/yellow] {name}: {reason}")
@@ -589,21 +834,29 @@ def teachers_list(results: str) -> None:
             table.add_row(c["label"], "", "", "", "", f"[red]{c['error']}[/red]", "")
             continue
         top1 = c.get("top1")
-        table.add_row(c["arch"], str(c.get("dataset")), str(c.get("protocol")), str(c.get("seed")),
-                      f"{top1:.2f}" if isinstance(top1, (int, float)) else "-", c.get("source", ""),
-                      c.get("weights", ""))
+        table.add_row(
+            c["arch"],
+            str(c.get("dataset")),
+            str(c.get("protocol")),
+            str(c.get("seed")),
+            f"{top1:.2f}" if isinstance(top1, (int, float)) else "-",
+            c.get("source", ""),
+            c.get("weights", ""),
+        )
     console.print(table)
 
 
 @teachers.command("train")
 @_with_options(_run_options)
-def teachers_train(pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device,
-                   config_path) -> None:
+def teachers_train(
+    pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device, config_path
+) -> None:
     """Train (or reuse) the teachers that the given pairs need."""
     from kdbench.sweep import Sweep
 
-    _, store, specs = _prepare(["kd"], pairs, seeds, protocol, sets, dataset, data_root, image_size, results,
-                               config_path)
+    _, store, specs = _prepare(
+        ["kd"], pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path
+    )
     store.ensure_writable()
     dev = _device(device)
     with _progress() as progress:

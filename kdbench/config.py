@@ -99,8 +99,12 @@ class TeacherSpec:
     def to_dict(self) -> dict[str, Any]:
         if self.imported:
             return {"arch": self.arch, "data": _data_dict(self.data), "imported": self.imported}
-        return {"arch": self.arch, "data": _data_dict(self.data), "protocol": dataclasses.asdict(self.protocol),
-                "seed": self.seed}
+        return {
+            "arch": self.arch,
+            "data": _data_dict(self.data),
+            "protocol": dataclasses.asdict(self.protocol),
+            "seed": self.seed,
+        }
 
     @property
     def teacher_id(self) -> str:
@@ -195,15 +199,31 @@ def spec_hash(obj: Any) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 _PROTOCOL_TYPES: dict[str, type | tuple] = {
-    "epochs": int, "batch_size": int, "lr": float, "lr_small": float, "small_lr_students": list,
-    "momentum": float, "weight_decay": float, "milestones": list, "lr_decay": float, "init_epochs": int,
-    "eval_every": int, "drop_last": bool,
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "lr_small": float,
+    "small_lr_students": list,
+    "momentum": float,
+    "weight_decay": float,
+    "milestones": list,
+    "lr_decay": float,
+    "init_epochs": int,
+    "eval_every": int,
+    "drop_last": bool,
 }
 _REQUIRED_PROTOCOL = set(_PROTOCOL_TYPES) - {"eval_every", "drop_last"}
 _TOP_KEYS = {"defaults", "protocols", "pairs", "methods", "slurm"}
 _DEFAULT_KEYS = {"protocol": str, "seeds": list, "results": str, "teacher_seed": int}
-_PAIRSET_KEYS = {"dataset": str, "pairs": list, "protocol": str, "teacher_protocol": str, "image_size": int,
-                 "data_root": str, "dataset_options": dict}
+_PAIRSET_KEYS = {
+    "dataset": str,
+    "pairs": list,
+    "protocol": str,
+    "teacher_protocol": str,
+    "image_size": int,
+    "data_root": str,
+    "dataset_options": dict,
+}
 
 
 def _bad(src: str, msg: str) -> KdbenchError:
@@ -271,8 +291,15 @@ class SlurmSettings:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], src: str = "bench.toml") -> SlurmSettings:
-        types = {"partition": str, "time_min": int, "gpus_per_task": int, "cpus_per_task": int, "mem_gb": int,
-                 "array_parallelism": int, "cluster": str}
+        types = {
+            "partition": str,
+            "time_min": int,
+            "gpus_per_task": int,
+            "cpus_per_task": int,
+            "mem_gb": int,
+            "array_parallelism": int,
+            "cluster": str,
+        }
         for key, value in raw.items():
             if key not in types:
                 raise KdbenchError(f"{src}: unknown key slurm.{key}; valid: {', '.join(sorted(types))}")
@@ -341,8 +368,17 @@ def parse_bench(raw: dict[str, Any], src: str = "bench.toml", base_dir: Path | N
     if not isinstance(slurm, dict):
         raise _bad(src, "[slurm] must be a table")
     SlurmSettings.from_dict(slurm, src)  # validated here, used by --executor slurm
-    return Bench(protocols, pair_sets, dict(methods), tuple(seeds), protocol, defaults.get("results", "results"),
-                 defaults.get("teacher_seed", 0), src, dict(slurm))
+    return Bench(
+        protocols,
+        pair_sets,
+        dict(methods),
+        tuple(seeds),
+        protocol,
+        defaults.get("results", "results"),
+        defaults.get("teacher_seed", 0),
+        src,
+        dict(slurm),
+    )
 
 
 def load_bench(path: str | Path | None = None) -> Bench:

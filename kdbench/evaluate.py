@@ -6,8 +6,8 @@ Every metric here is computed on the unaugmented test split with both networks i
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def correlation_difference(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """|corr(teacher logits) - corr(student logits)|: class-by-class correlation matrices over the test set
     (the diagnostic of the CRD paper, Figure 3)."""
+
     def corr(z: torch.Tensor) -> torch.Tensor:
         c = torch.corrcoef(z.double().T)
         return torch.nan_to_num(c, nan=0.0)
@@ -88,8 +89,12 @@ def correlation_difference(teacher_logits: torch.Tensor, student_logits: torch.T
     return (corr(teacher_logits) - corr(student_logits)).abs()
 
 
-def alignment(student_logits: torch.Tensor, student_pooled: torch.Tensor, teacher_logits: torch.Tensor,
-              teacher_pooled: torch.Tensor) -> dict[str, Any]:
+def alignment(
+    student_logits: torch.Tensor,
+    student_pooled: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_pooled: torch.Tensor,
+) -> dict[str, Any]:
     """Teacher-student alignment metrics from test-set outputs."""
     diff = correlation_difference(teacher_logits, student_logits)
     return {
@@ -108,8 +113,13 @@ def predict_test_split(model: nn.Module, data: Any, device: torch.device) -> tup
     return predict(model, data.test_loader(256, device=device).epoch(0))
 
 
-def final_metrics(student: nn.Module, teacher: nn.Module | None, data: Any, device: torch.device,
-                  teacher_predictions: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
+def final_metrics(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    data: Any,
+    device: torch.device,
+    teacher_predictions: tuple[torch.Tensor, ...] | None = None,
+) -> dict[str, Any]:
     """Metrics stored in a finished run's JSON: calibration, and alignment with the teacher when there is one.
 
     ``teacher_predictions`` (from ``predict_test_split``) spares a cohort one teacher pass per member. The

@@ -65,17 +65,17 @@ def execute(
 
     # On SLURM the tasks choose their own device; here the data is only checked.
     dev = torch.device("cpu") if executor == "slurm" else resolve_device(device)
-    sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log, compile=compile,
-                  echo=echo)
+    sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log, compile=compile, echo=echo)
     sweep.preload(specs)  # a missing or broken dataset fails here, before anything is written
     store.ensure_writable()
     if executor == "slurm":
         from kdbench.slurm import submit
 
-        return Execution(executor, jobs=submit(store, specs, slurm or SlurmSettings(), cohort=cohort,
-                                                   compile=compile))
+        return Execution(executor, jobs=submit(store, specs, slurm or SlurmSettings(), cohort=cohort, compile=compile))
     devices = local_devices(str(dev), workers)
     if len(devices) == 1:
         return Execution(executor, report=sweep.run(specs))
-    return Execution(executor, report=run_local(store, specs, devices, cohort=cohort, download=download, log=log,
-                                                                compile=compile, echo=echo))
+    return Execution(
+        executor,
+        report=run_local(store, specs, devices, cohort=cohort, download=download, log=log, compile=compile, echo=echo),
+    )

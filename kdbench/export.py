@@ -7,8 +7,19 @@ import io
 import math
 from typing import Any
 
-LONG_COLUMNS = ["group", "data", "teacher", "student", "method", "seed", "run_id", "status", "epoch", "quantity",
-                "value"]
+LONG_COLUMNS = [
+    "group",
+    "data",
+    "teacher",
+    "student",
+    "method",
+    "seed",
+    "run_id",
+    "status",
+    "epoch",
+    "quantity",
+    "value",
+]
 
 
 def _rows(curve: dict[str, Any]) -> list[tuple[int, str, float]]:
@@ -42,8 +53,16 @@ def curves_long_csv(col: Any) -> str:
         curve = col.curves.get(r.run_id)
         if not curve:
             continue
-        meta = [r.group, r.data, r.teacher if isinstance(r.teacher, str) else "", r.student, r.method, r.seed,
-                r.run_id, r.status]
+        meta = [
+            r.group,
+            r.data,
+            r.teacher if isinstance(r.teacher, str) else "",
+            r.student,
+            r.method,
+            r.seed,
+            r.run_id,
+            r.status,
+        ]
         for epoch, quantity, value in _rows(curve):
             ok = isinstance(value, (int, float)) and math.isfinite(value)
             w.writerow(meta + [epoch, quantity, repr(float(value)) if ok else ""])

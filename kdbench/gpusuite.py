@@ -40,8 +40,11 @@ def _tests(dry: bool, say: Callable[[str], None]) -> dict[str, Any]:
     if not (root / "tests").is_dir():
         return {"status": "skipped", "reason": f"no tests/ folder beside the package ({root})"}
     # Only the files that carry the marker: collecting the whole suite would import every test module.
-    files = sorted(str(f.relative_to(root)) for f in (root / "tests").glob("test_*.py")
-                   if "mark.cuda" in f.read_text(errors="replace"))
+    files = sorted(
+        str(f.relative_to(root))
+        for f in (root / "tests").glob("test_*.py")
+        if "mark.cuda" in f.read_text(errors="replace")
+    )
     if not files:
         return {"status": "none selected", "reason": "no test file carries the cuda marker"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
@@ -51,12 +54,23 @@ def _tests(dry: bool, say: Callable[[str], None]) -> dict[str, Any]:
     summary = lines[-1] if lines else ""
     # pytest exits 5 when nothing was selected; 0 when the selected tests passed or were skipped (no GPU)
     status = "passed" if proc.returncode == 0 else "none selected" if proc.returncode == 5 else "failed"
-    return {"status": status, "returncode": proc.returncode, "summary": summary, "command": " ".join(cmd[2:]),
-            **({"output_tail": proc.stdout[-4000:] + proc.stderr[-2000:]} if status == "failed" else {})}
+    return {
+        "status": status,
+        "returncode": proc.returncode,
+        "summary": summary,
+        "command": " ".join(cmd[2:]),
+        **({"output_tail": proc.stdout[-4000:] + proc.stderr[-2000:]} if status == "failed" else {}),
+    }
 
 
-def _real_epoch(device: torch.device, data_root: str | None, dry: bool, compile_backend: bool | str,
-                variants: list[str], say: Callable[[str], None]) -> dict[str, Any]:
+def _real_epoch(
+    device: torch.device,
+    data_root: str | None,
+    dry: bool,
+    compile_backend: bool | str,
+    variants: list[str],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     from kdbench.bench import _specs
     from kdbench.data import load_dataset
     from kdbench.models import create_model
@@ -71,8 +85,14 @@ def _real_epoch(device: torch.device, data_root: str | None, dry: bool, compile_
         except KdbenchError as exc:
             return {"status": "skipped", "reason": f"CIFAR-100 not found: {exc}"}
         pair, label = PAIR, "cifar100"
-    out: dict[str, Any] = {"status": "done", "data": label, "train_images": len(data.train_labels), "pair": pair,
-                           "methods": list(METHODS), "epochs": {}}
+    out: dict[str, Any] = {
+        "status": "done",
+        "data": label,
+        "train_images": len(data.train_labels),
+        "pair": pair,
+        "methods": list(METHODS),
+        "epochs": {},
+    }
     specs = {s.method: s for s in _specs(pair, list(METHODS), 64)}
     for variant in variants:
         import copy
@@ -87,8 +107,9 @@ def _real_epoch(device: torch.device, data_root: str | None, dry: bool, compile_
             teacher = prepare_model(copy.deepcopy(teacher), compile=compile_backend)
         members = []
         for name in METHODS:
-            spec = dataclasses.replace(specs[name], precision=precision,
-                                       protocol=dataclasses.replace(specs[name].protocol, epochs=1))
+            spec = dataclasses.replace(
+                specs[name], precision=precision, protocol=dataclasses.replace(specs[name].protocol, epochs=1)
+            )
             members.append(build_member(spec, data, teacher, device, compile=compile_backend if compiled else False))
         say(f"one epoch of a {len(members)}-method cohort on {label} ({variant})")
         t0 = time.perf_counter()
@@ -97,7 +118,8 @@ def _real_epoch(device: torch.device, data_root: str | None, dry: bool, compile_
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
         out["epochs"][variant] = {
-            "wall_seconds": wall, "epoch_seconds": members[0].epoch_seconds[0],
+            "wall_seconds": wall,
+            "epoch_seconds": members[0].epoch_seconds[0],
             "note": "wall_seconds includes the evaluation of every member and, compiled, the compilation",
             "top1": {m.spec.method: m.last_eval.get("top1") for m in members},
             "failed": {m.spec.method: m.failed for m in members if m.failed},
@@ -105,9 +127,15 @@ def _real_epoch(device: torch.device, data_root: str | None, dry: bool, compile_
     return out
 
 
-def run_gpu_suite(*, out: str | Path = "results/bench", device: str = "auto", data_root: str | None = None,
-                  dry: bool = False, budget_s: float = BUDGET_S,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_gpu_suite(
+    *,
+    out: str | Path = "results/bench",
+    device: str = "auto",
+    data_root: str | None = None,
+    dry: bool = False,
+    budget_s: float = BUDGET_S,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the suite and write its JSON; return the record (its path under "path")."""
     from kdbench.bench import run_bench
     from kdbench.files import atomic_write_json
@@ -136,17 +164,38 @@ def run_gpu_suite(*, out: str | Path = "results/bench", device: str = "auto", da
     part("tests", lambda: _tests(dry, say))
     bench_args: dict[str, Any] = (
         {"pair": "resnet8:resnet8", "batch_size": 8, "steps": 2, "warmup": 1, "train_size": 64, "workers": 0}
-        if dry else {"pair": PAIR, "batch_size": 64, "steps": 50, "warmup": 10, "train_size": 50_000})
-    part("speed", lambda: {"status": "done", **run_bench(
-        bench_args.pop("pair"), METHODS, device=dev, out=None, variants=VARIANTS, compile_backend=backend,
-        cohort_sizes=str(len(METHODS)), log=say, **bench_args)})
+        if dry
+        else {"pair": PAIR, "batch_size": 64, "steps": 50, "warmup": 10, "train_size": 50_000}
+    )
+    part(
+        "speed",
+        lambda: {
+            "status": "done",
+            **run_bench(
+                bench_args.pop("pair"),
+                METHODS,
+                device=dev,
+                out=None,
+                variants=VARIANTS,
+                compile_backend=backend,
+                cohort_sizes=str(len(METHODS)),
+                log=say,
+                **bench_args,
+            ),
+        },
+    )
     part("real_epoch", lambda: _real_epoch(dev, data_root, dry, backend, ["eager-fp32", "compile-bf16"], say))
 
     record = {
-        "kind": "kdbench.gpu_suite", "schema": SUITE_SCHEMA, "dry_run": dry,
+        "kind": "kdbench.gpu_suite",
+        "schema": SUITE_SCHEMA,
+        "dry_run": dry,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device_name": device_name(dev), "environment": environment(dev),
-        "budget_seconds": budget_s, "total_seconds": time.perf_counter() - start, "part_seconds": timings,
+        "device_name": device_name(dev),
+        "environment": environment(dev),
+        "budget_seconds": budget_s,
+        "total_seconds": time.perf_counter() - start,
+        "part_seconds": timings,
         "parts": parts,
     }
     folder = Path(out)
@@ -162,16 +211,20 @@ def run_gpu_suite(*, out: str | Path = "results/bench", device: str = "auto", da
 
 def summary_lines(record: dict[str, Any]) -> list[str]:
     """A few lines for the terminal."""
-    lines = [f"gpu suite on {record['device_name']}{' (dry run)' if record['dry_run'] else ''}: "
-             f"{record['total_seconds']:.0f} s"]
+    lines = [
+        f"gpu suite on {record['device_name']}{' (dry run)' if record['dry_run'] else ''}: "
+        f"{record['total_seconds']:.0f} s"
+    ]
     for name, p in record["parts"].items():
         extra = p.get("summary") or p.get("reason") or p.get("error") or ""
         lines.append(f"  {name}: {p['status']}{' - ' + extra if extra else ''}")
     speed = record["parts"].get("speed", {})
     for row in speed.get("results", []):
         if row.get("measured"):
-            lines.append(f"    {row['config']:9s} {row.get('variant', ''):12s} {','.join(row['methods']):12s} "
-                         f"{row['images_per_s']:10,.0f} img/s  {row['epoch_seconds']:8.1f} s/epoch*")
+            lines.append(
+                f"    {row['config']:9s} {row.get('variant', ''):12s} {','.join(row['methods']):12s} "
+                f"{row['images_per_s']:10,.0f} img/s  {row['epoch_seconds']:8.1f} s/epoch*"
+            )
     for variant, e in record["parts"].get("real_epoch", {}).get("epochs", {}).items():
         lines.append(f"    real epoch {variant}: {e['epoch_seconds']:.1f} s")
     lines.append(f"-> {record['path']}")

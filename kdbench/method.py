@@ -15,8 +15,8 @@ import dataclasses
 import importlib.metadata as md
 import math
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -69,8 +69,12 @@ class MethodConfig:
                 if value not in rule:
                     raise KdbenchError(f"{key} must be one of {', '.join(map(str, rule))}, got {value!r}")
                 continue
-            ok = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1,
-                  "[0,1)": lambda v: 0 <= v < 1}[rule](value)
+            ok = {
+                ">0": lambda v: v > 0,
+                ">=0": lambda v: v >= 0,
+                ">=1": lambda v: v >= 1,
+                "[0,1)": lambda v: 0 <= v < 1,
+            }[rule](value)
             if not ok:
                 raise KdbenchError(f"{key} must be {_RULE_WORDS[rule]}, got {value!r}")
 
@@ -187,8 +191,9 @@ class Method(nn.Module):
         """The pre-training stage run before the main one, or None (the default)."""
         return None
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         """The method's own weighted loss terms (CE and KD are added by the harness)."""
         return {}
 
@@ -296,9 +301,7 @@ def make_config(entry: MethodEntry, values: dict[str, Any] | None = None) -> Met
     kwargs: dict[str, Any] = {}
     for key, val in merged.items():
         if key not in valid:
-            raise KdbenchError(
-                f"unknown setting {key!r} for method {entry.name!r}; valid: {', '.join(sorted(valid))}"
-            )
+            raise KdbenchError(f"unknown setting {key!r} for method {entry.name!r}; valid: {', '.join(sorted(valid))}")
         kwargs[key] = coerce(val, valid[key].type, f"methods.{entry.name}.{key}")
     cfg = cfg_cls(**kwargs)
     check = getattr(cfg, "check", None)

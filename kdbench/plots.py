@@ -31,17 +31,25 @@ GREY = PALETTE[7]  # the vanilla student
 METHOD_COLOURS = [PALETTE[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
 # Past nine methods the same hues come back darker, then lighter, so no two of 27 methods share a colour; the
 # hatch, marker and line style change with each round too, so the look stays distinct in greyscale as well.
-SHADES = [METHOD_COLOURS,
-          [sns.color_palette("dark", 10)[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)],
-          [sns.color_palette("pastel", 10)[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]]
+SHADES = [
+    METHOD_COLOURS,
+    [sns.color_palette("dark", 10)[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)],
+    [sns.color_palette("pastel", 10)[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)],
+]
 HATCHES = ["", "//", "..", "xx"]
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 CORR_DIFF_PREFERRED = ["kd", "crd", "rrd", "crd+kd", "rrd+kd"]
 CORR_DIFF_MAX = 4
 DPI = 120
-STYLE = {**sns.axes_style("whitegrid"), "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
-         "figure.titlesize": 12, "legend.fontsize": 9}
+STYLE = {
+    **sns.axes_style("whitegrid"),
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "figure.titlesize": 12,
+    "legend.fontsize": 9,
+}
 
 
 Style = tuple[Any, str, str, str]  # (colour, hatch, marker, line style)
@@ -55,8 +63,12 @@ def styles_for(methods: list[str]) -> dict[str, Style]:
     k = len(METHOD_COLOURS)
     for i, m in enumerate(m for m in method_order(list(dict.fromkeys(methods))) if m not in out):
         cycle = i // k
-        out[m] = (SHADES[cycle % len(SHADES)][i % k], HATCHES[cycle % len(HATCHES)], MARKERS[cycle % len(MARKERS)],
-                  LINESTYLES[cycle % len(LINESTYLES)])
+        out[m] = (
+            SHADES[cycle % len(SHADES)][i % k],
+            HATCHES[cycle % len(HATCHES)],
+            MARKERS[cycle % len(MARKERS)],
+            LINESTYLES[cycle % len(LINESTYLES)],
+        )
     return out
 
 
@@ -85,8 +97,12 @@ def _label(row: str) -> str:
 
 
 def _metric_label(metric: str) -> str:
-    names = {"top1_last": "top-1, last epoch (%)", "top1_best": "top-1, best epoch (%)",
-             "top5_last": "top-5, last epoch (%)", "top5_best": "top-5, best epoch (%)"}
+    names = {
+        "top1_last": "top-1, last epoch (%)",
+        "top1_best": "top-1, best epoch (%)",
+        "top5_last": "top-5, last epoch (%)",
+        "top5_best": "top-5, best epoch (%)",
+    }
     return names.get(metric, metric)
 
 
@@ -105,8 +121,13 @@ def save(fig: Figure | None, path: Path) -> Path | None:
     with matplotlib.rc_context(STYLE):
         # bbox_inches="tight" grows the canvas around anything that would still stick out (a last guard: the
         # figures are laid out to fit, and tests check that nothing is clipped)
-        fig.savefig(path, dpi=DPI, metadata={"Title": title.replace("\n", " "), "Software": "kdbench"},
-                    bbox_inches="tight", pad_inches=0.08)
+        fig.savefig(
+            path,
+            dpi=DPI,
+            metadata={"Title": title.replace("\n", " "), "Software": "kdbench"},
+            bbox_inches="tight",
+            pad_inches=0.08,
+        )
     return path
 
 
@@ -129,16 +150,27 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
             if not c.n:
                 continue
             std = c.std if c.n > 1 and math.isfinite(c.std) else 0.0
-            ax.bar(i, c.mean, width=0.7, color=colour, hatch=hatch, edgecolor="white" if not hatch else "black",
-                   linewidth=0.6, yerr=std if c.n > 1 else None, capsize=4, error_kw={"elinewidth": 1.2},
-                   label=f"_{row}")
+            ax.bar(
+                i,
+                c.mean,
+                width=0.7,
+                color=colour,
+                hatch=hatch,
+                edgecolor="white" if not hatch else "black",
+                linewidth=0.6,
+                yerr=std if c.n > 1 else None,
+                capsize=4,
+                error_kw={"elinewidth": 1.2},
+                label=f"_{row}",
+            )
             tops.append(c.mean + std)
             lows.append(c.mean - std)
         teacher = table.cell(TEACHER, pair)
         student = table.cell(STUDENT, pair)
         if teacher is not None and teacher.n:
-            ax.axhline(teacher.mean, color="black", ls="--", lw=1.3, label=f"teacher {pair.split(':')[0]} "
-                       f"({teacher.mean:.2f})")
+            ax.axhline(
+                teacher.mean, color="black", ls="--", lw=1.3, label=f"teacher {pair.split(':')[0]} ({teacher.mean:.2f})"
+            )
             tops.append(teacher.mean)
         if student is not None and student.n:
             ax.axhline(student.mean, color=GREY, ls=":", lw=1.6, label=f"vanilla student ({student.mean:.2f})")
@@ -152,12 +184,28 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
             c = table.cell(row, pair)
             if c.n:
                 top = c.mean + (c.std if c.n > 1 and math.isfinite(c.std) else 0.0)
-                ax.annotate(f"{c.mean:.{table.digits}f}", (i, top), xytext=(0, 3), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=8, rotation=90 if len(rows) > 10 else 0,
-                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+                ax.annotate(
+                    f"{c.mean:.{table.digits}f}",
+                    (i, top),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    rotation=90 if len(rows) > 10 else 0,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                )
             else:
-                ax.text(i, bottom + 0.02 * (hi + 2 * pad - bottom), c.status if c.status != "missing" else "-",
-                        ha="center", va="bottom", fontsize=9, rotation=90, color="dimgray")
+                ax.text(
+                    i,
+                    bottom + 0.02 * (hi + 2 * pad - bottom),
+                    c.status if c.status != "missing" else "-",
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                    rotation=90,
+                    color="dimgray",
+                )
         common = table.common_n()
         names = []
         for r in rows:
@@ -175,8 +223,16 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
         if hatched:  # past nine methods colours come back with a hatch: every hatched bar gets a legend entry
             from matplotlib.patches import Patch
 
-            handles += [Patch(facecolor=_style(styles, r, table.rows)[0], hatch=_style(styles, r, table.rows)[1],
-                              edgecolor="black", linewidth=0.6, label=r) for r in hatched]
+            handles += [
+                Patch(
+                    facecolor=_style(styles, r, table.rows)[0],
+                    hatch=_style(styles, r, table.rows)[1],
+                    edgecolor="black",
+                    linewidth=0.6,
+                    label=r,
+                )
+                for r in hatched
+            ]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
         _suptitle(fig, f"{pair} — {table.metric} per method ({table.group})")
     return fig
@@ -190,8 +246,11 @@ def _runs(col: Collected, group: str, pair: str) -> pd.DataFrame:
     """Finished runs of a pair, the vanilla student's (method ce, keyed by the student only) included."""
     t, s = pair.split(":")
     r = col.runs
-    sel = (r["group"] == group) & (r["student"] == s) & (((r["teacher"] == t) & (r["method"] != "ce"))
-                                                        | (r["method"] == "ce"))
+    sel = (
+        (r["group"] == group)
+        & (r["student"] == s)
+        & (((r["teacher"] == t) & (r["method"] != "ce")) | (r["method"] == "ce"))
+    )
     return r[sel & (r["status"] == "done")]
 
 
@@ -235,8 +294,9 @@ def _log_axis(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _mantissa(v) in (2, 5) else ""))
 
 
-def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | None = None,
-                  styles: dict[str, Style] | None = None) -> Figure | None:
+def curves_figure(
+    col: Collected, group: str, pair: str, teacher_top1: float | None = None, styles: dict[str, Style] | None = None
+) -> Figure | None:
     """Test top-1 and total training loss per epoch, one line per method (mean over seeds; with five methods or
     fewer a band shows ±1 std over seeds). Past 20 epochs a middle panel zooms on the last quarter of training,
     where the methods separate."""
@@ -246,9 +306,13 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
     bands = len(by_method) <= 5 and any(len(c) > 1 for c in by_method.values())
     counts = [len(c) for c in by_method.values()]
     common = max(set(counts), key=counts.count)  # the usual number of seeds: said once, in the title
-    series = {m: (_series(curves, "eval_epoch", lambda c: c.get("test_top1")),
-                  _series(curves, "epoch", lambda c: (c.get("loss") or {}).get("total"))) for m, curves in
-              by_method.items()}
+    series = {
+        m: (
+            _series(curves, "eval_epoch", lambda c: c.get("test_top1")),
+            _series(curves, "epoch", lambda c: (c.get("loss") or {}).get("total")),
+        )
+        for m, curves in by_method.items()
+    }
     last = max((float(a[0][-1]) for a, _ in series.values() if a is not None and len(a[0])), default=0.0)
     zoom_from = math.floor(0.75 * last) if last > 20 else None
     with matplotlib.rc_context(STYLE):
@@ -279,8 +343,17 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
             if loss is not None:
                 positive &= bool(np.nanmin(loss[1]) > 0)
                 span += [float(np.nanmin(loss[1])), float(np.nanmax(loss[1]))]
-            handles.append(Line2D([], [], color=colour, ls=ls, marker=marker if few else None, lw=1.5,
-                                  label=_label(m) + (f" (n={len(curves)})" if len(curves) != common else "")))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color=colour,
+                    ls=ls,
+                    marker=marker if few else None,
+                    lw=1.5,
+                    label=_label(m) + (f" (n={len(curves)})" if len(curves) != common else ""),
+                )
+            )
         if teacher_top1 is not None:
             for ax in (ax_acc, ax_zoom):
                 if ax is not None:
@@ -306,13 +379,23 @@ def curves_figure(col: Collected, group: str, pair: str, teacher_top1: float | N
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
         band = "; band: ±1 std over seeds" if bands else ""
         seeds = f"mean over {common} seeds" if common > 1 else "one seed"
-        _suptitle(fig, f"{pair} — training curves ({group}; {seeds} per method unless marked n=…{band})"
-                  if len(set(counts)) > 1 else f"{pair} — training curves ({group}; {seeds}{band})")
+        _suptitle(
+            fig,
+            f"{pair} — training curves ({group}; {seeds} per method unless marked n=…{band})"
+            if len(set(counts)) > 1
+            else f"{pair} — training curves ({group}; {seeds}{band})",
+        )
     return fig
 
 
-def training_curves(col: Collected, group: str, pair: str, path: Path, teacher_top1: float | None = None,
-                    styles: dict[str, Style] | None = None) -> Path | None:
+def training_curves(
+    col: Collected,
+    group: str,
+    pair: str,
+    path: Path,
+    teacher_top1: float | None = None,
+    styles: dict[str, Style] | None = None,
+) -> Path | None:
     return save(curves_figure(col, group, pair, teacher_top1, styles), path)
 
 
@@ -343,8 +426,9 @@ def losses_figure(col: Collected, group: str, pair: str, styles: dict[str, Style
                 x, mean, _ = s
                 positive &= bool(np.nanmin(mean) > 0)
                 span += [float(np.nanmin(mean)), float(np.nanmax(mean))]
-                style = {"color": "black", "ls": "--", "lw": 1.2} if t == "total" else {"color": term_colour[t],
-                                                                                         "lw": 1.6}
+                style = (
+                    {"color": "black", "ls": "--", "lw": 1.2} if t == "total" else {"color": term_colour[t], "lw": 1.6}
+                )
                 ax.plot(x, mean, label=t, marker="o" if len(x) <= 12 else None, ms=3, **style)
             positive &= bool(span) and max(span) > 3 * min(span)
             if positive:
@@ -353,14 +437,15 @@ def losses_figure(col: Collected, group: str, pair: str, styles: dict[str, Style
             _epoch_axis(ax)
             ax.set_ylabel("loss term" + (" (log)" if positive else ""))
             ax.legend(fontsize=7, loc="best")
-        for ax in axes[len(by_method):]:
+        for ax in axes[len(by_method) :]:
             ax.set_visible(False)
         _suptitle(fig, f"{pair} — loss terms per epoch ({group}; weighted as optimised, mean over seeds)")
     return fig
 
 
-def loss_terms(col: Collected, group: str, pair: str, path: Path,
-               styles: dict[str, Style] | None = None) -> Path | None:
+def loss_terms(
+    col: Collected, group: str, pair: str, path: Path, styles: dict[str, Style] | None = None
+) -> Path | None:
     return save(losses_figure(col, group, pair, styles), path)
 
 
@@ -388,9 +473,18 @@ def corr_diff_figure(col: Collected, group: str, pair: str, methods: list[str] |
         fig = _figure(3.3 * k + 1.2, 3.6)
         axes = np.atleast_1d(fig.subplots(1, k, squeeze=False)).ravel()
         for i, (ax, (m, a)) in enumerate(zip(axes, mats.items())):
-            sns.heatmap(a, ax=ax, vmin=0.0, vmax=vmax, cmap="mako_r", square=True, cbar=i == k - 1,
-                        xticklabels=False, yticklabels=False,
-                        cbar_kws={"label": "|corr_T - corr_S|", "shrink": 0.85} if i == k - 1 else None)
+            sns.heatmap(
+                a,
+                ax=ax,
+                vmin=0.0,
+                vmax=vmax,
+                cmap="mako_r",
+                square=True,
+                cbar=i == k - 1,
+                xticklabels=False,
+                yticklabels=False,
+                cbar_kws={"label": "|corr_T - corr_S|", "shrink": 0.85} if i == k - 1 else None,
+            )
             n = int((runs["method"] == m).sum())
             ax.set_title(f"{m}: mean {a.mean():.3f}" + (f" (n={n})" if n > 1 else ""))
             ax.set_xlabel("class")
@@ -399,8 +493,9 @@ def corr_diff_figure(col: Collected, group: str, pair: str, methods: list[str] |
     return fig
 
 
-def corr_diff_heatmaps(col: Collected, group: str, pair: str, path: Path,
-                       methods: list[str] | None = None) -> Path | None:
+def corr_diff_heatmaps(
+    col: Collected, group: str, pair: str, path: Path, methods: list[str] | None = None
+) -> Path | None:
     return save(corr_diff_figure(col, group, pair, methods), path)
 
 
@@ -428,10 +523,20 @@ def gain_figure(table: Table) -> Figure | None:
     with matplotlib.rc_context(STYLE):
         fig = _figure(max(5.5, 0.95 * len(pairs) + 3.0), max(3.0, 0.42 * len(methods) + 1.8))
         ax = fig.add_subplot()
-        sns.heatmap(pd.DataFrame(gain, index=methods, columns=pairs), ax=ax, cmap="vlag", center=0.0, vmin=-lim,
-                    vmax=lim, annot=True, fmt="+.2f", linewidths=0.5, linecolor="white",
-                    cbar_kws={"label": f"{table.metric}: method - student"},
-                    annot_kws={"fontsize": 8})
+        sns.heatmap(
+            pd.DataFrame(gain, index=methods, columns=pairs),
+            ax=ax,
+            cmap="vlag",
+            center=0.0,
+            vmin=-lim,
+            vmax=lim,
+            annot=True,
+            fmt="+.2f",
+            linewidths=0.5,
+            linecolor="white",
+            cbar_kws={"label": f"{table.metric}: method - student"},
+            annot_kws={"fontsize": 8},
+        )
         ax.grid(False)
         for (i, j), text in status.items():
             ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8, color="dimgray")
@@ -449,12 +554,15 @@ def gain_heatmap(table: Table, path: Path) -> Path | None:
     return save(gain_figure(table), path)
 
 
-ALIGNMENT = (("cka", "linear CKA with the teacher (pooled features)"),
-             ("agreement", "top-1 agreement with the teacher (%)"))
+ALIGNMENT = (
+    ("cka", "linear CKA with the teacher (pooled features)"),
+    ("agreement", "top-1 agreement with the teacher (%)"),
+)
 
 
-def alignment_figure(col: Collected, group: str, metric: str = "top1_last",
-                     styles: dict[str, Style] | None = None) -> Figure | None:
+def alignment_figure(
+    col: Collected, group: str, metric: str = "top1_last", styles: dict[str, Style] | None = None
+) -> Figure | None:
     """Accuracy against teacher-student alignment, one small point per finished run and a large one per method
     (its mean). With several pairs the accuracy is taken relative to the pair's vanilla student (the mean of its
     ce runs), so that pairs of different difficulty share one axis. Colour and marker tell the method, as in every
@@ -489,22 +597,61 @@ def alignment_figure(col: Collected, group: str, metric: str = "top1_last",
                 if sub.empty:
                     continue
                 colour, _, marker, _ = _style(styles, m, methods)
-                ax.scatter(sub[key], sub["y"], color=colour, marker=marker, s=30, edgecolor="black", linewidth=0.3,
-                           alpha=0.55, zorder=2)
-                ax.scatter([sub[key].mean()], [sub["y"].mean()], color=colour, s=150, edgecolor="black",
-                           marker=marker, linewidth=1.6, zorder=3)
+                ax.scatter(
+                    sub[key],
+                    sub["y"],
+                    color=colour,
+                    marker=marker,
+                    s=30,
+                    edgecolor="black",
+                    linewidth=0.3,
+                    alpha=0.55,
+                    zorder=2,
+                )
+                ax.scatter(
+                    [sub[key].mean()],
+                    [sub["y"].mean()],
+                    color=colour,
+                    s=150,
+                    edgecolor="black",
+                    marker=marker,
+                    linewidth=1.6,
+                    zorder=3,
+                )
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{metric} vs {key}" + (f" ({len(pairs)} pairs)" if len(pairs) > 1 else ""))
-        handles = [Line2D([], [], ls="", marker=_style(styles, m, methods)[2], color=_style(styles, m, methods)[0],
-                          markeredgecolor="black", label=m) for m in methods]
-        handles.append(Line2D([], [], ls="", marker="o", color="white", markeredgecolor="black", markersize=11,
-                              markeredgewidth=1.6, label="mean of a method"))
+        handles = [
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker=_style(styles, m, methods)[2],
+                color=_style(styles, m, methods)[0],
+                markeredgecolor="black",
+                label=m,
+            )
+            for m in methods
+        ]
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="o",
+                color="white",
+                markeredgecolor="black",
+                markersize=11,
+                markeredgewidth=1.6,
+                label="mean of a method",
+            )
+        )
         fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method", ncols=ncols)
         _suptitle(fig, f"Accuracy vs alignment with the teacher — small: one run, large: a method's mean ({group})")
     return fig
 
 
-def accuracy_vs_alignment(col: Collected, group: str, metric: str, path: Path,
-                          styles: dict[str, Style] | None = None) -> Path | None:
+def accuracy_vs_alignment(
+    col: Collected, group: str, metric: str, path: Path, styles: dict[str, Style] | None = None
+) -> Path | None:
     return save(alignment_figure(col, group, metric, styles), path)

@@ -75,8 +75,11 @@ def resolve_run(run: str, results: str | Path | None = None) -> tuple[Path, dict
     store = ResultStore(results if results is not None else "results")
     if not store.runs_dir.is_dir():
         raise KdbenchError(f"{run!r} is not a run JSON file, and {store.runs_dir} does not exist: pass --results DIR")
-    hits = [p for p in sorted(store.runs_dir.glob("*.json"))
-            if p.stem.split("__")[-1].startswith(run) or p.stem.startswith(run)]
+    hits = [
+        p
+        for p in sorted(store.runs_dir.glob("*.json"))
+        if p.stem.split("__")[-1].startswith(run) or p.stem.startswith(run)
+    ]
     if not hits:
         raise KdbenchError(f"no run whose id or file name starts with {run!r} in {store.runs_dir}")
     if len(hits) > 1:
@@ -122,9 +125,17 @@ def probe_label(run_label: str, dataset: str, protocol: str, seed: int) -> str:
     return f"{run_label}__probe-{dataset}__{protocol}__s{seed}"
 
 
-def train_linear_probe(model: nn.Module, data: Any, proto: ProbeProtocol, base_lr: float, *, seed: int = 0,
-                       device: torch.device | str = "cpu", head_seed: int | None = None,
-                       log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def train_linear_probe(
+    model: nn.Module,
+    data: Any,
+    proto: ProbeProtocol,
+    base_lr: float,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    head_seed: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """Train a linear head on the pooled features of a frozen `model` (kept in eval mode, never updated) over
     `data` (a kdbench Dataset, already subsampled if wanted); returns the curve and the last and best top-1."""
     from kdbench.models import freeze
@@ -175,20 +186,36 @@ def train_linear_probe(model: nn.Module, data: Any, proto: ProbeProtocol, base_l
             best, best_epoch = top1, epoch + 1
         epoch_seconds.append(time.perf_counter() - t0)
         log(f"epoch {epoch + 1}/{proto.epochs}: loss {curve['loss'][-1]:.3f}, test top-1 {top1:.2f}")
-    return {"curve": curve, "top1_last": curve["test_top1"][-1] if curve["test_top1"] else None,
-            "top1_best": best if best >= 0 else None, "best_epoch": best_epoch, "epoch_seconds": epoch_seconds,
-            "pooled_dim": pooled_dim}
+    return {
+        "curve": curve,
+        "top1_last": curve["test_top1"][-1] if curve["test_top1"] else None,
+        "top1_best": best if best >= 0 else None,
+        "best_epoch": best_epoch,
+        "epoch_seconds": epoch_seconds,
+        "pooled_dim": pooled_dim,
+    }
 
 
-def run_probe(run: dict[str, Any], root: Path, dataset: str, *, protocol: str | ProbeProtocol = "paper",
-              data_root: str | Path | None = None, image_size: int | None = None, download: bool = False,
-              device: torch.device | str = "cpu", seed: int = 0, dataset_options: dict[str, Any] | None = None,
-              run_file: Path | None = None, save: bool = True,
-              log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_probe(
+    run: dict[str, Any],
+    root: Path,
+    dataset: str,
+    *,
+    protocol: str | ProbeProtocol = "paper",
+    data_root: str | Path | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    dataset_options: dict[str, Any] | None = None,
+    run_file: Path | None = None,
+    save: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """Train and evaluate the linear probe of one finished run; returns (and by default saves) its record."""
     from kdbench.data import Dataset, load_dataset
-    from kdbench.tables import PAPER_NAMES, load_transfer_reference
     from kdbench.seeds import derive_seed
+    from kdbench.tables import PAPER_NAMES, load_transfer_reference
 
     proto = PROBE_PROTOCOLS.get(protocol) if isinstance(protocol, str) else protocol
     if proto is None:
@@ -203,16 +230,37 @@ def run_probe(run: dict[str, Any], root: Path, dataset: str, *, protocol: str | 
     if (idx := _subset(len(test_y), proto.max_test, derive_seed(seed, "probe-test-subset"))) is not None:
         test_x, test_y = test_x[idx], test_y[idx]
     # The subset keeps the full split's normalisation statistics and identity (checksum).
-    probe_data = Dataset(data.name, train_x, train_y, test_x, test_y, data.classes, data.mean, data.std,
-                         data.checksum, class_ids=data.class_ids, source=data.source)
+    probe_data = Dataset(
+        data.name,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        data.classes,
+        data.mean,
+        data.std,
+        data.checksum,
+        class_ids=data.class_ids,
+        source=data.source,
+    )
 
     student = run["spec"]["student"]
     small = tuple(run["spec"].get("protocol", {}).get("small_lr_students", SMALL_LR_STUDENTS))
     base_lr = proto.lr_small if student in small else proto.lr
-    log(f"probe {run['spec']['method']} {student} on {data.name} ({len(train_y)} train / {len(test_y)} test, "
-        f"{proto.name}: {proto.epochs} epochs, lr {base_lr})")
-    out = train_linear_probe(model, probe_data, proto, base_lr, seed=seed, device=device,
-                             head_seed=derive_seed(seed, run["run_id"], "probe-head"), log=log)
+    log(
+        f"probe {run['spec']['method']} {student} on {data.name} ({len(train_y)} train / {len(test_y)} test, "
+        f"{proto.name}: {proto.epochs} epochs, lr {base_lr})"
+    )
+    out = train_linear_probe(
+        model,
+        probe_data,
+        proto,
+        base_lr,
+        seed=seed,
+        device=device,
+        head_seed=derive_seed(seed, run["run_id"], "probe-head"),
+        log=log,
+    )
     curve, pooled_dim, epoch_seconds = out["curve"], out["pooled_dim"], out["epoch_seconds"]
 
     teacher = (run["spec"].get("teacher") or {}).get("arch")
@@ -220,27 +268,56 @@ def run_probe(run: dict[str, Any], root: Path, dataset: str, *, protocol: str | 
     published = None
     if (run.get("data") or {}).get("name") == "cifar100" and teacher and paper_method:
         published = load_transfer_reference().get((teacher, student, paper_method, dataset))
-    comparable = (PAPER_CLASSES.get(dataset) == data.num_classes and data.image_size == 32
-                  and proto.epochs == PROBE_PROTOCOLS["paper"].epochs and proto.max_train is None)
-    run_label = (run_file.stem if run_file is not None else
-                 f"{run['spec']['data']['name']}__{teacher or 'none'}__{student}__{run['spec']['method']}__"
-                 f"s{run['spec']['seed']}__{run['run_id']}")
+    comparable = (
+        PAPER_CLASSES.get(dataset) == data.num_classes
+        and data.image_size == 32
+        and proto.epochs == PROBE_PROTOCOLS["paper"].epochs
+        and proto.max_train is None
+    )
+    run_label = (
+        run_file.stem
+        if run_file is not None
+        else f"{run['spec']['data']['name']}__{teacher or 'none'}__{student}__{run['spec']['method']}__"
+        f"s{run['spec']['seed']}__{run['run_id']}"
+    )
     record = {
-        "schema": PROBE_SCHEMA, "kind": "linear_probe", "run_id": run["run_id"], "run_label": run_label,
-        "pair": run.get("pair", f"{teacher or '-'}:{student}"), "method": run["spec"]["method"],
-        "student": student, "teacher": teacher, "seed": run["spec"]["seed"], "probe_seed": seed,
+        "schema": PROBE_SCHEMA,
+        "kind": "linear_probe",
+        "run_id": run["run_id"],
+        "run_label": run_label,
+        "pair": run.get("pair", f"{teacher or '-'}:{student}"),
+        "method": run["spec"]["method"],
+        "student": student,
+        "teacher": teacher,
+        "seed": run["spec"]["seed"],
+        "probe_seed": seed,
         "source_data": (run.get("data") or {}).get("name"),
-        "dataset": {"name": data.name, "checksum": data.checksum, "num_classes": data.num_classes,
-                    "image_size": data.image_size, "train_size": len(train_y), "test_size": len(test_y),
-                    "mean": list(data.mean), "std": list(data.std), "source": data.source},
-        "protocol": dataclasses.asdict(proto), "lr": base_lr,
+        "dataset": {
+            "name": data.name,
+            "checksum": data.checksum,
+            "num_classes": data.num_classes,
+            "image_size": data.image_size,
+            "train_size": len(train_y),
+            "test_size": len(test_y),
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "source": data.source,
+        },
+        "protocol": dataclasses.asdict(proto),
+        "lr": base_lr,
         "backbone": {"frozen": True, "mode": "eval", "features": "pooled", "pooled_dim": pooled_dim},
-        "top1_last": out["top1_last"], "top1_best": out["top1_best"], "best_epoch": out["best_epoch"],
+        "top1_last": out["top1_last"],
+        "top1_best": out["top1_best"],
+        "best_epoch": out["best_epoch"],
         "published": published,
         "published_comparable": comparable if published is not None else None,
-        "published_note": (f"published probe (CRD Table 4 / RRD paper) on {PAPER_CLASSES.get(dataset)}-class "
-                           f"{dataset} at 32x32, 120 epochs; this probe: {data.num_classes} classes, "
-                           f"{data.image_size}px, {proto.epochs} epochs") if published is not None else None,
+        "published_note": (
+            f"published probe (CRD Table 4 / RRD paper) on {PAPER_CLASSES.get(dataset)}-class "
+            f"{dataset} at 32x32, 120 epochs; this probe: {data.num_classes} classes, "
+            f"{data.image_size}px, {proto.epochs} epochs"
+        )
+        if published is not None
+        else None,
         "curve": curve,
         "timings": {"epoch_seconds": epoch_seconds, "total_seconds": sum(epoch_seconds)},
         "environment": environment(device),

@@ -113,8 +113,10 @@ def epoch_line(m: Any, n_train: int, cohort_size: int, sweep_eta: float | None =
     epochs = spec.protocol.epochs
     seconds = m.epoch_seconds[-1] if m.epoch_seconds else None
     losses = {k: v[-1] for k, v in (m.curve.get("loss") or {}).items() if v}
-    terms = " ".join(f"{k} {v:.4f}" if v is not None else f"{k} nan"
-                     for k, v in sorted(losses.items(), key=lambda kv: (kv[0] == "total", kv[0])))
+    terms = " ".join(
+        f"{k} {v:.4f}" if v is not None else f"{k} nan"
+        for k, v in sorted(losses.items(), key=lambda kv: (kv[0] == "total", kv[0]))
+    )
     top1 = m.last_eval.get("top1") if m.last_eval.get("epoch") == m.epoch else None
     parts = [f"{run_name(spec)} s{spec.seed}", f"epoch {m.epoch}/{epochs}", terms or "no loss"]
     parts.append(f"top1 {top1:.2f}" if top1 is not None else "top1 -")
@@ -133,8 +135,14 @@ class RunLogs:
     """Writes every epoch line to ``runs/<label>.log`` (beside the run's JSON) and hands it to ``echo`` (stderr when
     it is not a terminal); keeps the sweep's meter and its progress-bar task up to date."""
 
-    def __init__(self, runs_dir: Path, echo: Callable[[str], None] | None = None, meter: SweepMeter | None = None,
-                 progress: Any = None, task: Any = None):
+    def __init__(
+        self,
+        runs_dir: Path,
+        echo: Callable[[str], None] | None = None,
+        meter: SweepMeter | None = None,
+        progress: Any = None,
+        task: Any = None,
+    ):
         self.runs_dir = Path(runs_dir)
         self.echo = echo
         self.meter = meter or SweepMeter()
@@ -180,14 +188,15 @@ class RunLogs:
             return
         mt = self.meter
         eta = mt.eta()
-        text = (f"sweep: {mt.runs_done}/{mt.runs_total} runs, {mt.done_epochs}/{mt.total_epochs} epochs, "
-                f"ETA {hms(eta) if eta is not None else 'after the first epoch'}")
+        text = (
+            f"sweep: {mt.runs_done}/{mt.runs_total} runs, {mt.done_epochs}/{mt.total_epochs} epochs, "
+            f"ETA {hms(eta) if eta is not None else 'after the first epoch'}"
+        )
         from rich.markup import escape
 
         if current:
             text += f" — {escape(current)}"
-        self.progress.update(self.task, total=max(mt.total_epochs, 1), completed=mt.done_epochs,
-                             description=text)
+        self.progress.update(self.task, total=max(mt.total_epochs, 1), completed=mt.done_epochs, description=text)
 
 
 # ---------------------------------------------------------------------------------------------- estimates

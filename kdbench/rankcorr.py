@@ -83,8 +83,11 @@ def _normal_p(x: list[float], y: list[float], s: int) -> float:
     vt = sum(t * (t - 1) * (2 * t + 5) for t in tx)
     vu = sum(u * (u - 1) * (2 * u + 5) for u in ty)
     v1 = sum(t * (t - 1) for t in tx) * sum(u * (u - 1) for u in ty) / (2 * n * (n - 1))
-    v2 = (sum(t * (t - 1) * (t - 2) for t in tx) * sum(u * (u - 1) * (u - 2) for u in ty)
-          / (9 * n * (n - 1) * (n - 2))) if n > 2 else 0.0
+    v2 = (
+        (sum(t * (t - 1) * (t - 2) for t in tx) * sum(u * (u - 1) * (u - 2) for u in ty) / (9 * n * (n - 1) * (n - 2)))
+        if n > 2
+        else 0.0
+    )
     var = (v0 - vt - vu) / 18 + v1 + v2
     if var <= 0:
         return 1.0
@@ -103,20 +106,27 @@ class RankAgreement:
     result: KendallResult
 
 
-def rank_agreement(ours: dict[str, float], published: dict[str, float], *, pair: str, published_pair: str,
-                   reference: str) -> RankAgreement:
+def rank_agreement(
+    ours: dict[str, float], published: dict[str, float], *, pair: str, published_pair: str, reference: str
+) -> RankAgreement:
     """Kendall tau between our mean metric per row and the published number per row, over the rows both have."""
     rows = tuple(r for r in ours if published.get(r) is not None)
     if len(rows) < 3:
         raise ValueError(f"{pair} vs {reference} {published_pair}: only {len(rows)} rows in common, need 3")
-    return RankAgreement(pair, published_pair, reference, rows,
-                         kendall_tau([ours[r] for r in rows], [float(published[r]) for r in rows]))
+    return RankAgreement(
+        pair, published_pair, reference, rows, kendall_tau([ours[r] for r in rows], [float(published[r]) for r in rows])
+    )
 
 
 def render_agreement_md(a: RankAgreement) -> str:
     r = a.result
     same = a.pair == a.published_pair
-    against = f"the published ranking of the same pair ({a.reference})" if same else \
-        f"the published ranking of {a.published_pair} ({a.reference})"
-    return (f"Rank agreement of {a.pair} with {against}: Kendall tau-b = {r.tau:.3f}, two-sided p = {r.p_value:.3g} "
-            f"({r.method}), over the {r.n} rows both have: {', '.join(a.rows)}.")
+    against = (
+        f"the published ranking of the same pair ({a.reference})"
+        if same
+        else f"the published ranking of {a.published_pair} ({a.reference})"
+    )
+    return (
+        f"Rank agreement of {a.pair} with {against}: Kendall tau-b = {r.tau:.3f}, two-sided p = {r.p_value:.3g} "
+        f"({r.method}), over the {r.n} rows both have: {', '.join(a.rows)}."
+    )

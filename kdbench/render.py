@@ -13,9 +13,23 @@ from kdbench.tables import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PAPER_NAMES, STU
 def _latex_escape(text: str) -> str:
     out = []
     for ch in text:
-        out.append({"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
-                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                    "±": r"$\pm$", "Δ": r"$\Delta$", "→": r"$\rightarrow$"}.get(ch, ch))
+        out.append(
+            {
+                "\\": r"\textbackslash{}",
+                "_": r"\_",
+                "%": r"\%",
+                "&": r"\&",
+                "#": r"\#",
+                "$": r"\$",
+                "{": r"\{",
+                "}": r"\}",
+                "~": r"\textasciitilde{}",
+                "^": r"\textasciicircum{}",
+                "±": r"$\pm$",
+                "Δ": r"$\Delta$",
+                "→": r"$\rightarrow$",
+            }.get(ch, ch)
+        )
     return "".join(out)
 
 
@@ -39,8 +53,10 @@ def _marks(table: Table, pair: str) -> tuple[float | None, float | None]:
     """The best and second-best distinct means of a pair (Teacher excluded)."""
     if table.direction == 0:
         return None, None
-    means = sorted({round(c.mean, 9) for r in table.rows if r != TEACHER
-                    and (c := table.cell(r, pair)) is not None and c.n}, reverse=table.direction > 0)
+    means = sorted(
+        {round(c.mean, 9) for r in table.rows if r != TEACHER and (c := table.cell(r, pair)) is not None and c.n},
+        reverse=table.direction > 0,
+    )
     return (means[0] if means else None), (means[1] if len(means) > 1 else None)
 
 
@@ -100,8 +116,10 @@ def _caption(table: Table, fmt: str) -> str:
     if table.direction:
         bold, second = ("bold", "underlined") if fmt == "latex" else ("**bold**", "*italic*")
         better = "higher" if table.direction > 0 else "lower"
-        parts.append(f"{bold}: best, {second}: second best per pair ({better} is better); avg rank: mean of the "
-                     "per-pair ranks of the rows below the teacher")
+        parts.append(
+            f"{bold}: best, {second}: second best per pair ({better} is better); avg rank: mean of the "
+            "per-pair ranks of the rows below the teacher"
+        )
     if table.reference is not None:
         delta = "$\\Delta$" if fmt == "latex" else "Δ"
         parts.append(f"paper: published last-epoch top-1 ({', '.join(table.reference_names)}); {delta} = ours - paper")
@@ -117,9 +135,11 @@ def _paired_caption(table: Table, fmt: str) -> str:
         metric, vs, bold = _latex_escape(metric), _latex_row_name(vs), "bold"
     pct = "95\\%" if fmt == "latex" else "95%"
     few = "; with 3 seeds or fewer this interval is the range of the differences" if n is not None and n <= 3 else ""
-    return (f"{metric}: mean paired difference (method - {vs}) over {seeds}, with a {pct} percentile "
-            f"bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}){one}{few}; "
-            f"{bold}: the interval excludes 0.")
+    return (
+        f"{metric}: mean paired difference (method - {vs}) over {seeds}, with a {pct} percentile "
+        f"bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}){one}{few}; "
+        f"{bold}: the interval excludes 0."
+    )
 
 
 def slugify(text: str) -> str:
@@ -133,8 +153,12 @@ def render_md(table: Table, level: int = 3) -> str:
     for p in table.pairs:
         head += [p, "paper", "Δ"] if ref else [p]
     head += (["avg rank"] if ranked else []) + (["mean Δ"] if ref else [])
-    lines = [f"{'#' * level} {table.group} — {table.metric}", "", "| " + " | ".join(head) + " |",
-             "|---|" + "---:|" * (len(head) - 1)]
+    lines = [
+        f"{'#' * level} {table.group} — {table.metric}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
     d = table.digits
     for row in table.rows:
         cells = [row]
@@ -152,13 +176,21 @@ def render_md(table: Table, level: int = 3) -> str:
     lines += ["", _caption(table, "md")]
     lines += [f"Note: {n}." for n in table.notes]
     if table.vs is not None and table.paired:
-        lines += ["", f"{'#' * (level + 1)} {table.group} — {table.metric} vs {table.vs}", "",
-                  "| method | " + " | ".join(table.pairs) + " |", "|---|" + "---:|" * len(table.pairs)]
+        lines += [
+            "",
+            f"{'#' * (level + 1)} {table.group} — {table.metric} vs {table.vs}",
+            "",
+            "| method | " + " | ".join(table.pairs) + " |",
+            "|---|" + "---:|" * len(table.pairs),
+        ]
         for row in table.rows:
             if not any((row, p) in table.paired for p in table.pairs):
                 continue
-            lines.append(f"| {row} | " + " | ".join(_paired_text(table, table.paired.get((row, p)), "md")
-                                                    for p in table.pairs) + " |")
+            lines.append(
+                f"| {row} | "
+                + " | ".join(_paired_text(table, table.paired.get((row, p)), "md") for p in table.pairs)
+                + " |"
+            )
         lines += ["", _paired_caption(table, "md")]
     return "\n".join(lines)
 
@@ -189,10 +221,17 @@ def render_latex(table: Table) -> str:
     ncols = 1 + span * len(table.pairs) + extra
     d = table.digits
     label = f"tab:kdbench-{slugify(table.group)}-{slugify(table.metric)}"
-    caption = (f"{_latex_escape(table.metric)} on {_latex_escape(table.group)}: " + _caption(table, "latex"))
-    lines = [f"% kdbench table: {table.group}, {table.metric}; needs \\usepackage{{booktabs}}",
-             "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{caption}}}", f"\\label{{{label}}}",
-             "\\begin{tabular}{l" + "c" * (ncols - 1) + "}", "\\toprule"]
+    caption = f"{_latex_escape(table.metric)} on {_latex_escape(table.group)}: " + _caption(table, "latex")
+    lines = [
+        f"% kdbench table: {table.group}, {table.metric}; needs \\usepackage{{booktabs}}",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\small",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{label}}}",
+        "\\begin{tabular}{l" + "c" * (ncols - 1) + "}",
+        "\\toprule",
+    ]
     tail_head = (["Avg.\\ rank"] if ranked else []) + (["Mean $\\Delta$"] if ref else [])
     for i, who in enumerate((TEACHER, STUDENT)):
         names = [_latex_escape(p.split(":")[i]) for p in table.pairs]
@@ -225,16 +264,31 @@ def render_latex(table: Table) -> str:
     if table.vs is not None and table.paired:
         vs_label = label + f"-vs-{slugify(table.vs)}"
         cap = _latex_escape(table.group) + ": " + _paired_caption(table, "latex")
-        lines += ["", "\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{cap}}}", f"\\label{{{vs_label}}}",
-                  "\\begin{tabular}{l" + "c" * len(table.pairs) + "}", "\\toprule"]
+        lines += [
+            "",
+            "\\begin{table}[t]",
+            "\\centering",
+            "\\small",
+            f"\\caption{{{cap}}}",
+            f"\\label{{{vs_label}}}",
+            "\\begin{tabular}{l" + "c" * len(table.pairs) + "}",
+            "\\toprule",
+        ]
         for i, who in enumerate((TEACHER, STUDENT)):
             lines.append(" & ".join([who, *[_latex_escape(p.split(":")[i]) for p in table.pairs]]) + " \\\\")
         lines.append("\\midrule")
         for row in table.rows:
             if not any((row, p) in table.paired for p in table.pairs):
                 continue
-            lines.append(" & ".join([_latex_row_name(row), *[_paired_text(table, table.paired.get((row, p)), "latex")
-                                                              for p in table.pairs]]) + " \\\\")
+            lines.append(
+                " & ".join(
+                    [
+                        _latex_row_name(row),
+                        *[_paired_text(table, table.paired.get((row, p)), "latex") for p in table.pairs],
+                    ]
+                )
+                + " \\\\"
+            )
         lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(lines)
 
@@ -260,12 +314,26 @@ def render_csv(tables: dict[str, Table]) -> str:
                 if c is None:
                     continue
                 rank = table.ranks.get((row, pair))
-                line = [table.group, table.metric, pair, row, _f(c.mean) if c.n else "", _f(c.std) if c.n else "",
-                        c.n, c.failed, c.status, f"{rank:g}" if rank is not None else "",
-                        _f(table.avg_rank.get(row))]
+                line = [
+                    table.group,
+                    table.metric,
+                    pair,
+                    row,
+                    _f(c.mean) if c.n else "",
+                    _f(c.std) if c.n else "",
+                    c.n,
+                    c.failed,
+                    c.status,
+                    f"{rank:g}" if rank is not None else "",
+                    _f(table.avg_rank.get(row)),
+                ]
                 if ref:
-                    line += [_published(table, row, pair) if (table.reference or {}).get((row, pair)) is None
-                             else _f(table.reference[(row, pair)]), _f(table.diff(row, pair))]
+                    line += [
+                        _published(table, row, pair)
+                        if (table.reference or {}).get((row, pair)) is None
+                        else _f(table.reference[(row, pair)]),
+                        _f(table.diff(row, pair)),
+                    ]
                 if vs:
                     pr = table.paired.get((row, pair))
                     line += ["", "", "", "", ""] if pr is None else [table.vs, pr.n, _f(pr.mean), _f(pr.lo), _f(pr.hi)]

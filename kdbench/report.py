@@ -29,10 +29,30 @@ from kdbench.tables import (
     load_transfer_reference,
 )
 
-__all__ = ["PAPER_NAMES", "STUDENT", "TEACHER", "Cell", "Collected", "Paired", "Table", "available_metrics",
-           "bootstrap_ci", "build_tables", "check_metric", "collect", "direction", "load_corr_diff", "load_reference",
-           "load_transfer_reference", "render", "render_csv", "render_latex", "render_md", "render_rank_md",
-           "write_report"]
+__all__ = [
+    "PAPER_NAMES",
+    "STUDENT",
+    "TEACHER",
+    "Cell",
+    "Collected",
+    "Paired",
+    "Table",
+    "available_metrics",
+    "bootstrap_ci",
+    "build_tables",
+    "check_metric",
+    "collect",
+    "direction",
+    "load_corr_diff",
+    "load_reference",
+    "load_transfer_reference",
+    "render",
+    "render_csv",
+    "render_latex",
+    "render_md",
+    "render_rank_md",
+    "write_report",
+]
 
 
 def _probe_rows(root: Path) -> list[dict[str, Any]]:
@@ -49,8 +69,14 @@ def _probe_rows(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def write_report(results: str | Path, out: str | Path, *, metric: str = "top1_last",
-                 reference: str | list[str] | None = None, vs: str | None = None) -> Path:
+def write_report(
+    results: str | Path,
+    out: str | Path,
+    *,
+    metric: str = "top1_last",
+    reference: str | list[str] | None = None,
+    vs: str | None = None,
+) -> Path:
     """report.md and its PNG figures in `out`, from the run JSONs of `results` alone."""
     from kdbench import __version__, plots
 
@@ -71,14 +97,22 @@ def write_report(results: str | Path, out: str | Path, *, metric: str = "top1_la
 
     runs = col.runs
     counts = Counter(runs["status"])
-    lines = ["# kdbench report", "",
-             (f"Results folder `{store.root}`: {len(runs)} runs ({counts.get('done', 0)} done, "
-              f"{counts.get('failed', 0)} failed, {counts.get('n/a', 0)} n/a), read from the run JSON alone by "
-              f"kdbench {__version__}."), "",
-             f"Tables show `{metric}`" + (f" beside the published numbers ({reference})" if reference else "")
-             + (f", with paired differences against `{vs}`" if vs else "") + f"; figures show `{acc_metric}`. "
-             "The correlation-difference maps compare a student's test-set logit correlations with its teacher's "
-             "(CRD, Figure 3); a vanilla student is trained without a teacher and has none."]
+    lines = [
+        "# kdbench report",
+        "",
+        (
+            f"Results folder `{store.root}`: {len(runs)} runs ({counts.get('done', 0)} done, "
+            f"{counts.get('failed', 0)} failed, {counts.get('n/a', 0)} n/a), read from the run JSON alone by "
+            f"kdbench {__version__}."
+        ),
+        "",
+        f"Tables show `{metric}`"
+        + (f" beside the published numbers ({reference})" if reference else "")
+        + (f", with paired differences against `{vs}`" if vs else "")
+        + f"; figures show `{acc_metric}`. "
+        "The correlation-difference maps compare a student's test-set logit correlations with its teacher's "
+        "(CRD, Figure 3); a vanilla student is trained without a teacher and has none.",
+    ]
     if col.problems:
         lines += ["", "Files skipped or worth a look:", ""] + [f"- {p}" for p in col.problems]
     figures: list[Path] = []
@@ -98,12 +132,25 @@ def write_report(results: str | Path, out: str | Path, *, metric: str = "top1_la
         for pair in table.pairs:
             pslug = f"{slug}-{slugify(pair)}"
             tc = acc.cell(TEACHER, pair)
-            made = [("Top-1 per method", plots.bar_chart(acc, pair, out_dir / f"top1-{pslug}.png", styles)),
-                    ("Training curves", plots.training_curves(col, group, pair, out_dir / f"curves-{pslug}.png",
-                                                              tc.mean if tc is not None and tc.n else None, styles)),
-                    ("Loss terms", plots.loss_terms(col, group, pair, out_dir / f"losses-{pslug}.png", styles)),
-                    ("Correlation difference", plots.corr_diff_heatmaps(col, group, pair,
-                                                                        out_dir / f"corrdiff-{pslug}.png"))]
+            made = [
+                ("Top-1 per method", plots.bar_chart(acc, pair, out_dir / f"top1-{pslug}.png", styles)),
+                (
+                    "Training curves",
+                    plots.training_curves(
+                        col,
+                        group,
+                        pair,
+                        out_dir / f"curves-{pslug}.png",
+                        tc.mean if tc is not None and tc.n else None,
+                        styles,
+                    ),
+                ),
+                ("Loss terms", plots.loss_terms(col, group, pair, out_dir / f"losses-{pslug}.png", styles)),
+                (
+                    "Correlation difference",
+                    plots.corr_diff_heatmaps(col, group, pair, out_dir / f"corrdiff-{pslug}.png"),
+                ),
+            ]
             made = [(t, p) for t, p in made if p is not None]
             if made:
                 lines += ["", f"### {pair}"]
@@ -112,23 +159,36 @@ def write_report(results: str | Path, out: str | Path, *, metric: str = "top1_la
                     lines += ["", f"![{title}: {pair}]({path.name})"]
     bad = runs[runs["status"] != "done"]
     if not bad.empty:
-        lines += ["", "## Failed and n/a runs", "", "| group | pair | method | seed | status | reason |",
-                  "|---|---|---|---:|---|---|"]
+        lines += [
+            "",
+            "## Failed and n/a runs",
+            "",
+            "| group | pair | method | seed | status | reason |",
+            "|---|---|---|---:|---|---|",
+        ]
         for _, r in bad.iterrows():
             reason = str(r["reason"] or "").replace("|", "\\|")
-            lines.append(f"| {r['group']} | {r['teacher'] or '-'}:{r['student']} | {r['method']} | {r['seed']} | "
-                         f"{r['status']} | {reason} |")
+            lines.append(
+                f"| {r['group']} | {r['teacher'] or '-'}:{r['student']} | {r['method']} | {r['seed']} | "
+                f"{r['status']} | {reason} |"
+            )
     probes = _probe_rows(store.root)
     if probes:
-        lines += ["", "## Transfer (linear probe on frozen students)", "",
-                  "| pair | method | seed | dataset | protocol | top-1 last | top-1 best | paper |",
-                  "|---|---|---:|---|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Transfer (linear probe on frozen students)",
+            "",
+            "| pair | method | seed | dataset | protocol | top-1 last | top-1 best | paper |",
+            "|---|---|---:|---|---|---:|---:|---:|",
+        ]
         for p in probes:
             paper = p.get("published")
-            lines.append(f"| {p.get('pair', '')} | {p.get('method', '')} | {p.get('seed', '')} | "
-                         f"{p.get('dataset', {}).get('name', '')} | {p.get('protocol', {}).get('name', '')} | "
-                         f"{p['top1_last']:.2f} | {p.get('top1_best', float('nan')):.2f} | "
-                         f"{'' if paper is None else f'{paper:.1f}'} |")
+            lines.append(
+                f"| {p.get('pair', '')} | {p.get('method', '')} | {p.get('seed', '')} | "
+                f"{p.get('dataset', {}).get('name', '')} | {p.get('protocol', {}).get('name', '')} | "
+                f"{p['top1_last']:.2f} | {p.get('top1_best', float('nan')):.2f} | "
+                f"{'' if paper is None else f'{paper:.1f}'} |"
+            )
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

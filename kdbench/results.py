@@ -19,10 +19,9 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
-
 
 from kdbench.errors import KdbenchError
 from kdbench.files import atomic_write_json
@@ -30,8 +29,14 @@ from kdbench.files import atomic_write_json
 SCHEMA_VERSION = 1
 STATUSES = ("done", "failed", "n/a")
 _REQUIRED = {"schema": int, "run_id": str, "status": str, "spec": dict, "method": dict, "metrics": dict}
-_SPEC_TYPES: dict[str, Any] = {"student": str, "method": str, "seed": int, "data": dict, "protocol": dict,
-                               "teacher": (dict, type(None))}
+_SPEC_TYPES: dict[str, Any] = {
+    "student": str,
+    "method": str,
+    "seed": int,
+    "data": dict,
+    "protocol": dict,
+    "teacher": (dict, type(None)),
+}
 
 
 def validate_run(obj: Any, name: str) -> dict[str, Any]:
@@ -298,7 +303,8 @@ class ResultStore:
             probe.unlink()
         except OSError as exc:
             raise KdbenchError(
-                f"results folder {self.root} is not writable ({exc.strerror}); pass --results DIR") from None
+                f"results folder {self.root} is not writable ({exc.strerror}); pass --results DIR"
+            ) from None
 
     def inside(self, rel: Any, what: str) -> Path:
         """A path read from a results file (relative to the folder), refused unless it resolves inside the folder:

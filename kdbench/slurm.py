@@ -39,8 +39,13 @@ class CohortTask:
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         report = Sweep(ResultStore(self.root), device, cohort=self.cohort, compile=self.compile).run(self.specs)
-        return {"trained": report.trained, "skipped": report.skipped, "failed": report.failed,
-                "not_applicable": report.not_applicable, "busy": report.busy}
+        return {
+            "trained": report.trained,
+            "skipped": report.skipped,
+            "failed": report.failed,
+            "not_applicable": report.not_applicable,
+            "busy": report.busy,
+        }
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on preemption or timeout: resubmit the same task; it resumes from the run checkpoints."""
@@ -50,11 +55,17 @@ class CohortTask:
 def make_executor(store: ResultStore, settings: SlurmSettings):
     submitit = _submitit()
     ex = submitit.AutoExecutor(folder=str(store.slurm_dir), cluster=settings.cluster)
-    params: dict[str, Any] = {"name": "kdbench", "timeout_min": settings.time_min,
-                              "cpus_per_task": settings.cpus_per_task}
+    params: dict[str, Any] = {
+        "name": "kdbench",
+        "timeout_min": settings.time_min,
+        "cpus_per_task": settings.cpus_per_task,
+    }
     if settings.cluster == "slurm":
-        params.update(slurm_array_parallelism=settings.array_parallelism, gpus_per_node=settings.gpus_per_task,
-                      slurm_signal_delay_s=120)
+        params.update(
+            slurm_array_parallelism=settings.array_parallelism,
+            gpus_per_node=settings.gpus_per_task,
+            slurm_signal_delay_s=120,
+        )
         if settings.partition:
             params["slurm_partition"] = settings.partition
         if settings.mem_gb:
@@ -68,8 +79,9 @@ def cohorts(store: ResultStore, specs: list[RunSpec], cohort: bool = True) -> li
     return group_cohorts([s for s in specs if store.finished(s.label) is None], cohort)
 
 
-def submit(store: ResultStore, specs: list[RunSpec], settings: SlurmSettings, cohort: bool = True,
-           compile: bool | str = False) -> list[Any]:
+def submit(
+    store: ResultStore, specs: list[RunSpec], settings: SlurmSettings, cohort: bool = True, compile: bool | str = False
+) -> list[Any]:
     """Submit one array task per pending cohort; returns submitit jobs (empty when everything is done)."""
     tasks = cohorts(store, specs, cohort)
     if not tasks:
@@ -87,8 +99,14 @@ def sbatch_script(store: ResultStore, settings: SlurmSettings, n_tasks: int) -> 
 
     return _make_sbatch_string(
         command=f"python -u -m submitit.core._submit '{store.slurm_dir}'",
-        folder=str(store.slurm_dir), job_name="kdbench", partition=settings.partition,
-        time=settings.time_min, cpus_per_task=settings.cpus_per_task, gpus_per_node=settings.gpus_per_task,
-        mem=f"{settings.mem_gb}GB" if settings.mem_gb else None, array_parallelism=settings.array_parallelism,
-        map_count=n_tasks, signal_delay_s=120,
+        folder=str(store.slurm_dir),
+        job_name="kdbench",
+        partition=settings.partition,
+        time=settings.time_min,
+        cpus_per_task=settings.cpus_per_task,
+        gpus_per_node=settings.gpus_per_task,
+        mem=f"{settings.mem_gb}GB" if settings.mem_gb else None,
+        array_parallelism=settings.array_parallelism,
+        map_count=n_tasks,
+        signal_delay_s=120,
     )

@@ -6,16 +6,26 @@ import dataclasses
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import torch
 
 from kdbench.catalog import BUILTIN_ORDER, MODERN, method_order  # noqa: F401 (BUILTIN_ORDER: re-exported)
-from kdbench.config import (Bench, DataSpec, Protocol, RunSpec, TeacherSpec, apply_protocol_sets, check_safe_name,
-                            group_cohorts, method_sets, parse_sets)
+from kdbench.config import (
+    Bench,
+    DataSpec,
+    Protocol,
+    RunSpec,
+    TeacherSpec,
+    apply_protocol_sets,
+    check_safe_name,
+    group_cohorts,
+    method_sets,
+    parse_sets,
+)
 from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, config_identity, discover, make_config, resolve
@@ -24,8 +34,19 @@ from kdbench.progress import RunLogs, SweepMeter
 from kdbench.results import ResultStore, load_run
 from kdbench.system import usable_cores
 from kdbench.teachers import TeacherStore, sha256_file
-from kdbench.train import (Member, autocast, build_member, fail_member, load_checkpoint, not_applicable_reason,
-                           prepare_model, result_record, run_init_stage, run_record, train_cohort)
+from kdbench.train import (
+    Member,
+    autocast,
+    build_member,
+    fail_member,
+    load_checkpoint,
+    not_applicable_reason,
+    prepare_model,
+    result_record,
+    run_init_stage,
+    run_record,
+    train_cohort,
+)
 
 # Named groups of --methods: name -> (description, members given the registry).
 GROUPS: dict[str, str] = {
@@ -161,8 +182,18 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
                     imported = teachers.imported_card(t_arch, data) if teachers else None
                     if imported is not None:
                         tspec = dataclasses.replace(tspec, imported=imported["weights_sha256"])
-                spec = RunSpec(s_arch, name, config_identity(cfg), seed, proto, data, tspec, pair_set=set_name,
-                               precision=req.precision, channels_last=req.channels_last)
+                spec = RunSpec(
+                    s_arch,
+                    name,
+                    config_identity(cfg),
+                    seed,
+                    proto,
+                    data,
+                    tspec,
+                    pair_set=set_name,
+                    precision=req.precision,
+                    channels_last=req.channels_last,
+                )
                 if spec.run_id not in seen:  # ce runs are shared by pairs with the same student
                     seen.add(spec.run_id)
                     specs.append(spec)
@@ -178,8 +209,9 @@ def _protocol(bench: Bench, name: str, sets: dict[str, Any]) -> Protocol:
 def teacher_run(tspec: TeacherSpec) -> RunSpec:
     """The vanilla run that trains a teacher."""
     cfg = make_config(resolve("ce"))
-    return RunSpec(tspec.arch, "ce", config_identity(cfg), tspec.seed, tspec.protocol, tspec.data, None,
-                   pair_set="teachers")
+    return RunSpec(
+        tspec.arch, "ce", config_identity(cfg), tspec.seed, tspec.protocol, tspec.data, None, pair_set="teachers"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- execution
@@ -192,8 +224,9 @@ class DataCache:
 
     def get(self, spec: DataSpec) -> Dataset:
         if spec not in self._cache:
-            self._cache[spec] = load_dataset(spec.name, spec.data_root, image_size=spec.image_size,
-                                             download=self.download, **spec.kwargs())
+            self._cache[spec] = load_dataset(
+                spec.name, spec.data_root, image_size=spec.image_size, download=self.download, **spec.kwargs()
+            )
         return self._cache[spec]
 
 
@@ -209,9 +242,18 @@ class SweepReport:
 class Sweep:
     """Trains a list of RunSpecs into a results folder; rerunning finishes exactly what is missing."""
 
-    def __init__(self, store: ResultStore, device: torch.device, *, cohort: bool = True, download: bool = False,
-                 progress: Any = None, log: Callable[[str], None] = lambda s: None, compile: bool | str = False,
-                 echo: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        store: ResultStore,
+        device: torch.device,
+        *,
+        cohort: bool = True,
+        download: bool = False,
+        progress: Any = None,
+        log: Callable[[str], None] = lambda s: None,
+        compile: bool | str = False,
+        echo: Callable[[str], None] | None = None,
+    ):
         """``log`` gets the sweep's own messages; ``echo`` (when given) every per-epoch line, which also goes to
         ``runs/<label>.log`` beside each run's JSON."""
         self.store = store
@@ -232,8 +274,10 @@ class Sweep:
         for s in self.pending(specs):  # an epoch without a step would "finish" an untrained run
             n = len(self.data.get(s.data).train_labels)
             if s.protocol.drop_last and s.protocol.batch_size > n:
-                raise KdbenchError(f"protocol {s.protocol.name}: batch_size {s.protocol.batch_size} with drop_last "
-                                   f"leaves no batch of the {n} training images of {s.data.name}")
+                raise KdbenchError(
+                    f"protocol {s.protocol.name}: batch_size {s.protocol.batch_size} with drop_last "
+                    f"leaves no batch of the {n} training images of {s.data.name}"
+                )
 
     def _check_paths(self, specs: list[RunSpec]) -> None:
         for s in specs:
@@ -353,11 +397,12 @@ class Sweep:
 
     # -- cohorts
 
-    def _run_cohort(self, specs: list[RunSpec], report: SweepReport,
-                    teacher_for: TeacherSpec | None = None) -> list[Member]:
+    def _run_cohort(
+        self, specs: list[RunSpec], report: SweepReport, teacher_for: TeacherSpec | None = None
+    ) -> list[Member]:
         data = self.data.get(specs[0].data)
         tspec = specs[0].teacher
-        teacher, card = (self.teacher(tspec, data) if tspec is not None else (None, None))
+        teacher, card = self.teacher(tspec, data) if tspec is not None else (None, None)
         if teacher is not None:
             prepare_model(teacher, channels_last=specs[0].channels_last, compile=self.compile)
         members: list[Member] = []
@@ -385,8 +430,9 @@ class Sweep:
                     raise
                 except Exception as exc:  # e.g. a setting too large to allocate: this run fails, the others go on
                     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                    self._write_na(spec, data, card, f"could not be built: {type(exc).__name__}: {first}",
-                                   status="failed")
+                    self._write_na(
+                        spec, data, card, f"could not be built: {type(exc).__name__}: {first}", status="failed"
+                    )
                     report.failed.append(f"{spec.label}: could not be built ({type(exc).__name__})")
                     continue
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
@@ -427,8 +473,17 @@ class Sweep:
                 lock.release()
         return members
 
-    def _finish(self, m: Member, data: Dataset, teacher, card, cohort_size: int, report: SweepReport,
-                teacher_for: TeacherSpec | None, teacher_predictions=None) -> None:
+    def _finish(
+        self,
+        m: Member,
+        data: Dataset,
+        teacher,
+        card,
+        cohort_size: int,
+        report: SweepReport,
+        teacher_for: TeacherSpec | None,
+        teacher_predictions=None,
+    ) -> None:
         from kdbench.evaluate import final_metrics
 
         extra: dict[str, Any] = {}
@@ -459,20 +514,33 @@ class Sweep:
             Path(m.checkpoint_path).unlink(missing_ok=True)
         for p in self._leftovers(m.spec.label):  # .tmp files of earlier, killed attempts (we hold the run's lock)
             p.unlink(missing_ok=True)
-        (report.failed if m.failed else report.trained).append(m.spec.label if not m.failed
-                                                               else f"{m.spec.label}: {m.failed}")
+        (report.failed if m.failed else report.trained).append(
+            m.spec.label if not m.failed else f"{m.spec.label}: {m.failed}"
+        )
         self.logs.meter.run_done(m.spec.label)
         top1 = record["metrics"].get("top1_last")
-        self.logs.note([m.spec], f"failed: {m.failed}" if m.failed else
-                       f"done: top1_last {top1:.2f} -> {self.store.run_path(m.spec.label).name}")
+        self.logs.note(
+            [m.spec],
+            f"failed: {m.failed}"
+            if m.failed
+            else f"done: top1_last {top1:.2f} -> {self.store.run_path(m.spec.label).name}",
+        )
         self.logs.refresh()
 
     @staticmethod
     def _card(tspec: TeacherSpec, data: Dataset, spec: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
-            "arch": tspec.arch, "dataset": data.name, "image_size": data.image_size, "data_checksum": data.checksum,
-            "protocol": tspec.protocol.name, "seed": tspec.seed, "source": "trained", "run_id": spec.run_id,
-            "top1": metrics["top1_last"], "top5": metrics["top5_last"], "top1_best": metrics["top1_best"],
+            "arch": tspec.arch,
+            "dataset": data.name,
+            "image_size": data.image_size,
+            "data_checksum": data.checksum,
+            "protocol": tspec.protocol.name,
+            "seed": tspec.seed,
+            "source": "trained",
+            "run_id": spec.run_id,
+            "top1": metrics["top1_last"],
+            "top5": metrics["top5_last"],
+            "top1_best": metrics["top1_best"],
         }
 
     def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str, status: str = "n/a") -> None:
@@ -488,12 +556,27 @@ def _stderr_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _worker(root: str, device: str, specs: list[RunSpec], cohort: bool, download: bool, threads: int,
-            compile: bool | str = False, echo: bool = False) -> SweepReport:
+def _worker(
+    root: str,
+    device: str,
+    specs: list[RunSpec],
+    cohort: bool,
+    download: bool,
+    threads: int,
+    compile: bool | str = False,
+    echo: bool = False,
+) -> SweepReport:
     if threads:
         torch.set_num_threads(threads)
-    return Sweep(ResultStore(root), torch.device(device), cohort=cohort, download=download, compile=compile,
-                 log=_stderr_line, echo=_stderr_line if echo else None).run(specs)
+    return Sweep(
+        ResultStore(root),
+        torch.device(device),
+        cohort=cohort,
+        download=download,
+        compile=compile,
+        log=_stderr_line,
+        echo=_stderr_line if echo else None,
+    ).run(specs)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -526,14 +609,31 @@ def max_workers(device: torch.device) -> int:
     return usable_cores()
 
 
-def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, cohort: bool = True,
-              download: bool = False, progress: Any = None, log: Callable[[str], None] = lambda s: None,
-              compile: bool | str = False, echo: Callable[[str], None] | None = None) -> SweepReport:
+def run_local(
+    store: ResultStore,
+    specs: list[RunSpec],
+    devices: list[str],
+    *,
+    cohort: bool = True,
+    download: bool = False,
+    progress: Any = None,
+    log: Callable[[str], None] = lambda s: None,
+    compile: bool | str = False,
+    echo: Callable[[str], None] | None = None,
+) -> SweepReport:
     """The local executor: one worker per device (each GPU, or N CPU workers), coordinated only through the run
     locks of the results folder, so workers, and other processes on the same folder, never train a run twice."""
     if len(devices) <= 1:
-        return Sweep(store, torch.device(devices[0] if devices else "cpu"), cohort=cohort, download=download,
-                     progress=progress, log=log, compile=compile, echo=echo).run(specs)
+        return Sweep(
+            store,
+            torch.device(devices[0] if devices else "cpu"),
+            cohort=cohort,
+            download=download,
+            progress=progress,
+            log=log,
+            compile=compile,
+            echo=echo,
+        ).run(specs)
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -543,15 +643,19 @@ def run_local(store: ResultStore, specs: list[RunSpec], devices: list[str], *, c
     # train with, so --workers never changes a result (environment.torch_threads records it in every run).
     cpu_threads = torch.get_num_threads() if devices[0] == "cpu" else 0
     merged = SweepReport()
-    with cf.ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn"), initializer=_die_with_parent,
-                                initargs=(os.getpid(),)) as pool:
+    with cf.ProcessPoolExecutor(
+        len(devices), mp_context=mp.get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = []
         for i, dev in enumerate(devices):
-            order = keys[i * len(keys) // len(devices):] + keys[: i * len(keys) // len(devices)]
+            order = keys[i * len(keys) // len(devices) :] + keys[: i * len(keys) // len(devices)]
             rank = {k: j for j, k in enumerate(order)}
             mine = sorted(specs, key=lambda s: rank[s.cohort_key])
-            futures.append(pool.submit(_worker, str(store.root), dev, mine, cohort, download, cpu_threads, compile,
-                                       echo is not None))
+            futures.append(
+                pool.submit(
+                    _worker, str(store.root), dev, mine, cohort, download, cpu_threads, compile, echo is not None
+                )
+            )
         for fut in futures:
             rep = fut.result()
             for f in dataclasses.fields(SweepReport):

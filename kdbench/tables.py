@@ -33,8 +33,14 @@ LOWER_IS_BETTER = {"ece", "kl_t1", "kl_t4", "corr_diff_mean", "corr_diff_max"}
 DIGITS = {"cka": 3, "kl_t1": 3, "kl_t4": 3, "corr_diff_mean": 4, "corr_diff_max": 3, "best_epoch": 1}
 
 # Published numbers: the name given to --reference -> the prefix of the CSV's `source` column.
-REFERENCES = {"crd2020": "CRD (Tian et al. ICLR 2020)", "rrd2024": "RRD (Giakoumoglou", "dkd2022": "DKD (Zhao",
-              "dist2022": "DIST (Huang", "ls2024": "LS (Sun", "simkd2022": "SimKD (Chen"}
+REFERENCES = {
+    "crd2020": "CRD (Tian et al. ICLR 2020)",
+    "rrd2024": "RRD (Giakoumoglou",
+    "dkd2022": "DKD (Zhao",
+    "dist2022": "DIST (Huang",
+    "ls2024": "LS (Sun",
+    "simkd2022": "SimKD (Chen",
+}
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -77,14 +83,24 @@ def collect(store: ResultStore) -> Collected:
         spec = run["spec"]
         teacher = spec.get("teacher")
         row = {
-            "group": _group(spec), "data": spec["data"]["name"], "student": spec["student"],
-            "teacher": teacher["arch"] if teacher else None, "method": spec["method"], "seed": spec["seed"],
-            "status": run["status"], "reason": run.get("reason"), "run_id": run["run_id"], "file": path.name,
+            "group": _group(spec),
+            "data": spec["data"]["name"],
+            "student": spec["student"],
+            "teacher": teacher["arch"] if teacher else None,
+            "method": spec["method"],
+            "seed": spec["seed"],
+            "status": run["status"],
+            "reason": run.get("reason"),
+            "run_id": run["run_id"],
+            "file": path.name,
         }
         row.update({k: v for k, v in run["metrics"].items() if _is_number(v) and k not in _META_COLUMNS})
         if run["status"] == "done":
-            bad = [k for k, v in run["metrics"].items() if not _is_number(v) and isinstance(v, (int, float, str))
-                   and k not in _META_COLUMNS]
+            bad = [
+                k
+                for k, v in run["metrics"].items()
+                if not _is_number(v) and isinstance(v, (int, float, str)) and k not in _META_COLUMNS
+            ]
             if bad:
                 problems.append(f"{path}: metrics {', '.join(bad)} not a finite number (left out of the tables)")
         rows.append(row)
@@ -94,16 +110,23 @@ def collect(store: ResultStore) -> Collected:
         card = run.get("teacher")
         if teacher and isinstance(card, dict) and card.get("top1") is not None:
             key = (row["group"], teacher["arch"], card.get("weights_sha256"))
-            teachers[key] = {"group": row["group"], "teacher": teacher["arch"], "top1_last": card.get("top1"),
-                             "top1_best": card.get("top1_best", card.get("top1")), "top5_last": card.get("top5"),
-                             "top5_best": card.get("top5")}
+            teachers[key] = {
+                "group": row["group"],
+                "teacher": teacher["arch"],
+                "top1_last": card.get("top1"),
+                "top1_best": card.get("top1_best", card.get("top1")),
+                "top5_last": card.get("top5"),
+                "top5_best": card.get("top5"),
+            }
     runs = pd.DataFrame(rows)
     if not runs.empty:
         keys = ["group", "teacher", "student", "method", "seed"]
         dup = runs[runs["method"] != "ce"].groupby(keys, dropna=False).size()
         for key, count in dup[dup > 1].items():
-            problems.append(f"{count} runs of {key[3]} on {key[1]}:{key[2]} seed {key[4]} ({key[0]}) differ in their "
-                            "settings: the table averages them together")
+            problems.append(
+                f"{count} runs of {key[3]} on {key[1]}:{key[2]} seed {key[4]} ({key[0]}) differ in their "
+                "settings: the table averages them together"
+            )
     return Collected(runs, pd.DataFrame(list(teachers.values())), problems, curves, paths, store.root)
 
 
@@ -282,8 +305,9 @@ def _rank(values: dict[str, float], sign: int) -> dict[str, float]:
     return ranks
 
 
-def bootstrap_ci(diffs: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    diffs: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `diffs` (seeded: the same input gives the same interval)."""
     x = np.asarray(diffs, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -312,8 +336,13 @@ def _paired(cell: Cell | None, base: Cell | None) -> Paired | None:
     return Paired(len(diffs), mean, lo, hi)
 
 
-def build_tables(col: Collected, metric: str = "top1_last", method_order: list[str] | None = None,
-                 reference: str | list[str] | None = None, vs: str | None = None) -> dict[str, Table]:
+def build_tables(
+    col: Collected,
+    metric: str = "top1_last",
+    method_order: list[str] | None = None,
+    reference: str | list[str] | None = None,
+    vs: str | None = None,
+) -> dict[str, Table]:
     """One Table per (dataset, protocol) group of the results."""
     runs = col.runs
     out: dict[str, Table] = {}
@@ -322,15 +351,17 @@ def build_tables(col: Collected, metric: str = "top1_last", method_order: list[s
     check_metric(col, metric)
     ref, ref_names = load_reference(reference)
     if ref_names and not metric.startswith("top1"):
-        raise KdbenchError(f"--reference compares published top-1 accuracy; it needs --metric top1_last or "
-                           f"top1_best, not {metric!r}")
+        raise KdbenchError(
+            f"--reference compares published top-1 accuracy; it needs --metric top1_last or top1_best, not {metric!r}"
+        )
     paper_rank = {p: i for i, p in enumerate(_paper_order())}
     present = set(runs["method"])
     if vs is not None:
         base_method = "ce" if vs.lower() in ("ce", "student") else vs
         if base_method not in present:
-            raise KdbenchError(f"--vs {vs!r}: no runs of that method; methods present: "
-                               f"{', '.join(default_order(sorted(present)))}")
+            raise KdbenchError(
+                f"--vs {vs!r}: no runs of that method; methods present: {', '.join(default_order(sorted(present)))}"
+            )
     for group, g in runs.groupby("group", sort=False):
         seen = list(dict.fromkeys(f"{t}:{s}" for t, s in zip(g["teacher"], g["student"]) if isinstance(t, str)))
         # Methods trained without a teacher (requires_teacher False, no KD term) belong to every pair of their
@@ -353,8 +384,11 @@ def build_tables(col: Collected, metric: str = "top1_last", method_order: list[s
                 sub = g[(g["method"] == m) & ((g["teacher"] == t) | g["teacher"].isna()) & (g["student"] == s)]
                 if not sub.empty:
                     cells[(m, pair)] = _cell(sub, metric)
-        rows = [r for r in [TEACHER, STUDENT, *methods]
-                if any((c := cells.get((r, p))) is not None and c.status != "missing" for p in pairs)]
+        rows = [
+            r
+            for r in [TEACHER, STUDENT, *methods]
+            if any((c := cells.get((r, p))) is not None and c.status != "missing" for p in pairs)
+        ]
         cells = {k: c for k, c in cells.items() if k[0] in rows}
         table = Table(group, metric, pairs, rows, cells)
         _add_ranks(table)
@@ -365,8 +399,10 @@ def build_tables(col: Collected, metric: str = "top1_last", method_order: list[s
                 table.reference_names = ref_names
                 proto = str(group).rsplit(" / ", 1)[-1]
                 if proto != "paper":
-                    table.notes.append(f"the published numbers come from the 240-epoch paper protocol; these runs "
-                                       f"used the {proto!r} protocol")
+                    table.notes.append(
+                        f"the published numbers come from the 240-epoch paper protocol; these runs "
+                        f"used the {proto!r} protocol"
+                    )
                 for row in rows:
                     name = row if row == TEACHER else PAPER_NAMES.get("ce" if row == STUDENT else row)
                     for pair in pairs:
@@ -374,8 +410,9 @@ def build_tables(col: Collected, metric: str = "top1_last", method_order: list[s
                         if name is not None and (t, s, name) in ref:
                             table.reference[(row, pair)] = ref[(t, s, name)]
             else:
-                table.notes.append(f"published numbers ({', '.join(ref_names)}) are CIFAR-100 results: "
-                                   f"not shown for {data}")
+                table.notes.append(
+                    f"published numbers ({', '.join(ref_names)}) are CIFAR-100 results: not shown for {data}"
+                )
         if vs is not None:
             base_row = STUDENT if vs.lower() in ("ce", "student") else vs
             table.vs = base_row

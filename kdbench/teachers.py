@@ -21,8 +21,8 @@ from torch import nn
 
 from kdbench.config import DataSpec, TeacherSpec
 from kdbench.errors import KdbenchError
-from kdbench.models import create_model, freeze
 from kdbench.files import atomic_path, atomic_write_json
+from kdbench.models import create_model, freeze
 from kdbench.results import ResultStore
 
 
@@ -49,9 +49,10 @@ def load_weights_into(model: nn.Module, path: Path, what: str, prefix: str = "")
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise KdbenchError(
-            f"{what} {path} is corrupt or truncated ({exc}); delete it and train or import it again") from None
+            f"{what} {path} is corrupt or truncated ({exc}); delete it and train or import it again"
+        ) from None
     if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     check_state_dict(model, state, what, path)
     model.load_state_dict(state, strict=True)
 
@@ -116,7 +117,8 @@ class TeacherStore:
             return card
         except (OSError, ValueError, RecursionError) as exc:
             raise KdbenchError(
-                f"teacher card {path} is malformed ({exc}); delete it and train or import again") from None
+                f"teacher card {path} is malformed ({exc}); delete it and train or import again"
+            ) from None
 
     def save(self, spec: TeacherSpec, model: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
         weights = self.weights_path(spec.label)
@@ -158,7 +160,8 @@ class TeacherStore:
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise KdbenchError(
-                f"{file} cannot be read as a weights-only checkpoint (refused or corrupt: {first})") from None
+                f"{file} cannot be read as a weights-only checkpoint (refused or corrupt: {first})"
+            ) from None
         state = obj.get("model", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KdbenchError(f"{file}: expected a state dict or a dict with a 'model' state dict")
@@ -174,10 +177,18 @@ class TeacherStore:
         weights = self.weights_path(label)
         save_weights(weights, model.state_dict())
         card = {
-            "arch": arch, "dataset": data.name, "image_size": data.image_size, "source": "imported",
-            "original_file": file.name, "original_sha256": sha256_file(file), "protocol": None, "seed": None,
+            "arch": arch,
+            "dataset": data.name,
+            "image_size": data.image_size,
+            "source": "imported",
+            "original_file": file.name,
+            "original_sha256": sha256_file(file),
+            "protocol": None,
+            "seed": None,
             "top1": _recorded_accuracy(obj),
-            "weights": weights.name, "weights_sha256": sha256_file(weights), "created": time.time(),
+            "weights": weights.name,
+            "weights_sha256": sha256_file(weights),
+            "created": time.time(),
         }
         atomic_write_json(self.card_path(label), card)
         return card

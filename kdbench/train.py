@@ -16,8 +16,8 @@ import contextlib
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,12 +26,12 @@ from torch import nn
 
 from kdbench.config import RunSpec
 from kdbench.data import Dataset
-from kdbench.evaluate import evaluate
-from kdbench.losses import kd_loss
 from kdbench.errors import KdbenchError
+from kdbench.evaluate import evaluate
+from kdbench.files import atomic_torch_save
+from kdbench.losses import kd_loss
 from kdbench.method import Batch, Method, MethodContext, MethodEntry, Progress, make_config, resolve
 from kdbench.models import ModelOutput, create_model
-from kdbench.files import atomic_torch_save
 from kdbench.seeds import derive_seed
 from kdbench.system import environment
 
@@ -95,8 +95,9 @@ class Member:
     base_lr: float
     epoch: int = 0  # next epoch of the main stage to run
     init_done: int = 0  # init-stage epochs done
-    curve: dict[str, Any] = field(default_factory=lambda: {"epoch": [], "lr": [], "loss": {}, "test_top1": [],
-                                                            "test_top5": [], "eval_epoch": []})
+    curve: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": [], "lr": [], "loss": {}, "test_top1": [], "test_top5": [], "eval_epoch": []}
+    )
     best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": -1})
     last_eval: dict[str, Any] = field(default_factory=dict)
     epoch_seconds: list[float] = field(default_factory=list)
@@ -133,9 +134,10 @@ def parameter_count(model: nn.Module) -> int:
 def _preact_bn(teacher: nn.Module | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
     if teacher is None or not hasattr(teacher, "preact_bn"):
         return ()
-    return tuple(None if bn is None else (bn.weight.detach().float().cpu().clone(),
-                                          bn.bias.detach().float().cpu().clone())
-                 for bn in teacher.preact_bn())
+    return tuple(
+        None if bn is None else (bn.weight.detach().float().cpu().clone(), bn.bias.detach().float().cpu().clone())
+        for bn in teacher.preact_bn()
+    )
 
 
 def method_context(spec: RunSpec, data: Dataset, student: nn.Module, teacher: nn.Module | None) -> MethodContext:
@@ -161,8 +163,9 @@ def missing_teacher(entry: MethodEntry, teacher: nn.Module | None) -> str | None
     return None
 
 
-def build_member(spec: RunSpec, data: Dataset, teacher: nn.Module | None, device: torch.device, *,
-                 compile: bool | str = False) -> Member:
+def build_member(
+    spec: RunSpec, data: Dataset, teacher: nn.Module | None, device: torch.device, *, compile: bool | str = False
+) -> Member:
     """Student, method and optimizer for one run, initialised from its own seed (independent of any cohort).
 
     The student is moved to ``spec.channels_last``'s memory format and, with ``compile``, its forward compiled."""
@@ -269,9 +272,12 @@ def load_checkpoint(m: Member) -> bool:
 def _snapshot(m: Member) -> dict[str, Any]:
     import copy
 
-    return {"student": copy.deepcopy(m.student.state_dict()), "method": copy.deepcopy(m.method.state_dict()),
-            "optimizer": copy.deepcopy(m.optimizer.state_dict()),
-            "rng": m.method.rng.get_state() if m.method.rng is not None else None}
+    return {
+        "student": copy.deepcopy(m.student.state_dict()),
+        "method": copy.deepcopy(m.method.state_dict()),
+        "optimizer": copy.deepcopy(m.optimizer.state_dict()),
+        "rng": m.method.rng.get_state() if m.method.rng is not None else None,
+    }
 
 
 def _restore(m: Member, snap: dict[str, Any]) -> None:
@@ -293,8 +299,9 @@ def teacher_outputs(teacher: nn.Module | None, x: torch.Tensor, preact: bool = F
         return teacher(x, preact=preact)
 
 
-def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: Batch,
-               progress: Progress | None = None) -> dict[str, torch.Tensor]:
+def main_terms(
+    m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: Batch, progress: Progress | None = None
+) -> dict[str, torch.Tensor]:
     """The loss terms of one step: ce_weight*CE + kd_weight*KD (added here for every method) + the method's own.
 
     ``progress`` defaults to the first step of the main stage."""
@@ -316,8 +323,9 @@ def main_terms(m: Member, s_out: ModelOutput, t_out: ModelOutput | None, batch: 
     return terms
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor],
-                   sums: dict[str, torch.Tensor]) -> None:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]
+) -> None:
     """One SGD step on the sum of the loss terms; adds each term (and the total) to ``sums`` without a sync."""
     total = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -343,8 +351,14 @@ def _check_finite(m: Member, means: dict[str, float], epoch: int) -> None:
         m.failed_epoch = epoch + 1
 
 
-def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: torch.device,
-                   on_batch: Callable[[], None] | None = None, save: bool = True) -> None:
+def run_init_stage(
+    m: Member,
+    data: Dataset,
+    teacher: nn.Module | None,
+    device: torch.device,
+    on_batch: Callable[[], None] | None = None,
+    save: bool = True,
+) -> None:
     """The method's init stage (AB, FT, FSP), run by this member alone on its own data stream."""
     stage = m.method.init_stage(m.student)
     if stage is None:
@@ -359,8 +373,12 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
     opt = _sgd(params, m.spec, stage.lr if stage.lr is not None else m.base_lr)
     if m.init_optimizer_state is not None:  # resumed inside the stage: its momentum goes on where it stopped
         opt.load_state_dict(m.init_optimizer_state)
-    loader = data.train_loader(m.spec.protocol.batch_size, seed=derive_seed(m.spec.seed, m.spec.method, "init-data"),
-                               drop_last=m.spec.protocol.drop_last, device=device)
+    loader = data.train_loader(
+        m.spec.protocol.batch_size,
+        seed=derive_seed(m.spec.seed, m.spec.method, "init-data"),
+        drop_last=m.spec.protocol.drop_last,
+        device=device,
+    )
     try:
         if teacher is not None:
             teacher.eval()
@@ -396,8 +414,16 @@ def run_init_stage(m: Member, data: Dataset, teacher: nn.Module | None, device: 
             p.requires_grad_(f)
 
 
-def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None, device: torch.device, *,
-                 progress: Any = None, on_epoch: Callable[[Member], None] | None = None, save: bool = True) -> None:
+def train_cohort(
+    members: list[Member],
+    data: Dataset,
+    teacher: nn.Module | None,
+    device: torch.device,
+    *,
+    progress: Any = None,
+    on_epoch: Callable[[Member], None] | None = None,
+    save: bool = True,
+) -> None:
     """Train the members' main stage side by side on one data stream (all must be at the same epoch)."""
     active = [m for m in members if not m.done]
     if not active:
@@ -409,8 +435,9 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
     precision, layout = active[0].spec.precision, active[0].spec.channels_last
     if any((m.spec.precision, m.spec.channels_last) != (precision, layout) for m in active):
         raise ValueError("cohort members must share precision and memory layout (the teacher's forward is shared)")
-    loader = data.train_loader(proto.batch_size, seed=derive_seed(active[0].spec.seed, "data"),
-                               drop_last=proto.drop_last, device=device)
+    loader = data.train_loader(
+        proto.batch_size, seed=derive_seed(active[0].spec.seed, "data"), drop_last=proto.drop_last, device=device
+    )
     test_loader = data.test_loader(TEST_BATCH, device=device)
     if teacher is not None:
         teacher.eval()
@@ -477,17 +504,32 @@ def train_cohort(members: list[Member], data: Dataset, teacher: nn.Module | None
             if on_epoch:
                 on_epoch(m)
         if task is not None:  # every member's top-1, named (rich markup escaped: method names may hold brackets)
-            tops = ", ".join(f"{m.spec.method} {m.last_eval['top1']:.2f}" if "top1" in m.last_eval else
-                             f"{m.spec.method} -" for m in active)
-            progress.update(task, description=escape(f"{active[0].spec.pair} s{active[0].spec.seed} "
-                                                     f"ep {epoch + 1}/{proto.epochs} top1: {tops}"))
+            tops = ", ".join(
+                f"{m.spec.method} {m.last_eval['top1']:.2f}" if "top1" in m.last_eval else f"{m.spec.method} -"
+                for m in active
+            )
+            progress.update(
+                task,
+                description=escape(
+                    f"{active[0].spec.pair} s{active[0].spec.seed} ep {epoch + 1}/{proto.epochs} top1: {tops}"
+                ),
+            )
     if task is not None:
         progress.remove_task(task)
 
 
-def run_record(spec: RunSpec, data: Dataset, teacher_card: dict[str, Any] | None, device: torch.device, *,
-               status: str, reason: str | None = None, metrics: dict[str, Any] | None = None,
-               config: dict[str, Any] | None = None, **parts: Any) -> dict[str, Any]:
+def run_record(
+    spec: RunSpec,
+    data: Dataset,
+    teacher_card: dict[str, Any] | None,
+    device: torch.device,
+    *,
+    status: str,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    **parts: Any,
+) -> dict[str, Any]:
     """The per-run JSON (status done, failed or n/a): the one builder of its common fields; ``parts`` (curve,
     timings, failed_epoch, ...) are added after them. ``config`` is the method's full resolved config (default:
     the spec's, which leaves out settings that enter the run id only when set)."""
@@ -502,12 +544,22 @@ def run_record(spec: RunSpec, data: Dataset, teacher_card: dict[str, Any] | None
         **({"failed_epoch": parts.pop("failed_epoch")} if "failed_epoch" in parts else {}),
         "spec": spec.to_dict(),
         "pair": spec.pair,
-        "method": {"name": spec.method, "dist": entry.dist, "version": entry.version, "paper": entry.cls.paper,
-                   "config": dict(spec.method_config if config is None else config)},
+        "method": {
+            "name": spec.method,
+            "dist": entry.dist,
+            "version": entry.version,
+            "paper": entry.cls.paper,
+            "config": dict(spec.method_config if config is None else config),
+        },
         "teacher": teacher_card,
-        "data": {"name": data.name, "checksum": data.checksum, "num_classes": data.num_classes,
-                 "image_size": data.image_size, "train_size": len(data.train_labels),
-                 "test_size": len(data.test_labels)},
+        "data": {
+            "name": data.name,
+            "checksum": data.checksum,
+            "num_classes": data.num_classes,
+            "image_size": data.image_size,
+            "train_size": len(data.train_labels),
+            "test_size": len(data.test_labels),
+        },
         "metrics": metrics or {},
         **parts,
         "environment": environment(device),
@@ -522,15 +574,21 @@ def model_record(m: Member) -> dict[str, Any]:
     return {
         "evaluated": "student" if own else type(evaluated).__name__,
         "description": "the student alone" if own else (type(evaluated).__doc__ or "").strip().split("\n")[0],
-        "parameters": parameter_count(evaluated) - sum(parameter_count(u) for u in getattr(evaluated,
-                                                                                             "unused_modules", ())),
+        "parameters": parameter_count(evaluated)
+        - sum(parameter_count(u) for u in getattr(evaluated, "unused_modules", ())),
         "student_parameters": parameter_count(m.student),
         **({} if own else {"student_prefix": getattr(evaluated, "student_prefix", None)}),
     }
 
 
-def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None, device: torch.device,
-                  cohort_size: int, extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def result_record(
+    m: Member,
+    data: Dataset,
+    teacher_card: dict[str, Any] | None,
+    device: torch.device,
+    cohort_size: int,
+    extra_metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The per-run JSON of a finished (or failed) member."""
     n = len(data.train_labels)
     steady = m.epoch_seconds[1:] or m.epoch_seconds
@@ -538,14 +596,24 @@ def result_record(m: Member, data: Dataset, teacher_card: dict[str, Any] | None,
     metrics: dict[str, Any] = {}
     if m.failed is None:
         metrics = {
-            "top1_last": m.last_eval["top1"], "top5_last": m.last_eval["top5"],
-            "top1_best": m.best["top1"], "top5_best": m.best["top5"], "best_epoch": m.best["epoch"],
+            "top1_last": m.last_eval["top1"],
+            "top5_last": m.last_eval["top5"],
+            "top1_best": m.best["top1"],
+            "top5_best": m.best["top5"],
+            "best_epoch": m.best["epoch"],
             **(extra_metrics or {}),
         }
     failed = {"reason": m.failed, "failed_epoch": m.failed_epoch} if m.failed else {}
     return run_record(
-        m.spec, data, teacher_card, device, status="failed" if m.failed else "done", metrics=metrics, **failed,
-        model=model_record(m), config=dataclasses.asdict(m.method.cfg),
+        m.spec,
+        data,
+        teacher_card,
+        device,
+        status="failed" if m.failed else "done",
+        metrics=metrics,
+        **failed,
+        model=model_record(m),
+        config=dataclasses.asdict(m.method.cfg),
         curve=m.curve,
         timings={
             "epoch_seconds": m.epoch_seconds,

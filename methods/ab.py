@@ -107,9 +107,11 @@ class AB(Method):
         def stage_loss(s_out: ModelOutput, t_out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
             return {"ab": self.cfg.init_weight * self.ab_loss(s_out, t_out)}
 
-        return InitStage(parameters=list(self.connectors.parameters()), loss=stage_loss,
-                         student_modules=student.feature_modules())
+        return InitStage(
+            parameters=list(self.connectors.parameters()), loss=stage_loss, student_modules=student.feature_modules()
+        )
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         return {}

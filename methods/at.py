@@ -70,8 +70,9 @@ class AT(Method):
         if cfg.mode not in MODES:
             raise KdbenchError(f"methods.at.mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         p, mode = self.cfg.attention_power, self.cfg.mode
         first = student.feats[1]
         with torch.autocast(device_type=first.device.type, enabled=False):

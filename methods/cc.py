@@ -47,9 +47,7 @@ class CC(Method):
     """
 
     name = "cc"
-    paper = (
-        "Peng, Jin, Liu, Li, Wu, Liu, Zhou & Zhang. Correlation Congruence for Knowledge Distillation. ICCV 2019"
-    )
+    paper = "Peng, Jin, Liu, Li, Wu, Liu, Zhou & Zhang. Correlation Congruence for Knowledge Distillation. ICCV 2019"
     Config = CCConfig
     needs = frozenset({"pooled"})
 
@@ -58,8 +56,9 @@ class CC(Method):
         self.embed_s = nn.Linear(ctx.student.pooled_dim, cfg.embed_dim)
         self.embed_t = nn.Linear(ctx.teacher.pooled_dim, cfg.embed_dim)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         e_s = self.embed_s(student.pooled.flatten(1))
         e_t = self.embed_t(teacher.pooled.flatten(1))
         with torch.autocast(device_type=e_s.device.type, enabled=False):

@@ -178,8 +178,9 @@ class CRCD(Method):
         contrast = memory.index_select(0, idx.flatten()).view(*idx.shape, -1)
         return torch.exp(relation_scores(x, anchors, contrast) / self.cfg.nce_t)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         device = student.pooled.device
         with fp32(device):
             index = batch.index.to(device).long()

@@ -110,8 +110,9 @@ class CRD(Method):
         sim = (v @ memory.detach().clone().t()).gather(1, idx)
         return torch.exp(sim / self.cfg.nce_t)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         device = student.pooled.device
         with fp32(device):
             v_s = self.embed_s(student.pooled.float())

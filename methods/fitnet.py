@@ -37,9 +37,7 @@ class FitNet(Method):
     """
 
     name = "fitnet"
-    paper = (
-        "Romero, Ballas, Ebrahimi Kahou, Chassang, Gatta & Bengio. FitNets: Hints for Thin Deep Nets. ICLR 2015"
-    )
+    paper = "Romero, Ballas, Ebrahimi Kahou, Chassang, Gatta & Bengio. FitNets: Hints for Thin Deep Nets. ICLR 2015"
     Config = FitNetConfig
     needs = frozenset({"feats"})
 
@@ -63,8 +61,9 @@ class FitNet(Method):
             nn.ReLU(inplace=True),
         )
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         i = self.cfg.hint_layer
         f_s = self.regressor(student.feats[i])
         f_t = teacher.feats[i]

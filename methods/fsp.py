@@ -82,6 +82,7 @@ class FSP(Method):
 
         return InitStage(parameters=[], loss=stage_loss, student_modules=student.feature_modules())
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         return {}

@@ -27,8 +27,13 @@ class FTConfig(MethodConfig):
     factor_power: float = 2.0
     paraphraser_lr: float = 0.01  # init-stage lr for CIFAR ResNet / WRN students (RepDistiller helper/pretrain.py)
 
-    RANGES = {**MethodConfig.RANGES, "factor_rate": ">0", "factor_mode": ("attention", "flatten"), "factor_power": ">0",
-              "paraphraser_lr": ">0"}
+    RANGES = {
+        **MethodConfig.RANGES,
+        "factor_rate": ">0",
+        "factor_mode": ("attention", "flatten"),
+        "factor_power": ">0",
+        "paraphraser_lr": ">0",
+    }
 
 
 def _conv(cin: int, cout: int, bn: bool) -> list[nn.Module]:
@@ -122,13 +127,15 @@ class FT(Method):
     def __init__(self, cfg: FTConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
         if cfg.factor_mode not in FACTOR_MODES:
-            raise KdbenchError(f"methods.ft.factor_mode must be one of {', '.join(FACTOR_MODES)}, "
-                               f"got {cfg.factor_mode!r}")
+            raise KdbenchError(
+                f"methods.ft.factor_mode must be one of {', '.join(FACTOR_MODES)}, got {cfg.factor_mode!r}"
+            )
         t_channels = ctx.teacher.channels[-1]
         factor_channels = int(t_channels * cfg.factor_rate)
         if factor_channels < 1:
-            raise KdbenchError(f"methods.ft.factor_rate {cfg.factor_rate} leaves no factor channel "
-                               f"(teacher has {t_channels})")
+            raise KdbenchError(
+                f"methods.ft.factor_rate {cfg.factor_rate} leaves no factor channel (teacher has {t_channels})"
+            )
         self.paraphraser = Paraphraser(t_channels, factor_channels)
         self.translator = Translator(ctx.student.channels[-1], factor_channels)
         # Trained only in the init stage (the harness turns their gradients on for it), frozen afterwards.
@@ -152,13 +159,18 @@ class FT(Method):
 
         # RepDistiller pre-trains the paraphraser at lr 0.01 when the student is a CIFAR ResNet or WRN, at the
         # run's learning rate otherwise (helper/pretrain.py); the student is not needed for this stage.
-        lr = self.cfg.paraphraser_lr if self.ctx.student_arch.startswith(("resnet", "wrn")) \
-            and self.ctx.student_arch != "resnet50" else None
-        return InitStage(parameters=list(self.paraphraser.parameters()), loss=stage_loss, epochs=None, lr=lr,
-                         needs_student=False)
+        lr = (
+            self.cfg.paraphraser_lr
+            if self.ctx.student_arch.startswith(("resnet", "wrn")) and self.ctx.student_arch != "resnet50"
+            else None
+        )
+        return InitStage(
+            parameters=list(self.paraphraser.parameters()), loss=stage_loss, epochs=None, lr=lr, needs_student=False
+        )
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         factor_s = self.translator(student.feats[-1]).float()
         with torch.no_grad():
             factor_t = self.paraphraser.encode(teacher.feats[-1]).float()

@@ -61,8 +61,9 @@ class KDLS(Method):
     Config = KDLSConfig
     needs = frozenset({"logits"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         s = student.logits
         with torch.autocast(device_type=s.device.type, enabled=False):
             zs, zt = standardise(s), standardise(teacher.logits.detach())

@@ -47,8 +47,9 @@ class NST(Method):
     Config = NSTConfig
     needs = frozenset({"feats"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         d, c = self.cfg.kernel_degree, self.cfg.kernel_offset
         first = student.feats[1]
         with torch.autocast(device_type=first.device.type, enabled=False):

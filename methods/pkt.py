@@ -43,14 +43,13 @@ class PKT(Method):
     """
 
     name = "pkt"
-    paper = (
-        "Passalis & Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018"
-    )
+    paper = "Passalis & Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018"
     Config = PKTConfig
     needs = frozenset({"pooled"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         eps = self.cfg.eps
         p_s = student.pooled
         with torch.autocast(device_type=p_s.device.type, enabled=False):

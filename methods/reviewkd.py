@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
-from kdbench.models.base import ModelOutput
 from kdbench.methods.dkd import warmup_factor
+from kdbench.models.base import ModelOutput
 
 HCL_LEVELS = (4, 2, 1)  # pyramid sizes of the hierarchical context loss
 

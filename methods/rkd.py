@@ -61,8 +61,9 @@ class RKD(Method):
     Config = RKDConfig
     needs = frozenset({"pooled"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         p_s = student.pooled
         with torch.autocast(device_type=p_s.device.type, enabled=False):

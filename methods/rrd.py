@@ -29,13 +29,19 @@ class RRDConfig(MethodConfig):
     queue_update: str = "after"  # enqueue the batch's teacher embeddings "before" or "after" the loss
     train_teacher_embed: bool = False  # see the class docstring
 
-    RANGES = {**MethodConfig.RANGES, "feat_dim": ">=1", "queue_size": ">=1", "tau_s": ">0", "tau_t": ">0",
-              "queue_update": ("before", "after")}
+    RANGES = {
+        **MethodConfig.RANGES,
+        "feat_dim": ">=1",
+        "queue_size": ">=1",
+        "tau_s": ">0",
+        "tau_t": ">0",
+        "queue_update": ("before", "after"),
+    }
 
     def check(self, where: str = "methods") -> None:
         super().check(where)
         if self.train_teacher_embed and self.queue_update != "before":
-            raise KdbenchError(f"{where}.train_teacher_embed needs queue_update = \"before\"")
+            raise KdbenchError(f'{where}.train_teacher_embed needs queue_update = "before"')
 
 
 @dataclass
@@ -138,8 +144,9 @@ class RRD(Method):
         self._filled = min(size, before + total)
         return rows
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         device = student.pooled.device
         with fp32(device):
             z_s = self.embed_s(student.pooled.float())

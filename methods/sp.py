@@ -39,8 +39,9 @@ class SP(Method):
     Config = SPConfig
     needs = frozenset({"feats"})
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         f_s, f_t = student.feats[-1], teacher.feats[-1]
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             b = f_s.shape[0]

@@ -75,10 +75,7 @@ class VID(Method):
     """
 
     name = "vid"
-    paper = (
-        "Ahn, Hu, Damianou, Lawrence & Dai. Variational Information Distillation for Knowledge Transfer. "
-        "CVPR 2019"
-    )
+    paper = "Ahn, Hu, Damianou, Lawrence & Dai. Variational Information Distillation for Knowledge Transfer. CVPR 2019"
     Config = VIDConfig
     needs = frozenset({"feats"})
 
@@ -87,7 +84,8 @@ class VID(Method):
         pairs = zip(ctx.student.channels[1:], ctx.teacher.channels[1:])
         self.layers = nn.ModuleList(VIDLayer(s, t, t, cfg.init_pred_var, cfg.eps) for s, t in pairs)
 
-    def loss(self, student: ModelOutput, teacher: ModelOutput, batch: Batch,
-             progress: Progress) -> dict[str, torch.Tensor]:
+    def loss(
+        self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
+    ) -> dict[str, torch.Tensor]:
         terms = [layer(f_s, f_t) for layer, f_s, f_t in zip(self.layers, student.feats[1:], teacher.feats[1:])]
         return {"vid": self.cfg.weight * torch.stack(terms).sum()}

@@ -21,16 +21,28 @@ TEACHER_X = FeatureInfo(channels=(8, 8, 12, 16, 16), reduction=(1, 2, 4, 8, 8), 
 
 
 def make_ctx(student: FeatureInfo, teacher: FeatureInfo, image_size: int = 8) -> MethodContext:
-    return MethodContext(student=student, teacher=teacher, num_classes=student.num_classes, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
+    return MethodContext(
+        student=student,
+        teacher=teacher,
+        num_classes=student.num_classes,
+        num_train=100,
+        train_labels=torch.zeros(100, dtype=torch.long),
+        image_size=image_size,
+    )
 
 
 def make_out(info: FeatureInfo, b: int, gen: torch.Generator, image_size: int = 8) -> ModelOutput:
-    preact = [torch.randn(b, c, image_size // r, image_size // r, generator=gen)
-              for c, r in zip(info.channels, info.reduction)]
+    preact = [
+        torch.randn(b, c, image_size // r, image_size // r, generator=gen)
+        for c, r in zip(info.channels, info.reduction)
+    ]
     feats = [p.relu() for p in preact]
-    return ModelOutput(logits=torch.randn(b, info.num_classes, generator=gen), feats=feats, preact=preact,
-                       pooled=torch.randn(b, info.pooled_dim, generator=gen).relu())
+    return ModelOutput(
+        logits=torch.randn(b, info.num_classes, generator=gen),
+        feats=feats,
+        preact=preact,
+        pooled=torch.randn(b, info.pooled_dim, generator=gen).relu(),
+    )
 
 
 def from_feats(feats: list[torch.Tensor]) -> ModelOutput:
@@ -58,11 +70,14 @@ def info(channels: tuple[int, ...], reduction: tuple[int, ...]) -> FeatureInfo:
 
 
 def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 8) -> ModelOutput:
-    pre = [torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
-           for c, r in zip(fi.channels, fi.reduction)]
+    pre = [
+        torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
+        for c, r in zip(fi.channels, fi.reduction)
+    ]
     feats = [p.relu() for p in pre]
-    return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre,
-                       pooled=feats[-1].mean(dim=(2, 3)))
+    return ModelOutput(
+        logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre, pooled=feats[-1].mean(dim=(2, 3))
+    )
 
 
 def batch_of(n: int) -> Batch:

@@ -17,8 +17,16 @@ from kdbench.errors import KdbenchError
 
 PAIR = "resnet14:resnet8"
 TINY = {"batch_size": 8, "steps": 1, "warmup": 1, "train_size": 32, "device": "cpu"}
-ROW_NUMBERS = ("seconds", "ms_per_step", "images_per_s", "method_run_images_per_s", "epoch_seconds", "peak_memory_mb",
-               "images_per_s_mean", "speedup_vs_reference")
+ROW_NUMBERS = (
+    "seconds",
+    "ms_per_step",
+    "images_per_s",
+    "method_run_images_per_s",
+    "epoch_seconds",
+    "peak_memory_mb",
+    "images_per_s_mean",
+    "speedup_vs_reference",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +52,26 @@ def test_json_written_with_every_field(record):
     s = saved["settings"]
     assert s["pair"] == PAIR and s["methods"] == ["kd", "crd"] and s["cohort_sizes"] == [1, 2]
     assert (s["batch_size"], s["steps"], s["warmup"], s["rounds"], s["train_size"], s["workers"], s["device"]) == (
-        4, 1, 0, 1, 32, 0, "cpu")
+        4,
+        1,
+        0,
+        1,
+        32,
+        0,
+        "cpu",
+    )
     assert "1 timed steps" in saved["notes"]["extrapolation"]
     configs = [(r["config"], tuple(r["methods"]), r["measured"]) for r in saved["results"]]
-    assert configs == [("reference", ("kd",), True), ("reference", ("crd",), True), ("reference", ("kd", "crd"), False),
-                       ("solo", ("kd",), True), ("solo", ("crd",), True), ("solo", ("kd", "crd"), False),
-                       ("cohort", ("kd",), True), ("cohort", ("kd", "crd"), True)]
+    assert configs == [
+        ("reference", ("kd",), True),
+        ("reference", ("crd",), True),
+        ("reference", ("kd", "crd"), False),
+        ("solo", ("kd",), True),
+        ("solo", ("crd",), True),
+        ("solo", ("kd", "crd"), False),
+        ("cohort", ("kd",), True),
+        ("cohort", ("kd", "crd"), True),
+    ]
     for row in saved["results"]:
         numbers = ROW_NUMBERS if row["measured"] else ROW_NUMBERS[3:5] + ROW_NUMBERS[-1:]
         for key in numbers:
@@ -107,8 +129,15 @@ def test_reference_batches_match_gpuloader():
         torch.testing.assert_close(x, b.images, atol=1e-6, rtol=0)
         assert torch.equal(y, b.labels) and torch.equal(i, b.index)
     # Augmented: every reference image is one of the 9 x 9 x 2 crops/flips GPULoader can draw of the same sample.
-    (gb,) = [next(iter(GPULoader(data.train_images, data.train_labels, batch_size=8, train=True, mean=data.mean,
-                                 std=data.std).epoch(0)))]
+    (gb,) = [
+        next(
+            iter(
+                GPULoader(
+                    data.train_images, data.train_labels, batch_size=8, train=True, mean=data.mean, std=data.std
+                ).epoch(0)
+            )
+        )
+    ]
     x, y, idx = next(iter(reference_loader(data, 8, 0, train=True, seed=1)))
     assert x.shape == gb.images.shape and x.dtype == gb.images.dtype and y.dtype == gb.labels.dtype == torch.int64
     assert torch.equal(y, data.train_labels[idx])
@@ -122,8 +151,14 @@ def test_reference_batches_match_gpuloader():
 
 @pytest.mark.slow
 def test_worker_processes_and_rounds():
-    rec = run_bench(PAIR, "kd", workers=1, configs=("reference", "solo"), out=None,
-                    **{**TINY, "steps": 2, "rounds": 2, "warmup": 0, "batch_size": 4})
+    rec = run_bench(
+        PAIR,
+        "kd",
+        workers=1,
+        configs=("reference", "solo"),
+        out=None,
+        **{**TINY, "steps": 2, "rounds": 2, "warmup": 0, "batch_size": 4},
+    )
     ref, solo = rec["results"]
     assert (ref["config"], ref["workers"], solo["config"]) == ("reference", 1, "solo")
     assert (rec["settings"]["workers"], rec["settings"]["rounds"]) == (1, 2)
@@ -135,23 +170,27 @@ def test_worker_processes_and_rounds():
     assert not [p for p in mp.active_children() if p.is_alive()]  # the DataLoader's workers were shut down
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"methods": "kd,nosuch"},
-    {"pair": "resnet14:nosuch"},
-    {"pair": "resnet14"},
-    {"steps": 0},
-    {"steps": -3},
-    {"warmup": -1},
-    {"rounds": 0},
-    {"rounds": 2},
-    {"batch_size": 0},
-    {"train_size": 4},
-    {"workers": -1},
-    {"cohort_sizes": "3"},
-    {"cohort_sizes": "x"},
-    {"configs": ("bogus",)},
-    {"methods": ""},
-], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"methods": "kd,nosuch"},
+        {"pair": "resnet14:nosuch"},
+        {"pair": "resnet14"},
+        {"steps": 0},
+        {"steps": -3},
+        {"warmup": -1},
+        {"rounds": 0},
+        {"rounds": 2},
+        {"batch_size": 0},
+        {"train_size": 4},
+        {"workers": -1},
+        {"cohort_sizes": "3"},
+        {"cohort_sizes": "x"},
+        {"configs": ("bogus",)},
+        {"methods": ""},
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
 def test_bad_input_is_kdbench_error(tmp_path, kwargs):
     args = {"pair": PAIR, "methods": "kd,crd", **TINY, "out": tmp_path / "out", **kwargs}
     with pytest.raises(KdbenchError):
@@ -184,9 +223,32 @@ def test_cli_prints_table_and_writes_json(monkeypatch, capsys, tmp_path):
     from kdbench.cli import main
 
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(sys, "argv", ["kdbench", "bench", "--pair", PAIR, "--methods", "kd", "--steps", "1", "--warmup",
-                                      "0", "--batch-size", "8", "--train-size", "16", "--workers", "0", "--device",
-                                      "cpu", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "kdbench",
+            "bench",
+            "--pair",
+            PAIR,
+            "--methods",
+            "kd",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch-size",
+            "8",
+            "--train-size",
+            "16",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     main()
     out = capsys.readouterr().out
     (path,) = tmp_path.glob("bench-cpu-*.json")
@@ -197,11 +259,25 @@ def test_cli_prints_table_and_writes_json(monkeypatch, capsys, tmp_path):
 def test_variants_side_by_side():
     """Eager and compiled, fp32 and bf16 rows of kdbench's loop in one record (compiled with the cheap aot_eager
     backend here: by default the bench compiles with inductor, which takes minutes on a CPU)."""
-    rec = run_bench(PAIR, "kd", workers=0, configs=("solo", "cohort"), out=None, compile_backend="aot_eager",
-                    variants="eager-fp32,eager-bf16,compile-bf16", **TINY)
+    rec = run_bench(
+        PAIR,
+        "kd",
+        workers=0,
+        configs=("solo", "cohort"),
+        out=None,
+        compile_backend="aot_eager",
+        variants="eager-fp32,eager-bf16,compile-bf16",
+        **TINY,
+    )
     rows = [(r["config"], r["variant"]) for r in rec["results"]]
-    assert rows == [("solo", "eager-fp32"), ("cohort", "eager-fp32"), ("solo", "eager-bf16"), ("cohort", "eager-bf16"),
-                    ("solo", "compile-bf16"), ("cohort", "compile-bf16")]
+    assert rows == [
+        ("solo", "eager-fp32"),
+        ("cohort", "eager-fp32"),
+        ("solo", "eager-bf16"),
+        ("cohort", "eager-bf16"),
+        ("solo", "compile-bf16"),
+        ("cohort", "compile-bf16"),
+    ]
     assert all(r["loss_finite"] and _positive(r["images_per_s"]) for r in rec["results"])
     assert rec["settings"]["variants"] == ["eager-fp32", "eager-bf16", "compile-bf16"]
     with pytest.raises(KdbenchError, match="unknown variant"):

@@ -26,8 +26,9 @@ from kdbench.train import Member, prepare_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-PAIR_SET_MODELS = sorted({arch for ps in load_bench(ROOT / "bench.toml").pair_sets.values() for pair in ps.pairs
-                          for arch in pair.split(":")})
+PAIR_SET_MODELS = sorted(
+    {arch for ps in load_bench(ROOT / "bench.toml").pair_sets.values() for pair in ps.pairs for arch in pair.split(":")}
+)
 
 
 def _loss_and_grads(model, x, y):
@@ -63,8 +64,9 @@ def test_compiled_forward_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("KDBENCH_SLOW_TESTS"), reason="slow (inductor on every model): set "
-                    "KDBENCH_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("KDBENCH_SLOW_TESTS"), reason="slow (inductor on every model): set KDBENCH_SLOW_TESTS=1"
+)
 @pytest.mark.parametrize("arch", PAIR_SET_MODELS)
 def test_inductor_matches_eager_on_every_pair_set_model(arch):
     _compare(arch, True, 2e-3)
@@ -122,6 +124,7 @@ def test_compiled_cohort_trains_and_resumes(tmp_path, monkeypatch):
                 on_epoch(m)
             if m.epoch == 1 and m.spec.method != "ce":
                 raise Killed()
+
         return real(members, *a, on_epoch=die, **kw)
 
     monkeypatch.setattr("kdbench.sweep.train_cohort", dying)

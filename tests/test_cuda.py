@@ -18,11 +18,15 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("methods,precision,channels_last,compile_", [
-    (["all"], "fp32", False, False),
-    (["all"], "bf16", True, False),
-    (["kd", "crd", "rrd"], "bf16", False, True),
-], ids=["fp32", "bf16-channels_last", "bf16-compiled"])
+@pytest.mark.parametrize(
+    "methods,precision,channels_last,compile_",
+    [
+        (["all"], "fp32", False, False),
+        (["all"], "bf16", True, False),
+        (["kd", "crd", "rrd"], "bf16", False, True),
+    ],
+    ids=["fp32", "bf16-channels_last", "bf16-compiled"],
+)
 def test_every_method_trains_on_cuda(tiny_toml, tmp_path, methods, precision, channels_last, compile_):
     store = ResultStore(tmp_path / "results")
     req = Request(methods, ["tiny"], precision=precision, channels_last=channels_last)
@@ -52,6 +56,7 @@ def test_interrupted_cohort_resumes_on_cuda(tiny_toml, tmp_path, monkeypatch):
                 on_epoch(m)
             if m.epoch == 1 and m.spec.method != "ce":
                 raise Killed()
+
         return real(members, *a, on_epoch=die, **kw)
 
     monkeypatch.setattr("kdbench.sweep.train_cohort", dying)

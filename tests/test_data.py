@@ -54,8 +54,9 @@ class _Py2Pickler(pickle._Pickler):
 
     def _save_py2_str(self, obj: bytes) -> None:
         n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else
-                   pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.write(
+            pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj
+        )
         self.memoize(obj)
 
     dispatch[bytes] = _save_py2_str
@@ -84,8 +85,10 @@ def write_cifar(folder: Path, n_train: int = 60, n_test: int = 20) -> dict[str, 
     parts = {
         "train": cifar_split(n_train, 0),
         "test": cifar_split(n_test, 1),
-        "meta": {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                 b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]},
+        "meta": {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
     }
     for name, obj in parts.items():
         (folder / name).write_bytes(py2_pickle(obj))
@@ -141,8 +144,9 @@ def test_cifar100_agrees_with_torchvision_reader(cifar, monkeypatch):
     root, _ = cifar
     monkeypatch.setattr(CIFAR100, "train_list", [["train", cifar_mod.CIFAR100_MD5["train"]]])
     monkeypatch.setattr(CIFAR100, "test_list", [["test", cifar_mod.CIFAR100_MD5["test"]]])
-    monkeypatch.setattr(CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names",
-                                           "md5": cifar_mod.CIFAR100_MD5["meta"]})
+    monkeypatch.setattr(
+        CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names", "md5": cifar_mod.CIFAR100_MD5["meta"]}
+    )
     ds = load_dataset("cifar100", root)
     for train, images, labels in ((True, ds.train_images, ds.train_labels), (False, ds.test_images, ds.test_labels)):
         tv = CIFAR100(str(root), train=train)
@@ -206,8 +210,9 @@ def test_cifar100_never_unpickles_code(tmp_path, monkeypatch):
 
     write_cifar(tmp_path / "cifar-100-python")
     (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": Evil()}, protocol=2))
-    monkeypatch.setattr(cifar_mod, "CIFAR100_MD5", {p: md5(tmp_path / "cifar-100-python" / p) for p in ("train", "test",
-                                                                                                 "meta")})
+    monkeypatch.setattr(
+        cifar_mod, "CIFAR100_MD5", {p: md5(tmp_path / "cifar-100-python" / p) for p in ("train", "test", "meta")}
+    )
     with pytest.raises(KdbenchError, match="refusing to load the global"):
         load_dataset("cifar100", tmp_path)
 
@@ -288,8 +293,11 @@ def tiny100_meta():
     with zipfile.ZipFile(SHARED_TINY / "val-and-meta.zip") as zf:
         wnids = zf.read("tiny-imagenet-100/wnids.txt").decode().split()
         words = dict(line.split("\t", 1) for line in zf.read("tiny-imagenet-100/words.txt").decode().splitlines())
-        ann = [line.split("\t")[:2] for line in zf.read("tiny-imagenet-100/val/val_annotations.txt").decode()
-               .splitlines() if line.strip()]
+        ann = [
+            line.split("\t")[:2]
+            for line in zf.read("tiny-imagenet-100/val/val_annotations.txt").decode().splitlines()
+            if line.strip()
+        ]
     return wnids, words, ann
 
 
@@ -405,6 +413,7 @@ def expected_fake(base: Path, size: int):
             imgs.append(_pil_decode((base / "train" / w / "images" / f"{w}_{k}.JPEG").read_bytes(), size))
             labels.append(c)
     test = [_pil_decode((base / "val" / "images" / f"val_{k}.JPEG").read_bytes(), size) for k in range(9)]
+
     def as_t(a):
         return torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2)
 
@@ -594,9 +603,14 @@ def test_synthetic_is_learnable(one_thread):
     ds = load_dataset("synthetic", num_classes=10, train_size=2000, test_size=500, seed=0)
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * 16, 10),
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 10),
     )
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     train = ds.train_loader(32, seed=0, drop_last=True)

@@ -55,8 +55,10 @@ class GeneratorCheck(TorchFunctionMode):
         out = func(*args, **kwargs)
         gen = kwargs.get("generator")
         if isinstance(gen, torch.Generator) and isinstance(out, torch.Tensor) and out.device.type != gen.device.type:
-            raise RuntimeError(f"{getattr(func, '__name__', func)}: a {gen.device.type} generator drew a "
-                               f"{out.device.type} tensor (fails on a real GPU)")
+            raise RuntimeError(
+                f"{getattr(func, '__name__', func)}: a {gen.device.type} generator drew a "
+                f"{out.device.type} tensor (fails on a real GPU)"
+            )
         return out
 
 
@@ -64,16 +66,21 @@ def _real(fn):
     """``fn`` run outside the fake mode: modules are built as real CPU tensors, as the harness builds them (seeded on
     the CPU), and then moved to the fake device by the harness's own ``.to(device)`` (moving a module of fake CPU
     tensors is not possible: their weak references block the parameter swap)."""
+
     def wrapped(*args, **kwargs):
         with unset_fake_temporarily():
             return fn(*args, **kwargs)
+
     return wrapped
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    monkeypatch.setattr(train, "new_generator", lambda device: CudaGenerator() if torch.device(device).type == "cuda"
-                        else torch.Generator(device=device))
+    monkeypatch.setattr(
+        train,
+        "new_generator",
+        lambda device: CudaGenerator() if torch.device(device).type == "cuda" else torch.Generator(device=device),
+    )
     monkeypatch.setattr(train, "create_model", _real(train.create_model))
     real_resolve = train.resolve
 

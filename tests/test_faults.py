@@ -118,8 +118,12 @@ BAD_INPUT = [
     ("unknown-pairset", ["run", "--methods", "kd", "--pairs", "tiny3"], None, "unknown pair set"),
     ("unknown-model", ["run", "--methods", "kd", "--pairs", "resnet99:resnet8"], None, "unknown model 'resnet99'"),
     ("unknown-student", ["run", "--methods", "kd", "--pairs", "resnet14:resnt8"], None, "did you mean resnet8"),
-    ("unknown-dataset", ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "imagenet"], None,
-     "unknown dataset"),
+    (
+        "unknown-dataset",
+        ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "imagenet"],
+        None,
+        "unknown dataset",
+    ),
     ("unknown-protocol", RUN + ["--protocol", "slow"], None, "unknown protocol 'slow'"),
     ("unknown-executor", RUN + ["--executor", "k8s"], None, "k8s"),
     ("bad-seeds", RUN + ["--seeds", "a,b"], None, "--seeds"),
@@ -136,8 +140,12 @@ BAD_INPUT = [
     ("toml-bad-milestones", RUN, ("toml", "milestones = [1]", "milestones = [3, 1]"), "milestones"),
     ("toml-bad-pair", RUN, ("toml", 'pairs = ["resnet14:resnet8"]', 'pairs = ["resnet14"]'), "teacher:student"),
     ("toml-unknown-method", RUN, ("toml", "[pairs.tiny]", "[methods.nope]\nx = 1\n[pairs.tiny]"), "[methods.nope]"),
-    ("toml-method-key", RUN, ("toml", "[pairs.tiny]", "[methods.kd]\ntemprature = 1\n[pairs.tiny]"),
-     "unknown setting 'temprature'"),
+    (
+        "toml-method-key",
+        RUN,
+        ("toml", "[pairs.tiny]", "[methods.kd]\ntemprature = 1\n[pairs.tiny]"),
+        "unknown setting 'temprature'",
+    ),
     ("toml-slurm-key", RUN, ("toml", "[pairs.tiny]", "[slurm]\ngpu = 1\n[pairs.tiny]"), "unknown key slurm.gpu"),
     ("set-unknown-key", RUN + ["--set", "methods.kd.temprature=2"], None, "valid: ce_weight"),
     ("set-no-equals", RUN + ["--set", "methods.kd.temperature"], None, "KEY=VALUE"),
@@ -146,23 +154,63 @@ BAD_INPUT = [
     ("set-wrong-type", RUN + ["--set", "methods.kd.temperature=hot"], None, "must be float"),
     ("set-protocol-key", RUN + ["--set", "protocol.epoch=3"], None, "unknown key protocol.epoch"),
     ("set-protocol-negative", RUN + ["--set", "protocol.epochs=-1"], None, "must be >= 1"),
-    ("data-root-empty", ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--data-root", "empty"], None,
-     "cifar-100-python"),
-    ("tiny-root-empty", ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "tinyimagenet",
-                         "--data-root", "empty"], None, "empty"),
+    (
+        "data-root-empty",
+        ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--data-root", "empty"],
+        None,
+        "cifar-100-python",
+    ),
+    (
+        "tiny-root-empty",
+        ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "tinyimagenet", "--data-root", "empty"],
+        None,
+        "empty",
+    ),
     ("results-not-writable", RUN + ["--results", "a_file/results"], None, "not writable"),
     ("teacher-truncated", RUN + ["--results", "results"], ("teacher", "truncate"), "corrupt or truncated"),
     ("teacher-wrong-arch", RUN + ["--results", "results"], ("teacher", "arch"), "does not match architecture"),
-    ("import-malicious", ["teachers", "import", "evil.pth", "--arch", "resnet8", "--dataset", "cifar100",
-                          "--results", "imp"], None, "weights-only"),
-    ("import-wrong-arch", ["teachers", "import", "resnet8.pth", "--arch", "resnet14", "--dataset", "cifar100",
-                           "--num-classes", "8", "--results", "imp"], None, "does not match architecture"),
-    ("import-missing", ["teachers", "import", "nope.pth", "--arch", "resnet8", "--dataset", "cifar100",
-                        "--results", "imp"], None, "not found"),
-    ("import-bad-arch", ["teachers", "import", "resnet8.pth", "--arch", "resnet9", "--dataset", "cifar100",
-                         "--results", "imp"], None, "unknown model"),
-    ("import-bad-dataset", ["teachers", "import", "resnet8.pth", "--arch", "resnet8", "--dataset", "mnist",
-                            "--results", "imp"], None, "unknown dataset"),
+    (
+        "import-malicious",
+        ["teachers", "import", "evil.pth", "--arch", "resnet8", "--dataset", "cifar100", "--results", "imp"],
+        None,
+        "weights-only",
+    ),
+    (
+        "import-wrong-arch",
+        [
+            "teachers",
+            "import",
+            "resnet8.pth",
+            "--arch",
+            "resnet14",
+            "--dataset",
+            "cifar100",
+            "--num-classes",
+            "8",
+            "--results",
+            "imp",
+        ],
+        None,
+        "does not match architecture",
+    ),
+    (
+        "import-missing",
+        ["teachers", "import", "nope.pth", "--arch", "resnet8", "--dataset", "cifar100", "--results", "imp"],
+        None,
+        "not found",
+    ),
+    (
+        "import-bad-arch",
+        ["teachers", "import", "resnet8.pth", "--arch", "resnet9", "--dataset", "cifar100", "--results", "imp"],
+        None,
+        "unknown model",
+    ),
+    (
+        "import-bad-dataset",
+        ["teachers", "import", "resnet8.pth", "--arch", "resnet8", "--dataset", "mnist", "--results", "imp"],
+        None,
+        "unknown dataset",
+    ),
     ("table-metric", ["table", "--results", "results", "--metric", "top3"], None, "unknown metric"),
     ("table-empty", ["table", "--results", "empty"], None, "no runs"),
     ("list-unknown", ["list", "gpus"], None, "gpus"),
@@ -233,8 +281,14 @@ def test_plugins_allow_list_and_builtin_only(monkeypatch):
 
 def _kdbench(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdbench.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _final_metrics(results: Path) -> dict[str, tuple]:
@@ -242,8 +296,11 @@ def _final_metrics(results: Path) -> dict[str, tuple]:
     for path in sorted((results / "runs").glob("*.json")):
         run = json.loads(path.read_text())
         out[run["spec"]["method"] + "/" + str(run["spec"]["student"])] = (
-            run["status"], run["metrics"].get("top1_last"), run["metrics"].get("top1_best"),
-            json.dumps(run["curve"]["loss"], sort_keys=True))
+            run["status"],
+            run["metrics"].get("top1_last"),
+            run["metrics"].get("top1_best"),
+            json.dumps(run["curve"]["loss"], sort_keys=True),
+        )
     return out
 
 
@@ -268,8 +325,19 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(tmp_path,
     uninterrupted sweep. Each kill waits for a random number of file writes plus a random delay, so it lands while
     the sweep works on any machine."""
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
-    args = ["run", "--methods", "kd,ab,ft,crd", "--pairs", "tiny", "--device", "cpu", "--set", "protocol.epochs=8",
-            "--set", "protocol.init_epochs=3"]
+    args = [
+        "run",
+        "--methods",
+        "kd,ab,ft,crd",
+        "--pairs",
+        "tiny",
+        "--device",
+        "cpu",
+        "--set",
+        "protocol.epochs=8",
+        "--set",
+        "protocol.init_epochs=3",
+    ]
     ref = _kdbench(args + ["--results", "ref"], tmp_path)
     assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()
     expected = _final_metrics(tmp_path / "ref")
@@ -296,8 +364,20 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_metrics(tmp_path,
 @pytest.mark.slow
 def test_two_processes_on_one_folder_never_train_a_run_twice(tmp_path, tiny_toml):
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
-    args = ["run", "--methods", "kd,fitnet,at,crd", "--pairs", "tiny", "--seeds", "0,1", "--no-cohort",
-            "--device", "cpu", "--results", "shared"]
+    args = [
+        "run",
+        "--methods",
+        "kd,fitnet,at,crd",
+        "--pairs",
+        "tiny",
+        "--seeds",
+        "0,1",
+        "--no-cohort",
+        "--device",
+        "cpu",
+        "--results",
+        "shared",
+    ]
     procs = [_kdbench(args, tmp_path) for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read().decode()
@@ -320,9 +400,9 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_weights_only_loading_refuses_code(tmp_path):
-    from kdbench.teachers import TeacherStore
-    from kdbench.results import ResultStore
     from kdbench.config import DataSpec
+    from kdbench.results import ResultStore
+    from kdbench.teachers import TeacherStore
 
     class Evil:
         def __reduce__(self):
@@ -331,8 +411,9 @@ def test_weights_only_loading_refuses_code(tmp_path):
     with open(tmp_path / "evil.pth", "wb") as fh:
         pickle.dump({"model": Evil()}, fh)
     with pytest.raises(KdbenchError, match="weights-only"):
-        TeacherStore(ResultStore(tmp_path / "r")).import_checkpoint(tmp_path / "evil.pth", "resnet8",
-                                                                    DataSpec("cifar100"), 100)
+        TeacherStore(ResultStore(tmp_path / "r")).import_checkpoint(
+            tmp_path / "evil.pth", "resnet8", DataSpec("cifar100"), 100
+        )
     assert not (tmp_path / "pwned").exists()
 
 
@@ -352,9 +433,8 @@ def test_run_labels_stay_inside_the_results_folder(tiny_toml):
 
 def test_slurm_batch_script_and_local_submitit_executor(tmp_path, tiny_toml):
     pytest.importorskip("submitit")
-    from kdbench.config import load_bench
+    from kdbench.config import SlurmSettings, load_bench
     from kdbench.results import ResultStore
-    from kdbench.config import SlurmSettings
     from kdbench.slurm import cohorts, sbatch_script, submit
     from kdbench.sweep import Request, expand
 
@@ -364,8 +444,14 @@ def test_slurm_batch_script_and_local_submitit_executor(tmp_path, tiny_toml):
     groups = cohorts(store, specs)
     assert len(groups) == 2
     script = sbatch_script(store, settings, len(groups))
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --cpus-per-task=6", "#SBATCH --array=0-1%", "#SBATCH --signal=USR2@120"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=90",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH --array=0-1%",
+        "#SBATCH --signal=USR2@120",
+    ):
         assert line in script, line
     # submitit's local executor runs the same array tasks as subprocesses, without a cluster.
     jobs = submit(store, specs, SlurmSettings(cluster="local", time_min=10, cpus_per_task=1), cohort=True)
@@ -380,9 +466,7 @@ def test_slurm_batch_script_and_local_submitit_executor(tmp_path, tiny_toml):
 def test_local_executor_with_two_workers_trains_each_run_once(tmp_path, tiny_toml):
     from kdbench.config import load_bench
     from kdbench.results import ResultStore
-    from kdbench.sweep import Request, expand, run_local
-
-    from kdbench.sweep import Sweep
+    from kdbench.sweep import Request, Sweep, expand, run_local
 
     store = ResultStore(tmp_path / "res")
     specs = expand(load_bench(tiny_toml), Request(["kd", "fitnet"], ["tiny", "tiny2"]), store)

@@ -24,8 +24,12 @@ def _metrics(store: ResultStore) -> dict[str, tuple]:
     out = {}
     for _, run, err in store.iter_runs():
         assert err is None, err
-        out[run["spec"]["method"]] = (run["status"], run["metrics"].get("top1_last"), run["metrics"].get("top5_best"),
-                                      json.dumps(run["curve"]["loss"], sort_keys=True))
+        out[run["spec"]["method"]] = (
+            run["status"],
+            run["metrics"].get("top1_last"),
+            run["metrics"].get("top5_best"),
+            json.dumps(run["curve"]["loss"], sort_keys=True),
+        )
     return out
 
 
@@ -83,6 +87,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_toml, tmp_path, mo
                 on_epoch(m)
             if m.epoch == 1:
                 raise Killed()
+
         return real(members, *a, on_epoch=die, **kw)
 
     monkeypatch.setattr("kdbench.sweep.train_cohort", dying)
@@ -166,8 +171,15 @@ def test_import_repdistiller_checkpoint_then_runs_use_it(tiny_toml, tmp_path):
     teacher(torch.randn(2, 3, 16, 16)).logits.sum().backward()
     opt.step()
     ckpt = tmp_path / "resnet14_best.pth"
-    torch.save({"epoch": 240, "model": {f"module.{k}": v for k, v in teacher.state_dict().items()},
-                "accuracy": torch.tensor(71.5), "optimizer": opt.state_dict()}, ckpt)
+    torch.save(
+        {
+            "epoch": 240,
+            "model": {f"module.{k}": v for k, v in teacher.state_dict().items()},
+            "accuracy": torch.tensor(71.5),
+            "optimizer": opt.state_dict(),
+        },
+        ckpt,
+    )
 
     store = ResultStore(tmp_path / "r")
     (spec0,) = expand(load_bench(tiny_toml), Request(["kd"], ["tiny"]), store)
@@ -208,8 +220,11 @@ def test_requires_teacher_is_checked_once_by_the_harness(tiny_toml, tiny_data, t
     from kdbench.errors import KdbenchError
     from kdbench.train import build_member, not_applicable_reason
 
-    specs = [dataclasses.replace(s, teacher=None) for s in _specs(tiny_toml, ["at", "crd", "fsp", "fitnet"])
-             if s.method != "ce"]
+    specs = [
+        dataclasses.replace(s, teacher=None)
+        for s in _specs(tiny_toml, ["at", "crd", "fsp", "fitnet"])
+        if s.method != "ce"
+    ]
     for spec in specs:
         assert not_applicable_reason(spec, tiny_data, None) == f"method {spec.method} needs a teacher"
         with pytest.raises(KdbenchError, match="needs a teacher"):

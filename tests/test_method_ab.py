@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from kdbench.methods.ab import AB, ABConfig, boundary_loss, make_connector
 from torch import nn
 
-from tests.method_helpers import START, TinyNet, batch_of, info, outputs
 from kdbench.method import MethodContext
+from kdbench.methods.ab import AB, ABConfig, boundary_loss, make_connector
 from kdbench.models.base import FeatureInfo, ModelOutput
+from tests.method_helpers import START, TinyNet, batch_of, info, outputs
 
 
 def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8, head: nn.Module | None = None) -> MethodContext:
-    return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size, student_head=head)
+    return MethodContext(
+        student=s,
+        teacher=t,
+        num_classes=10,
+        num_train=100,
+        train_labels=torch.zeros(100, dtype=torch.long),
+        image_size=image_size,
+        student_head=head,
+    )
 
 
 TEACHER = info((4, 6, 12), (1, 1, 2))  # tap 1: same shape as the student's (identity), tap 2: 8 -> 12 channels
@@ -56,10 +62,15 @@ def test_layer_weights_and_batch_scaling_by_hand():
     per_sample = 5.68
     for b in (1, 3):  # a batch of b copies: the sum grows b times, the division by the batch size undoes it
         stem = torch.zeros(b, 1, 1, 1)
-        out_s = ModelOutput(torch.zeros(b, 10), [stem] * 3, [stem, src.repeat(b, 1, 1, 1), src.repeat(b, 1, 1, 1)],
-                            torch.zeros(b, 7))
-        out_t = ModelOutput(torch.zeros(b, 10), [stem] * 3, [stem, tgt.repeat(b, 1, 1, 1), 2 * tgt.repeat(b, 1, 1, 1)],
-                            torch.zeros(b, 7))
+        out_s = ModelOutput(
+            torch.zeros(b, 10), [stem] * 3, [stem, src.repeat(b, 1, 1, 1), src.repeat(b, 1, 1, 1)], torch.zeros(b, 7)
+        )
+        out_t = ModelOutput(
+            torch.zeros(b, 10),
+            [stem] * 3,
+            [stem, tgt.repeat(b, 1, 1, 1), 2 * tgt.repeat(b, 1, 1, 1)],
+            torch.zeros(b, 7),
+        )
         expected = (0.5 * per_sample + 1.0 * per_sample) / 1000 * 3
         assert m.ab_loss(out_s, out_t).item() == pytest.approx(expected, rel=1e-6)
         # The main stage adds nothing; the init stage scales by init_weight.
@@ -80,8 +91,10 @@ def test_zero_when_student_agrees_beyond_margin():
     assert m.ab_loss(out_t, out_t).item() > 0  # matching values inside the margin still pay
 
 
-@pytest.mark.parametrize(("s_size", "t_size", "kind"), [
-    (8, 8, nn.Conv2d), (8, 4, nn.Conv2d), (4, 8, nn.ConvTranspose2d), (6, 4, nn.Conv2d), (2, 8, nn.ConvTranspose2d)])
+@pytest.mark.parametrize(
+    ("s_size", "t_size", "kind"),
+    [(8, 8, nn.Conv2d), (8, 4, nn.Conv2d), (4, 8, nn.ConvTranspose2d), (6, 4, nn.Conv2d), (2, 8, nn.ConvTranspose2d)],
+)
 def test_connector_maps_to_teacher_shape(s_size, t_size, kind):
     conn = make_connector(3, s_size, 5, t_size)
     assert isinstance(conn[0], kind) and conn[0].bias is None and isinstance(conn[1], nn.BatchNorm2d)

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench.methods.at import AT, ATConfig
 
-from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
 from kdbench.errors import KdbenchError
 from kdbench.method import discover
+from kdbench.methods.at import AT, ATConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
 
 # Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
 # A VGG-like teacher (one more tap, everything one stride coarser).
@@ -67,8 +66,9 @@ def test_sum_over_layers_and_stem_unused():
     s, t = make_out(STUDENT, 3, gen), make_out(TEACHER, 3, gen)
     m = build()
     total = at_loss(m, s, t)
-    per_layer = [at_loss(m, from_feats([s.feats[0], s.feats[i]]), from_feats([t.feats[0], t.feats[i]]))
-                 for i in (1, 2, 3)]
+    per_layer = [
+        at_loss(m, from_feats([s.feats[0], s.feats[i]]), from_feats([t.feats[0], t.feats[i]])) for i in (1, 2, 3)
+    ]
     assert total == pytest.approx(sum(per_layer), rel=1e-5)
     s.feats[0] = s.feats[0] * 5.0 + 1.0
     assert at_loss(m, s, t) == pytest.approx(total, rel=1e-6)
@@ -93,10 +93,12 @@ def test_larger_map_is_average_pooled_to_the_smaller():
     pooled = F.avg_pool2d(big, 2)  # 4x4 -> 2x2: what adaptive pooling gives for an exact ratio
     # teacher larger
     assert at_loss(m, from_feats([stem, small]), from_feats([stem, big])) == pytest.approx(
-        at_loss(m, from_feats([stem, small]), from_feats([stem, pooled])), rel=1e-6)
+        at_loss(m, from_feats([stem, small]), from_feats([stem, pooled])), rel=1e-6
+    )
     # student larger
     assert at_loss(m, from_feats([stem, big]), from_feats([stem, small])) == pytest.approx(
-        at_loss(m, from_feats([stem, pooled]), from_feats([stem, small])), rel=1e-6)
+        at_loss(m, from_feats([stem, pooled]), from_feats([stem, small])), rel=1e-6
+    )
 
 
 def test_extra_trailing_block_groups_are_ignored():
@@ -155,8 +157,10 @@ def test_paper_mode_mean_over_the_batch_and_zero_on_identical_maps():
     gen = torch.Generator().manual_seed(11)
     s, t = make_out(STUDENT, 3, gen), make_out(TEACHER, 3, gen)
     m = build(mode="paper")
-    per_sample = [at_loss(m, from_feats([f[i:i + 1] for f in s.feats]), from_feats([f[i:i + 1] for f in t.feats]))
-                  for i in range(3)]
+    per_sample = [
+        at_loss(m, from_feats([f[i : i + 1] for f in s.feats]), from_feats([f[i : i + 1] for f in t.feats]))
+        for i in range(3)
+    ]
     assert at_loss(m, s, t) == pytest.approx(sum(per_sample) / 3, rel=1e-5)
     assert at_loss(build(STUDENT, STUDENT, mode="paper"), s, s) == 0.0
 

@@ -6,12 +6,11 @@ import io
 
 import pytest
 import torch
-from kdbench.methods.cc import CC, CCConfig
 
-from tests.method_helpers import START, STUDENT, TEACHER, from_pooled, make_batch, make_ctx, rand_pooled
 from kdbench.method import discover
+from kdbench.methods.cc import CC, CCConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START, STUDENT, TEACHER, from_pooled, make_batch, make_ctx, rand_pooled
 
 # One forward + backward through real networks: a cross-family pair by default, three more marked slow.
 
@@ -43,8 +42,7 @@ def test_registered_with_reference_defaults():
     m = build()
     assert m.embed_s.in_features == 8 and m.embed_t.in_features == 16
     assert m.embed_s.out_features == m.embed_t.out_features == 128
-    assert {n for n, _ in m.named_parameters()} == {"embed_s.weight", "embed_s.bias", "embed_t.weight",
-                                                   "embed_t.bias"}
+    assert {n for n, _ in m.named_parameters()} == {"embed_s.weight", "embed_s.bias", "embed_t.weight", "embed_t.bias"}
 
 
 def test_hand_computed_value():

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench.methods.crd import CRD, CRDKD, CRDConfig, CRDKDConfig, nce_loss
 
-from tests.method_helpers import START
 from kdbench.method import Batch, MethodContext, discover, make_config, resolve
+from kdbench.methods.crd import CRD, CRDKD, CRDConfig, CRDKDConfig, nce_loss
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START
 
 STUDENT = FeatureInfo(channels=(4, 8), reduction=(1, 2), pooled_dim=8, num_classes=4)
 TEACHER = FeatureInfo(channels=(4, 16), reduction=(1, 2), pooled_dim=16, num_classes=4)

@@ -6,14 +6,13 @@ import io
 
 import pytest
 import torch
-from kdbench.methods.fitnet import FitNet, FitNetConfig
 from torch import nn
 
-from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, make_batch, make_ctx, make_out
 from kdbench.method import MethodContext, discover
 from kdbench.method_parts import regressor_conv
+from kdbench.methods.fitnet import FitNet, FitNetConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, make_batch, make_ctx, make_out
 
 # Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
 # A VGG-like teacher (one more tap, everything one stride coarser) and a MobileNet-like student.

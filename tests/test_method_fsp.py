@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from kdbench.methods.fsp import FSP, FSPConfig, fsp_matrix
 
-from tests.method_helpers import START, TinyNet, batch_of, info, outputs
 from kdbench.method import MethodContext
+from kdbench.methods.fsp import FSP, FSPConfig, fsp_matrix
 from kdbench.models.base import FeatureInfo, ModelOutput, feature_info
+from tests.method_helpers import START, TinyNet, batch_of, info, outputs
 
 
 def context(s: FeatureInfo, t: FeatureInfo | None, image_size: int = 8) -> MethodContext:
-    return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
+    return MethodContext(
+        student=s,
+        teacher=t,
+        num_classes=10,
+        num_train=100,
+        train_labels=torch.zeros(100, dtype=torch.long),
+        image_size=image_size,
+    )
 
 
 def from_feats(feats: list[torch.Tensor]) -> ModelOutput:
@@ -66,8 +71,9 @@ def test_fsp_loss_by_hand():
     got = m3.fsp_loss(from_feats([*out_s.feats, last_s]), from_feats([*out_t.feats, last_t]))
     assert got.item() == pytest.approx(14.5 + 12.25, rel=1e-6)
     m3_50 = build(s3, t3, image_size=2, init_weight=50.0)
-    stage_loss = m3_50.init_stage(TinyNet()).loss(from_feats([*out_s.feats, last_s]),
-                                                  from_feats([*out_t.feats, last_t]), batch_of(1))
+    stage_loss = m3_50.init_stage(TinyNet()).loss(
+        from_feats([*out_s.feats, last_s]), from_feats([*out_t.feats, last_t]), batch_of(1)
+    )
     assert set(stage_loss) == {"fsp"} and stage_loss["fsp"].item() == pytest.approx(50 * 26.75, rel=1e-6)
 
 
@@ -84,8 +90,9 @@ def test_not_applicable():
     cfg = FSPConfig()
     wrn_40_2, wrn_40_1 = info((16, 32, 64, 128), (1, 1, 2, 4)), info((16, 16, 32, 64), (1, 1, 2, 4))
     reason = FSP.not_applicable(cfg, context(wrn_40_1, wrn_40_2))
-    assert reason == ("FSP needs equal channel counts at every tap: teacher (16, 32, 64, 128) vs "
-                      "student (16, 16, 32, 64)")
+    assert reason == (
+        "FSP needs equal channel counts at every tap: teacher (16, 32, 64, 128) vs student (16, 16, 32, 64)"
+    )
     FSP(cfg, context(wrn_40_1, wrn_40_2))  # the harness asks not_applicable before building; the constructor does not
     assert FSP.not_applicable(cfg, context(info((16, 32, 64, 128), (1, 1, 2, 4)), wrn_40_2)) is None
     assert FSP.not_applicable(cfg, context(TinyNet.feature_info, TEACHER)) is None  # sizes may differ
@@ -139,10 +146,19 @@ def golden_values() -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- zoo pairs
 
 
-@pytest.mark.parametrize(("teacher", "student", "applicable"), [
-    ("resnet32x4", "resnet8x4", True), ("wrn_40_2", "wrn_16_2", True), ("vgg13", "vgg8", True),
-    ("resnet110", "resnet20", True), ("wrn_40_2", "wrn_40_1", False), ("resnet32x4", "shufflenetv2", False),
-    ("vgg13", "mobilenetv2", False), ("resnet50", "vgg8", False)])
+@pytest.mark.parametrize(
+    ("teacher", "student", "applicable"),
+    [
+        ("resnet32x4", "resnet8x4", True),
+        ("wrn_40_2", "wrn_16_2", True),
+        ("vgg13", "vgg8", True),
+        ("resnet110", "resnet20", True),
+        ("wrn_40_2", "wrn_40_1", False),
+        ("resnet32x4", "shufflenetv2", False),
+        ("vgg13", "mobilenetv2", False),
+        ("resnet50", "vgg8", False),
+    ],
+)
 def test_zoo_applicability(teacher, student, applicable):
     ctx = context(feature_info(student, 10), feature_info(teacher, 10), image_size=32)
     reason = FSP.not_applicable(FSPConfig(), ctx)

@@ -8,18 +8,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench.methods.ft import FT, FTConfig, factor_transfer_loss
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from tests.method_helpers import START, batch_of, info, outputs
 from kdbench.method import MethodContext
+from kdbench.methods.ft import FT, FTConfig, factor_transfer_loss
 from kdbench.models.base import FeatureInfo
+from tests.method_helpers import START, batch_of, info, outputs
 
 
 def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8) -> MethodContext:
-    return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
+    return MethodContext(
+        student=s,
+        teacher=t,
+        num_classes=10,
+        num_train=100,
+        train_labels=torch.zeros(100, dtype=torch.long),
+        image_size=image_size,
+    )
 
 
 STUDENT = info((4, 6, 8), (1, 1, 2))
@@ -121,9 +127,21 @@ def test_init_stage_is_exactly_the_paraphraser():
     assert stage.student_modules == [] and not stage.needs_student  # the student is not run
 
 
-@pytest.mark.parametrize(("arch", "lr"), [
-    ("resnet8", 0.01), ("resnet110", 0.01), ("resnet8x4", 0.01), ("resnet32x4", 0.01), ("wrn_16_1", 0.01),
-    ("wrn_40_2", 0.01), ("resnet50", None), ("vgg8", None), ("mobilenetv2", None), ("shufflenetv2", None)])
+@pytest.mark.parametrize(
+    ("arch", "lr"),
+    [
+        ("resnet8", 0.01),
+        ("resnet110", 0.01),
+        ("resnet8x4", 0.01),
+        ("resnet32x4", 0.01),
+        ("wrn_16_1", 0.01),
+        ("wrn_40_2", 0.01),
+        ("resnet50", None),
+        ("vgg8", None),
+        ("mobilenetv2", None),
+        ("shufflenetv2", None),
+    ],
+)
 def test_init_stage_lr_is_the_references(arch, lr):
     """RepDistiller's helper/pretrain.py: lr 0.01 for a CIFAR ResNet / WRN student, else the run's (None here)."""
     torch.manual_seed(0)

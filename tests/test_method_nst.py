@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench.methods.nst import NST, NSTConfig
 
-from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
 from kdbench.method import discover
+from kdbench.methods.nst import NST, NSTConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
 
 # Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
 # A VGG-like teacher (one more tap, everything one stride coarser).
@@ -32,8 +31,7 @@ def nst_loss(m: NST, s: ModelOutput, t: ModelOutput) -> float:
 def test_registered_with_reference_defaults():
     assert discover()["nst"].cls is NST
     cfg = NSTConfig()
-    assert (cfg.ce_weight, cfg.kd_weight, cfg.weight, cfg.kernel_degree, cfg.kernel_offset) == (
-        1.0, 0.0, 50.0, 2, 0.0)
+    assert (cfg.ce_weight, cfg.kd_weight, cfg.weight, cfg.kernel_degree, cfg.kernel_offset) == (1.0, 0.0, 50.0, 2, 0.0)
     assert NST.needs == {"feats"}
     assert list(build().parameters()) == [] and list(build().buffers()) == []
 
@@ -64,8 +62,9 @@ def test_sum_over_layers_and_stem_unused():
     s, t = make_out(STUDENT, 2, gen), make_out(TEACHER, 2, gen)
     m = build()
     total = nst_loss(m, s, t)
-    per_layer = [nst_loss(m, from_feats([s.feats[0], s.feats[i]]), from_feats([t.feats[0], t.feats[i]]))
-                 for i in (1, 2, 3)]
+    per_layer = [
+        nst_loss(m, from_feats([s.feats[0], s.feats[i]]), from_feats([t.feats[0], t.feats[i]])) for i in (1, 2, 3)
+    ]
     assert total == pytest.approx(sum(per_layer), rel=1e-5)
     s.feats[0] = s.feats[0] * 5.0 + 1.0
     assert nst_loss(m, s, t) == pytest.approx(total, rel=1e-6)
@@ -89,9 +88,11 @@ def test_larger_map_is_average_pooled_to_the_smaller():
     m = build()
     pooled = F.avg_pool2d(big, 2)
     assert nst_loss(m, from_feats([stem, small]), from_feats([stem, big])) == pytest.approx(
-        nst_loss(m, from_feats([stem, small]), from_feats([stem, pooled])), rel=1e-6)
+        nst_loss(m, from_feats([stem, small]), from_feats([stem, pooled])), rel=1e-6
+    )
     assert nst_loss(m, from_feats([stem, big]), from_feats([stem, small])) == pytest.approx(
-        nst_loss(m, from_feats([stem, pooled]), from_feats([stem, small])), rel=1e-6)
+        nst_loss(m, from_feats([stem, pooled]), from_feats([stem, small])), rel=1e-6
+    )
 
 
 def test_extra_trailing_block_groups_are_ignored():

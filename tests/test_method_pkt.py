@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from kdbench.methods.pkt import PKT, PKTConfig
 
-from tests.method_helpers import START, STUDENT, TEACHER, from_pooled, make_batch, make_ctx, rand_pooled
 from kdbench.method import discover
+from kdbench.methods.pkt import PKT, PKTConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START, STUDENT, TEACHER, from_pooled, make_batch, make_ctx, rand_pooled
 
 # One forward + backward through real networks: a cross-family pair by default, three more marked slow.
 

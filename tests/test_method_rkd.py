@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from kdbench.methods.rkd import RKD, RKDConfig
 
-from tests.method_helpers import START, STUDENT, TEACHER, from_pooled, make_batch, make_ctx, rand_pooled
 from kdbench.method import discover
+from kdbench.methods.rkd import RKD, RKDConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START, STUDENT, TEACHER, from_pooled, make_batch, make_ctx, rand_pooled
 
 TERMS = {"rkd_distance", "rkd_angle"}
 

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench.methods.rrd import RRD, RRD2025, RRDKD, RRD2025Config, RRDConfig, RRDKDConfig
 
-from tests.method_helpers import START
 from kdbench.method import Batch, MethodContext, discover
+from kdbench.methods.rrd import RRD, RRD2025, RRDKD, RRD2025Config, RRDConfig, RRDKDConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START
 
 STUDENT = FeatureInfo(channels=(4, 8), reduction=(1, 2), pooled_dim=8, num_classes=4)
 TEACHER = FeatureInfo(channels=(4, 16), reduction=(1, 2), pooled_dim=16, num_classes=4)

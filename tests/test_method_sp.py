@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from kdbench.methods.sp import SP, SPConfig
 
-from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
 from kdbench.method import discover
+from kdbench.methods.sp import SP, SPConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-
+from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
 
 # Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
 # A VGG-like teacher (one more tap, everything one stride coarser).
@@ -68,8 +67,7 @@ def test_invariant_to_positive_scaling_of_each_network():
     s, t = make_out(STUDENT, 4, gen), make_out(TEACHER, 4, gen)
     m = build()
     ref = sp_loss(m, s, t)
-    assert sp_loss(m, from_feats([s.feats[-1] * 7.0]), from_feats([t.feats[-1] * 0.01])) == pytest.approx(
-        ref, rel=1e-5)
+    assert sp_loss(m, from_feats([s.feats[-1] * 7.0]), from_feats([t.feats[-1] * 0.01])) == pytest.approx(ref, rel=1e-5)
 
 
 def test_cross_shapes_and_batch_of_one():

@@ -7,21 +7,29 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kdbench.methods.vid import VID, VIDConfig
 
-from tests.method_helpers import START, info
 from kdbench.method import Batch, MethodContext
+from kdbench.methods.vid import VID, VIDConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
+from tests.method_helpers import START, info
 
 
 def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 32) -> MethodContext:
-    return MethodContext(student=s, teacher=t, num_classes=10, num_train=100,
-                         train_labels=torch.zeros(100, dtype=torch.long), image_size=image_size)
+    return MethodContext(
+        student=s,
+        teacher=t,
+        num_classes=10,
+        num_train=100,
+        train_labels=torch.zeros(100, dtype=torch.long),
+        image_size=image_size,
+    )
 
 
 def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 32) -> ModelOutput:
-    pre = [torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
-           for c, r in zip(fi.channels, fi.reduction)]
+    pre = [
+        torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
+        for c, r in zip(fi.channels, fi.reduction)
+    ]
     feats = [p.relu() for p in pre]
     pooled = feats[-1].mean(dim=(2, 3))
     return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre, pooled=pooled)
@@ -100,8 +108,12 @@ def test_larger_map_is_average_pooled():
     out_tb = outputs(gen, t_big, 2)
     pooled_t = [out_tb.feats[0], F.avg_pool2d(out_tb.feats[1], 2)]
     out_t_small = ModelOutput(out_tb.logits, pooled_t, pooled_t, out_tb.pooled)
-    torch.testing.assert_close(m_t.loss(out_s_small, out_tb, batch_of(2), START)["vid"],
-                               m_small.loss(out_s_small, out_t_small, batch_of(2), START)["vid"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        m_t.loss(out_s_small, out_tb, batch_of(2), START)["vid"],
+        m_small.loss(out_s_small, out_t_small, batch_of(2), START)["vid"],
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_variance_and_regressor_train():

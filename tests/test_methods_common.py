@@ -40,14 +40,34 @@ def teacher(tiny_data):
 def _batch(data, n=16, offset=0):
     from kdbench.data import GPULoader
 
-    loader = GPULoader(data.train_images, data.train_labels, batch_size=n, train=True, mean=data.mean, std=data.std,
-                       seed=offset)
+    loader = GPULoader(
+        data.train_images, data.train_labels, batch_size=n, train=True, mean=data.mean, std=data.std, seed=offset
+    )
     return next(iter(loader.epoch(0)))
 
 
 def test_all_methods_registered():
-    expected = {"ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "crd+kd",
-                "crcd", "rrd", "rrd+kd", "rrd-2025"}
+    expected = {
+        "ce",
+        "kd",
+        "fitnet",
+        "at",
+        "sp",
+        "cc",
+        "vid",
+        "rkd",
+        "pkt",
+        "ab",
+        "ft",
+        "fsp",
+        "nst",
+        "crd",
+        "crd+kd",
+        "crcd",
+        "rrd",
+        "rrd+kd",
+        "rrd-2025",
+    }
     reg = discover()
     assert expected <= set(reg)
     broken = {n: e.error for n, e in reg.items() if n in expected and not e.ok}
@@ -107,8 +127,9 @@ def test_method_trains_through_the_harness(name, tiny_toml, tiny_data, teacher):
     missing_student = [n for n, p in m.student.named_parameters() if id(p) not in trained and id(p) not in unused]
     assert not missing_student, f"student parameters without gradient: {missing_student[:5]}"
     init_params = {id(p) for p in stage.all_parameters()} if stage is not None else set()
-    missing_method = [n for n, p in m.method.named_parameters()
-                      if (p.requires_grad or id(p) in init_params) and id(p) not in trained]
+    missing_method = [
+        n for n, p in m.method.named_parameters() if (p.requires_grad or id(p) in init_params) and id(p) not in trained
+    ]
     assert not missing_method, f"method parameters never trained (init or main stage): {missing_method}"
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items()), "the teacher must not change"
@@ -136,14 +157,26 @@ def test_any_method_combines_with_kd(name, tiny_toml):
 DISTILLERS = [n for n in BUILTINS if discover()[n].cls.requires_teacher]
 GOLDEN_DIR = Path(__file__).parent / "golden"
 # Golden files whose cases are a ``golden_values()`` in the method's own test file (all but two modern methods').
-GOLDEN = sorted(p.stem for p in GOLDEN_DIR.glob("*.json")
-                if "def golden_values" in (GOLDEN_DIR.parent / f"test_method_{p.stem}.py").read_text())
+GOLDEN = sorted(
+    p.stem
+    for p in GOLDEN_DIR.glob("*.json")
+    if "def golden_values" in (GOLDEN_DIR.parent / f"test_method_{p.stem}.py").read_text()
+)
 # The CRD benchmark's pairs (teacher, student), used at their declared shapes.
 PAIRS = [
-    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
-    ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "mobilenetv2"),
-    ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"), ("resnet32x4", "shufflenetv1"),
-    ("resnet32x4", "shufflenetv2"), ("wrn_40_2", "shufflenetv1"),
+    ("wrn_40_2", "wrn_16_2"),
+    ("wrn_40_2", "wrn_40_1"),
+    ("resnet56", "resnet20"),
+    ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"),
+    ("resnet32x4", "resnet8x4"),
+    ("vgg13", "vgg8"),
+    ("vgg13", "mobilenetv2"),
+    ("resnet50", "mobilenetv2"),
+    ("resnet50", "vgg8"),
+    ("resnet32x4", "shufflenetv1"),
+    ("resnet32x4", "shufflenetv2"),
+    ("wrn_40_2", "shufflenetv1"),
 ]
 # One forward + backward through real networks: a same-family and a cross-family pair, three more marked slow.
 REAL_PAIRS = [
@@ -172,9 +205,18 @@ def zoo_net(name: str) -> nn.Module:
 
 
 def zoo_context(teacher: nn.Module, student: nn.Module) -> MethodContext:
-    return MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=10,
-                         num_train=NUM_TRAIN, train_labels=TRAIN_LABELS, image_size=32, student_arch="",
-                         student_head=student.head, teacher_head=teacher.head, teacher_preact_bn=_preact_bn(teacher))
+    return MethodContext(
+        student=student.feature_info,
+        teacher=teacher.feature_info,
+        num_classes=10,
+        num_train=NUM_TRAIN,
+        train_labels=TRAIN_LABELS,
+        image_size=32,
+        student_arch="",
+        student_head=student.head,
+        teacher_head=teacher.head,
+        teacher_preact_bn=_preact_bn(teacher),
+    )
 
 
 def build_method(name: str, ctx: MethodContext) -> Method:
@@ -195,15 +237,19 @@ def both_stages(m: Method, student: nn.Module, s_out, t_out, batch: Batch) -> di
     terms = dict(m.loss(s_out, t_out, batch, START))
     stage = m.init_stage(student)
     if stage is not None:
-        terms.update({f"init:{k}": v for k, v in stage.loss(s_out if stage.needs_student else None, t_out,
-                                                             batch).items()})
+        terms.update(
+            {f"init:{k}": v for k, v in stage.loss(s_out if stage.needs_student else None, t_out, batch).items()}
+        )
     return terms
 
 
 def _zoo_cases() -> list:
     # FT's paraphraser on ResNet50's 2048 channels takes seconds to build: those two cases are marked slow.
-    return [pytest.param(n, t, s, marks=pytest.mark.slow) if (n == "ft" and t == "resnet50") else (n, t, s)
-            for n in DISTILLERS for t, s in PAIRS]
+    return [
+        pytest.param(n, t, s, marks=pytest.mark.slow) if (n == "ft" and t == "resnet50") else (n, t, s)
+        for n in DISTILLERS
+        for t, s in PAIRS
+    ]
 
 
 @pytest.mark.parametrize("name,teacher_name,student_name", _zoo_cases())
@@ -317,8 +363,12 @@ def test_bf16_autocast_gives_fp32_terms(name):
 
 
 def to_bf16(out: ModelOutput) -> ModelOutput:
-    return ModelOutput(logits=out.logits.bfloat16(), feats=[f.bfloat16() for f in out.feats],
-                       preact=[p.bfloat16() for p in out.preact], pooled=out.pooled.bfloat16())
+    return ModelOutput(
+        logits=out.logits.bfloat16(),
+        feats=[f.bfloat16() for f in out.feats],
+        preact=[p.bfloat16() for p in out.preact],
+        pooled=out.pooled.bfloat16(),
+    )
 
 
 def golden_module(name: str):
@@ -364,8 +414,27 @@ def test_method_groups(tiny_toml):
     def methods(group: str) -> list[str]:
         return [s.method for s in expand(load_bench(tiny_toml), Request([group], ["tiny"]))]
 
-    mission = ["ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "crd+kd",
-               "crcd", "rrd", "rrd+kd", "rrd-2025"]
+    mission = [
+        "ce",
+        "kd",
+        "fitnet",
+        "at",
+        "sp",
+        "cc",
+        "vid",
+        "rkd",
+        "pkt",
+        "ab",
+        "ft",
+        "fsp",
+        "nst",
+        "crd",
+        "crd+kd",
+        "crcd",
+        "rrd",
+        "rrd+kd",
+        "rrd-2025",
+    ]
     builtin_all = [n for n in methods("all") if discover()[n].builtin]
     assert builtin_all == mission, "--methods all keeps meaning the mission's methods and variants"
     assert methods("modern") == MODERN
@@ -373,9 +442,21 @@ def test_method_groups(tiny_toml):
     assert methods("modern,kd") == MODERN + ["kd"]
 
 
-CRD_PAIRS = ["wrn_40_2:wrn_16_2", "wrn_40_2:wrn_40_1", "resnet56:resnet20", "resnet110:resnet20", "resnet110:resnet32",
-             "resnet32x4:resnet8x4", "vgg13:vgg8", "vgg13:mobilenetv2", "resnet50:mobilenetv2", "resnet50:vgg8",
-             "resnet32x4:shufflenetv1", "resnet32x4:shufflenetv2", "wrn_40_2:shufflenetv1"]
+CRD_PAIRS = [
+    "wrn_40_2:wrn_16_2",
+    "wrn_40_2:wrn_40_1",
+    "resnet56:resnet20",
+    "resnet110:resnet20",
+    "resnet110:resnet32",
+    "resnet32x4:resnet8x4",
+    "vgg13:vgg8",
+    "vgg13:mobilenetv2",
+    "resnet50:mobilenetv2",
+    "resnet50:vgg8",
+    "resnet32x4:shufflenetv1",
+    "resnet32x4:shufflenetv2",
+    "wrn_40_2:shufflenetv1",
+]
 
 
 @pytest.mark.parametrize("pair", CRD_PAIRS)
@@ -387,9 +468,19 @@ def test_modern_methods_apply_to_every_crd_pair(pair):
     teacher = create_model(t_arch, num_classes=100)  # real weights: OFD reads its BN statistics
     with torch.device("meta"):
         student = create_model(s_arch, num_classes=100)
-    ctx = MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=100, num_train=8,
-                        train_labels=torch.arange(8) % 2, image_size=32, student_arch=s_arch, teacher_arch=t_arch,
-                        student_head=student.head, teacher_head=teacher.head, teacher_preact_bn=_preact_bn(teacher))
+    ctx = MethodContext(
+        student=student.feature_info,
+        teacher=teacher.feature_info,
+        num_classes=100,
+        num_train=8,
+        train_labels=torch.arange(8) % 2,
+        image_size=32,
+        student_arch=s_arch,
+        teacher_arch=t_arch,
+        student_head=student.head,
+        teacher_head=teacher.head,
+        teacher_preact_bn=_preact_bn(teacher),
+    )
     for name in MODERN:
         entry = resolve(name)
         cfg = make_config(entry)

@@ -13,8 +13,8 @@ from PIL import Image
 
 from kdbench import plots
 from kdbench.report import write_report
-from kdbench.tables import STUDENT, TEACHER, build_tables, collect
 from kdbench.results import ResultStore
+from kdbench.tables import STUDENT, TEACHER, build_tables, collect
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_known"
 GROUP = "cifar100 / paper"
@@ -75,8 +75,9 @@ def check_nothing_clipped(fig) -> None:
     tight = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
     w, h = fig.get_size_inches()
     eps = 0.02
-    assert tight.x0 >= -eps and tight.y0 >= -eps and tight.x1 <= w + eps and tight.y1 <= h + eps, \
+    assert tight.x0 >= -eps and tight.y0 >= -eps and tight.x1 <= w + eps and tight.y1 <= h + eps, (
         f"drawn area {tight} exceeds the {w:.2f}x{h:.2f} in canvas of {fig.get_suptitle()!r}"
+    )
 
 
 def test_bar_chart(table, tmp_path):
@@ -108,14 +109,21 @@ def test_gain_heatmap(table, tmp_path):
 @pytest.mark.slow
 def test_curves_losses_corr_diff_and_alignment(col, tmp_path):
     for pair in PAIRS:
-        for fig in (plots.curves_figure(col, GROUP, pair, teacher_top1=79.42), plots.losses_figure(col, GROUP, pair),
-                    plots.corr_diff_figure(col, GROUP, pair)):
+        for fig in (
+            plots.curves_figure(col, GROUP, pair, teacher_top1=79.42),
+            plots.losses_figure(col, GROUP, pair),
+            plots.corr_diff_figure(col, GROUP, pair),
+        ):
             check_figure(fig)
             check_nothing_clipped(fig)
             check_png(plots.save(fig, tmp_path / f"{len(list(tmp_path.iterdir()))}.png"), fig.get_suptitle())
     corr = plots.corr_diff_figure(col, GROUP, PAIRS[1])
-    assert [ax.get_title().split(":")[0] for ax in corr.axes if ax.get_label() != "<colorbar>"] == \
-        ["kd", "crd", "rrd", "fitnet"]  # the preferred methods first, at most four
+    assert [ax.get_title().split(":")[0] for ax in corr.axes if ax.get_label() != "<colorbar>"] == [
+        "kd",
+        "crd",
+        "rrd",
+        "fitnet",
+    ]  # the preferred methods first, at most four
     fig = plots.alignment_figure(col, GROUP, "top1_last")
     check_figure(fig)
     check_nothing_clipped(fig)
@@ -188,7 +196,8 @@ def many(tmp_path_factory):
             q["curve"]["test_top1"] = [v + d for v in q["curve"]["test_top1"]]
             q["curve"]["loss"][m] = [0.5 * v for v in q["curve"]["loss"]["kd"]]
             (root / "runs" / f.name.replace("__kd__", f"__{m}__").replace(r["run_id"], q["run_id"])).write_text(
-                json.dumps(q))
+                json.dumps(q)
+            )
     return collect(ResultStore(root))
 
 
@@ -207,14 +216,23 @@ def test_every_figure_kind_with_25_methods(many, tmp_path):
         ax = bar.axes[0]
         assert ax.get_ylim()[0] == 0
         bars = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch()]
-        legend = {(tuple(np.round(h.get_facecolor(), 3)), h.get_hatch()): h.get_label()
-                  for h in bar.legends[0].legend_handles if isinstance(h, Patch)}
+        legend = {
+            (tuple(np.round(h.get_facecolor(), 3)), h.get_hatch()): h.get_label()
+            for h in bar.legends[0].legend_handles
+            if isinstance(h, Patch)
+        }
         assert bars and all((tuple(np.round(b.get_facecolor(), 3)), b.get_hatch()) in legend for b in bars)
         curves = plots.curves_figure(many, GROUP, pair, teacher_top1=79.42, styles=styles)
         labels = [t.get_text() for t in curves.legends[0].get_texts()]
         assert not any("(n=" in t for t in labels) and "3 seeds" in curves.get_suptitle()
-        lines = {(tuple(np.round(h.get_color(), 3)) if not isinstance(h.get_color(), str) else h.get_color(),
-                  h.get_linestyle(), h.get_marker()) for h in curves.legends[0].legend_handles}
+        lines = {
+            (
+                tuple(np.round(h.get_color(), 3)) if not isinstance(h.get_color(), str) else h.get_color(),
+                h.get_linestyle(),
+                h.get_marker(),
+            )
+            for h in curves.legends[0].legend_handles
+        }
         assert len(lines) == len(labels)  # every entry looks different
         figs += [bar, curves, plots.losses_figure(many, GROUP, pair, styles), plots.corr_diff_figure(many, GROUP, pair)]
     align = plots.alignment_figure(many, GROUP, "top1_last", styles)
@@ -243,7 +261,9 @@ def test_report_on_fixture(tmp_path):
     links = _linked(out)
     expected = {"gain-cifar100-paper.png", "alignment-cifar100-paper.png"} | {
         f"{kind}-cifar100-paper-{p.replace(':', '-').replace('_', '-')}.png"
-        for kind in ("top1", "curves", "losses", "corrdiff") for p in PAIRS}
+        for kind in ("top1", "curves", "losses", "corrdiff")
+        for p in PAIRS
+    }
     assert set(links) == expected
     for name in links:
         check_png(out.parent / name)
@@ -257,7 +277,6 @@ def tiny_results(tmp_path_factory, one_thread):
     """A real results folder: the tiny bench of conftest.py (ce, kd, fitnet, crd), two seeds (seconds on a CPU)."""
     from kdbench.config import load_bench
     from kdbench.sweep import Request, Sweep, expand
-
     from tests.conftest import TINY_TOML
 
     root = tmp_path_factory.mktemp("tiny-results")

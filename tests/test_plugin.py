@@ -22,8 +22,23 @@ def installed_plugin(tmp_path_factory):
 
     src = build / "toy_plugin"
     shutil.copytree(FIXTURE, src)  # build outside the source tree: nothing is left in tests/
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                           "--quiet", "--target", str(target), str(src)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
@@ -121,8 +136,14 @@ def test_readme_plugin_example_follows_the_contract():
     cls = namespace["MyMethod"]
     torch.manual_seed(0)
     teacher, student = create_model("resnet14", num_classes=4).eval(), create_model("resnet8", num_classes=4)
-    ctx = MethodContext(student=student.feature_info, teacher=teacher.feature_info, num_classes=4, num_train=8,
-                        train_labels=torch.arange(8) % 4, image_size=16)
+    ctx = MethodContext(
+        student=student.feature_info,
+        teacher=teacher.feature_info,
+        num_classes=4,
+        num_train=8,
+        train_labels=torch.arange(8) % 4,
+        image_size=16,
+    )
     m = cls(namespace["MyConfig"](), ctx)
     x = torch.randn(2, 3, 16, 16)
     s_out, t_out = student(x), teacher(x)

@@ -48,8 +48,13 @@ def tiny_run(tmp_path_factory, one_thread):
 
 def test_protocols_follow_the_crd_recipe():
     paper, fast = PROBE_PROTOCOLS["paper"], PROBE_PROTOCOLS["fast"]
-    assert (paper.epochs, paper.milestones, paper.batch_size, paper.lr, paper.lr_small) == (120, (30, 60, 90), 64,
-                                                                                            0.05, 0.01)
+    assert (paper.epochs, paper.milestones, paper.batch_size, paper.lr, paper.lr_small) == (
+        120,
+        (30, 60, 90),
+        64,
+        0.05,
+        0.01,
+    )
     assert (paper.momentum, paper.weight_decay) == (0.9, 5e-4)
     assert paper.lr_at(0.05, 29) == pytest.approx(0.05) and paper.lr_at(0.05, 30) == pytest.approx(0.005)
     assert paper.lr_at(0.05, 119) == pytest.approx(0.05e-3)
@@ -150,8 +155,18 @@ def test_cli_probe(tiny_run):
 
     path, root = tiny_run
     run_id = path.stem.split("__")[-1]
-    args = ["probe", run_id[:8], "--results", str(root), "--dataset", "synthetic", "--protocol", "smoke",
-            "--device", "cpu"]
+    args = [
+        "probe",
+        run_id[:8],
+        "--results",
+        str(root),
+        "--dataset",
+        "synthetic",
+        "--protocol",
+        "smoke",
+        "--device",
+        "cpu",
+    ]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "kd resnet14:resnet8 -> synthetic: top-1 last" in res.stdout
@@ -210,8 +225,9 @@ def test_probe_on_tiny_imagenet(tiny_run):
     takes about a minute the first time, then it comes from the ~/.cache/kdbench cache."""
     path, root = tiny_run
     _, run, _ = resolve_run(str(path))
-    rec = run_probe(run, root, "tinyimagenet", protocol="smoke", data_root=TINY_IMAGENET, image_size=32,
-                    run_file=path, save=False)
+    rec = run_probe(
+        run, root, "tinyimagenet", protocol="smoke", data_root=TINY_IMAGENET, image_size=32, run_file=path, save=False
+    )
     assert rec["dataset"]["num_classes"] == 100 and rec["dataset"]["image_size"] == 32
     assert (rec["dataset"]["train_size"], rec["dataset"]["test_size"]) == (2000, 1000)
     assert 0.0 <= rec["top1_last"] <= 100.0 and len(rec["curve"]["test_top1"]) == 2

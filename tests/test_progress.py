@@ -20,8 +20,9 @@ from kdbench.progress import SweepMeter, hms
 def _kdbench(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """The command line with stdout and stderr redirected to pipes, as under nohup, `> log` or SLURM."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kdbench.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_hms():
@@ -56,8 +57,24 @@ def trained(tmp_path_factory):
     toml = root / "bench.toml"
     toml.write_text(TINY_TOML)
     res = root / "results"
-    p = _kdbench(["run", "--config", str(toml), "-m", "ce,kd", "-p", "tiny", "--seeds", "0", "--results", str(res),
-                  "--device", "cpu"], root)
+    p = _kdbench(
+        [
+            "run",
+            "--config",
+            str(toml),
+            "-m",
+            "ce,kd",
+            "-p",
+            "tiny",
+            "--seeds",
+            "0",
+            "--results",
+            str(res),
+            "--device",
+            "cpu",
+        ],
+        root,
+    )
     assert p.returncode == 0, p.stderr
     return root, toml, res, p
 
@@ -97,8 +114,23 @@ def test_dry_run_lists_teachers_with_estimates_and_the_import_command(trained, t
     # seed of the students, and a teacher of another seed
     other = root / "other.toml"
     other.write_text(toml.read_text().replace("seeds = [0]", "seeds = [0]\nteacher_seed = 1"))
-    p = _kdbench(["run", "--config", str(other), "-m", "ce,kd", "-p", "tiny", "--seeds", "5", "--results", str(res),
-                  "--dry-run"], root)
+    p = _kdbench(
+        [
+            "run",
+            "--config",
+            str(other),
+            "-m",
+            "ce,kd",
+            "-p",
+            "tiny",
+            "--seeds",
+            "5",
+            "--results",
+            str(res),
+            "--dry-run",
+        ],
+        root,
+    )
     assert p.returncode == 0, p.stderr
     rows = [ln for ln in p.stdout.splitlines() if "todo" in ln]
     assert len(rows) == 2 and all("unknown" not in ln for ln in rows)
@@ -119,8 +151,14 @@ def test_table_long_csv_holds_every_epoch_of_every_run(trained):
     kd = [r for r in rows if r["method"] == "kd" and r["quantity"] == "test_top1"]
     run = next(r for r in runs if r["spec"]["method"] == "kd")
     assert [float(r["value"]) for r in kd] == pytest.approx(run["curve"]["test_top1"])
-    assert {r["quantity"] for r in rows if r["method"] == "kd"} == {"lr", "loss_ce", "loss_kd", "loss_total",
-                                                                   "test_top1", "test_top5"}
+    assert {r["quantity"] for r in rows if r["method"] == "kd"} == {
+        "lr",
+        "loss_ce",
+        "loss_kd",
+        "loss_total",
+        "test_top1",
+        "test_top5",
+    }
     bad = _kdbench(["table", "--results", str(res), "--long"], root)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --long")
 
@@ -129,9 +167,8 @@ def test_cohort_progress_names_every_member_and_survives_markup(tiny_data):
     """The cohort's bar names the pair, the seed and each member's top-1; '[...]' is not eaten as rich markup."""
     import torch
 
-    from kdbench.config import DataSpec, TeacherSpec, load_bench
+    from kdbench.config import DataSpec, RunSpec, TeacherSpec, load_bench
     from kdbench.method import make_config, resolve
-    from kdbench.config import RunSpec
     from kdbench.models import create_model
     from kdbench.train import build_member, train_cohort
 
@@ -192,7 +229,12 @@ def test_what_a_run_and_its_report_write_is_ignored_by_git(trained, tmp_path):
     (res / "locks" / "x.lock").write_text("")
     written = [f"results/{p.relative_to(res).as_posix()}" for p in res.rglob("*") if p.is_file()]
     assert any("/report/" in w for w in written) and any(w.endswith(".log") for w in written)
-    check = subprocess.run(["git", "check-ignore", "--no-index", "--stdin", "-v", "-n"], cwd=root,
-                           input="\n".join(written), capture_output=True, text=True)
+    check = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin", "-v", "-n"],
+        cwd=root,
+        input="\n".join(written),
+        capture_output=True,
+        text=True,
+    )
     not_ignored = [ln.split("\t")[-1] for ln in check.stdout.splitlines() if ln.startswith("::")]
     assert not not_ignored, f"git would show these as changes: {not_ignored}"

@@ -19,12 +19,15 @@ from kdbench.rankcorr import _inversion_counts, kendall_tau, rank_agreement
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_known"
 
 
-@pytest.mark.parametrize("x, y, tau, p, how", [
-    ([1, 2, 3, 4, 5], [1, 2, 3, 5, 4], 0.8, 10 / 120, "exact"),  # 9 concordant, 1 discordant; P(D <= 1) = 5/120
-    ([1, 2, 3, 4, 5, 6, 7], [3, 1, 2, 7, 5, 4, 6], 9 / 21, 0.2388888888888889, "exact"),
-    ([5, 4, 3, 2, 1, 0, 9, 8], [1, 2, 3, 4, 5, 6, 7, 8], -4 / 28, 0.7195436507936508, "exact"),
-    ([1, 2, 2, 3, 4, 5], [2, 1, 3, 3, 5, 4], 0.6428571428571429, 0.07983871964585261, "normal"),  # ties: tau-b
-])
+@pytest.mark.parametrize(
+    "x, y, tau, p, how",
+    [
+        ([1, 2, 3, 4, 5], [1, 2, 3, 5, 4], 0.8, 10 / 120, "exact"),  # 9 concordant, 1 discordant; P(D <= 1) = 5/120
+        ([1, 2, 3, 4, 5, 6, 7], [3, 1, 2, 7, 5, 4, 6], 9 / 21, 0.2388888888888889, "exact"),
+        ([5, 4, 3, 2, 1, 0, 9, 8], [1, 2, 3, 4, 5, 6, 7, 8], -4 / 28, 0.7195436507936508, "exact"),
+        ([1, 2, 2, 3, 4, 5], [2, 1, 3, 3, 5, 4], 0.6428571428571429, 0.07983871964585261, "normal"),  # ties: tau-b
+    ],
+)
 def test_kendall_tau_known_values(x, y, tau, p, how):
     r = kendall_tau(x, y)
     assert r.tau == pytest.approx(tau, abs=1e-12)
@@ -55,35 +58,45 @@ def test_kendall_rejects_bad_input():
 
 
 def test_rank_agreement_uses_rows_both_have():
-    a = rank_agreement({"Student": 70.0, "kd": 71.0, "crd": 73.0, "rrd": 72.0},
-                       {"Student": 72.5, "kd": 73.3, "crd": 75.5}, pair="a:b", published_pair="c:d",
-                       reference="crd2020")
+    a = rank_agreement(
+        {"Student": 70.0, "kd": 71.0, "crd": 73.0, "rrd": 72.0},
+        {"Student": 72.5, "kd": 73.3, "crd": 75.5},
+        pair="a:b",
+        published_pair="c:d",
+        reference="crd2020",
+    )
     assert a.rows == ("Student", "kd", "crd") and a.result.tau == 1.0
     with pytest.raises(ValueError, match="only 2 rows"):
-        rank_agreement({"kd": 1.0, "crd": 2.0}, {"kd": 1.0, "crd": 2.0}, pair="a:b", published_pair="c:d",
-                       reference="crd2020")
+        rank_agreement(
+            {"kd": 1.0, "crd": 2.0}, {"kd": 1.0, "crd": 2.0}, pair="a:b", published_pair="c:d", reference="crd2020"
+        )
 
 
 def test_table_rank_corr_on_the_known_fixture():
     # resnet32x4:resnet8x4 ours: crd 75.5 > kd 74.6 > fitnet 73.25 > Student 73.0 > fsp 72.6; CRD Table 1:
     # crd 75.51 > fitnet 73.50 > kd 73.33 > fsp 72.62 > Student 72.50. Two discordant pairs of ten: tau 0.6,
     # exact p = 2 * (1 + 4 + 9) / 120.
-    res = CliRunner().invoke(cli, ["table", "--results", str(FIXTURE), "--reference", "crd2020",
-                                   "--rank-corr", "resnet32x4:resnet8x4"])
+    res = CliRunner().invoke(
+        cli, ["table", "--results", str(FIXTURE), "--reference", "crd2020", "--rank-corr", "resnet32x4:resnet8x4"]
+    )
     assert res.exit_code == 0, res.output
-    assert ("Rank agreement of resnet32x4:resnet8x4 with the published ranking of the same pair (crd2020): Kendall "
-            "tau-b = 0.600, two-sided p = 0.233 (exact), over the 5 rows both have: Student, kd, fitnet, fsp, crd."
-            ) in res.output
+    assert (
+        "Rank agreement of resnet32x4:resnet8x4 with the published ranking of the same pair (crd2020): Kendall "
+        "tau-b = 0.600, two-sided p = 0.233 (exact), over the 5 rows both have: Student, kd, fitnet, fsp, crd."
+    ) in res.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--rank-corr", "resnet32x4:resnet8x4"], "needs exactly one --reference"),
-    (["--reference", "crd2020,rrd2024", "--rank-corr", "resnet32x4:resnet8x4"], "needs exactly one --reference"),
-    (["--reference", "crd2020", "--rank-corr", "resnet32x4"], "expected TEACHER:STUDENT"),
-    (["--reference", "crd2020", "--rank-corr", "resnet32x4:resnet8x4", "--format", "csv"], "use --format md"),
-    (["--reference", "crd2020", "--rank-corr", "resnet32x4:resnet8x4", "--metric", "cka"], "top1"),
-    (["--reference", "crd2020", "--rank-corr", "vgg8:vgg8"], "has no numbers for that pair"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank-corr", "resnet32x4:resnet8x4"], "needs exactly one --reference"),
+        (["--reference", "crd2020,rrd2024", "--rank-corr", "resnet32x4:resnet8x4"], "needs exactly one --reference"),
+        (["--reference", "crd2020", "--rank-corr", "resnet32x4"], "expected TEACHER:STUDENT"),
+        (["--reference", "crd2020", "--rank-corr", "resnet32x4:resnet8x4", "--format", "csv"], "use --format md"),
+        (["--reference", "crd2020", "--rank-corr", "resnet32x4:resnet8x4", "--metric", "cka"], "top1"),
+        (["--reference", "crd2020", "--rank-corr", "vgg8:vgg8"], "has no numbers for that pair"),
+    ],
+)
 def test_table_rank_corr_bad_input(args, message):
     res = CliRunner().invoke(cli, ["table", "--results", str(FIXTURE), *args])
     assert isinstance(res.exception, KdbenchError)  # main() prints it as one line and exits 2
@@ -91,8 +104,9 @@ def test_table_rank_corr_bad_input(args, message):
 
 
 def test_table_several_metrics():
-    res = CliRunner().invoke(cli, ["table", "--results", str(FIXTURE), "--metric", "top1_last", "--metric",
-                                   "top1_best"])
+    res = CliRunner().invoke(
+        cli, ["table", "--results", str(FIXTURE), "--metric", "top1_last", "--metric", "top1_best"]
+    )
     assert res.exit_code == 0, res.output
     assert "— top1_last" in res.output and "— top1_best" in res.output
     assert res.output.index("— top1_last") < res.output.index("— top1_best")

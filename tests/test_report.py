@@ -30,12 +30,14 @@ from click.testing import CliRunner
 from kdbench.cli import cli
 from kdbench.errors import KdbenchError
 from kdbench.render import render
-from kdbench.tables import bootstrap_ci, build_tables, collect, load_reference
 from kdbench.results import ResultStore
+from kdbench.tables import bootstrap_ci, build_tables, collect, load_reference
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_known"
-CAPTION = ("mean ± sample std over 3 seeds; (n=k): a cell with another seed count; **bold**: best, *italic*: second "
-           "best per pair (higher is better); avg rank: mean of the per-pair ranks of the rows below the teacher")
+CAPTION = (
+    "mean ± sample std over 3 seeds; (n=k): a cell with another seed count; **bold**: best, *italic*: second "
+    "best per pair (higher is better); avg rank: mean of the per-pair ranks of the rows below the teacher"
+)
 
 MD_TOP1 = f"""\
 ### cifar100 / paper — top1_last
@@ -53,7 +55,9 @@ MD_TOP1 = f"""\
 {CAPTION}.
 """
 
-MD_VS_KD = MD_TOP1.rstrip("\n") + """
+MD_VS_KD = (
+    MD_TOP1.rstrip("\n")
+    + """
 
 #### cifar100 / paper — top1_last vs kd
 
@@ -69,6 +73,7 @@ top1_last: mean paired difference (method - kd) over the 3 seeds both have, with
 interval (10,000 resamples, seed 0); with 3 seeds or fewer this interval is the range of the differences; \
 **bold**: the interval excludes 0.
 """
+)
 
 # Published (CRD Table 1): wrn pair Teacher 75.61, Student 73.26, KD 74.92, FitNet 73.58, FSP 72.91, CRD 75.48;
 # resnet pair Teacher 79.42, Student 72.50, KD 73.33, FitNet 73.50, FSP 72.62, CRD 75.51; no RRD in crd2020.
@@ -244,8 +249,11 @@ def test_bootstrap_is_seeded_and_exact_in_known_cases():
 
 
 def test_errors_name_what_is_valid(col):
-    with pytest.raises(KdbenchError, match=r"unknown metric 'top1'; valid: top1_last, top1_best, top5_last, "
-                                           r"top5_best, agreement, best_epoch, cka, ece"):
+    with pytest.raises(
+        KdbenchError,
+        match=r"unknown metric 'top1'; valid: top1_last, top1_best, top5_last, "
+        r"top5_best, agreement, best_epoch, cka, ece",
+    ):
         build_tables(col, "top1")
     with pytest.raises(KdbenchError, match="unknown reference 'crd2021'; valid: crd2020, rrd2024"):
         build_tables(col, "top1_last", reference="crd2021")
@@ -281,11 +289,18 @@ def test_cli_table_names_the_half_written_file_and_goes_on():
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
 def test_latex_compiles(col, tmp_path):
     body = render(build_tables(col, "top1_last", reference="crd2020,rrd2024", vs="kd"), "latex")
-    doc = ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
-           "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n" + body + "\\end{document}\n")
+    doc = (
+        "\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+        "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n" + body + "\\end{document}\n"
+    )
     (tmp_path / "t.tex").write_text(doc)
-    out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     assert (tmp_path / "t.pdf").stat().st_size > 1000
 

@@ -43,8 +43,10 @@ def test_classes_of_a_superclass_look_alike():
     assert dist[same].mean() < 0.7 * dist[other].mean()
 
 
-@pytest.mark.parametrize("kw", [dict(superclasses=3), dict(superclasses=-1), dict(label_noise=1.0),
-                                dict(label_noise="x"), dict(superclasses=20)])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(superclasses=3), dict(superclasses=-1), dict(label_noise=1.0), dict(label_noise="x"), dict(superclasses=20)],
+)
 def test_bad_options_are_one_clear_error(kw):
     with pytest.raises(KdbenchError, match="synthetic dataset"):
         load_dataset("synthetic", None, image_size=8, num_classes=10, train_size=20, test_size=10, **kw)

@@ -63,8 +63,10 @@ def _cifar_unpickle(data: bytes, where: str, part: str) -> dict[str, Any]:
     expected = CIFAR100_MD5[part]
     got = _md5(data)
     if got != expected:
-        raise KdbenchError(f"CIFAR-100 file {where} is corrupt or incomplete (md5 {got}, expected {expected}): "
-                           "delete it and pass --download, or copy a good cifar-100-python/ into --data-root")
+        raise KdbenchError(
+            f"CIFAR-100 file {where} is corrupt or incomplete (md5 {got}, expected {expected}): "
+            "delete it and pass --download, or copy a good cifar-100-python/ into --data-root"
+        )
     try:
         obj = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
@@ -81,8 +83,10 @@ def _cifar_split(obj: dict[str, Any], where: str, num_classes: int) -> tuple[tor
     except KeyError as exc:
         raise KdbenchError(f"CIFAR-100 file {where} has no {exc.args[0]!r} entry") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise KdbenchError(f"CIFAR-100 file {where}: expected uint8 data of shape [N, 3072] and N fine labels, got "
-                           f"{data.dtype} {data.shape} and {len(labels)} labels")
+        raise KdbenchError(
+            f"CIFAR-100 file {where}: expected uint8 data of shape [N, 3072] and N fine labels, got "
+            f"{data.dtype} {data.shape} and {len(labels)} labels"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise KdbenchError(f"CIFAR-100 file {where}: fine labels outside 0..{num_classes - 1}")
     images = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32).copy())
@@ -92,7 +96,8 @@ def _cifar_split(obj: dict[str, Any], where: str, num_classes: int) -> tuple[tor
 def _cifar_missing(root: Path) -> KdbenchError:
     return KdbenchError(
         f"CIFAR-100 not found: looked for {root / CIFAR100_FOLDER}/ (train, test, meta) and {root / CIFAR100_ARCHIVE}; "
-        f"pass --data-root DIR holding {CIFAR100_FOLDER}/, or --download to fetch it (169 MB) into {root}")
+        f"pass --data-root DIR holding {CIFAR100_FOLDER}/, or --download to fetch it (169 MB) into {root}"
+    )
 
 
 def _load_cifar100(data_root: Path, *, image_size: int | None, download: bool, cache_dir: Path | None) -> Dataset:
@@ -105,8 +110,10 @@ def _load_cifar100(data_root: Path, *, image_size: int | None, download: bool, c
     archive = root / CIFAR100_ARCHIVE
     if folder is None and (root / CIFAR100_FOLDER).is_dir() and not archive.is_file() and not download:
         missing = [p for p in parts if not (root / CIFAR100_FOLDER / p).is_file()]
-        raise KdbenchError(f"CIFAR-100 folder {root / CIFAR100_FOLDER} is incomplete (missing {', '.join(missing)}): "
-                           "pass --download to fetch it again, or --data-root DIR holding a complete copy")
+        raise KdbenchError(
+            f"CIFAR-100 folder {root / CIFAR100_FOLDER} is incomplete (missing {', '.join(missing)}): "
+            "pass --download to fetch it again, or --data-root DIR holding a complete copy"
+        )
     if folder is None and not archive.is_file():
         if not download:
             raise _cifar_missing(root)
@@ -128,8 +135,9 @@ def _load_cifar100(data_root: Path, *, image_size: int | None, download: bool, c
         raise KdbenchError(f"CIFAR-100 file {blobs['meta'][1]}: expected 100 fine_label_names, got {len(classes)}")
     train_x, train_y = _cifar_split(_cifar_unpickle(*blobs["train"], part="train"), blobs["train"][1], 100)
     test_x, test_y = _cifar_split(_cifar_unpickle(*blobs["test"], part="test"), blobs["test"][1], 100)
-    return build_dataset("cifar100", train_x, train_y, test_x, test_y, classes, mean=CIFAR100_MEAN, std=CIFAR100_STD,
-                   source=source)
+    return build_dataset(
+        "cifar100", train_x, train_y, test_x, test_y, classes, mean=CIFAR100_MEAN, std=CIFAR100_STD, source=source
+    )
 
 
 def _read_cifar_archive(archive: Path) -> dict[str, tuple[bytes, str]]:
@@ -137,8 +145,10 @@ def _read_cifar_archive(archive: Path) -> dict[str, tuple[bytes, str]]:
     data = archive.read_bytes()
     got = _md5(data)
     if got != CIFAR100_ARCHIVE_MD5:
-        raise KdbenchError(f"CIFAR-100 archive {archive} is corrupt or incomplete (md5 {got}, expected "
-                           f"{CIFAR100_ARCHIVE_MD5}): delete it and pass --download")
+        raise KdbenchError(
+            f"CIFAR-100 archive {archive} is corrupt or incomplete (md5 {got}, expected "
+            f"{CIFAR100_ARCHIVE_MD5}): delete it and pass --download"
+        )
     out: dict[str, tuple[bytes, str]] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
@@ -157,9 +167,12 @@ def _download_cifar100(root: Path) -> None:
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(CIFAR100_URL, download_root=str(root), filename=CIFAR100_ARCHIVE,
-                                     md5=CIFAR100_ARCHIVE_MD5)
+        download_and_extract_archive(
+            CIFAR100_URL, download_root=str(root), filename=CIFAR100_ARCHIVE, md5=CIFAR100_ARCHIVE_MD5
+        )
     except (OSError, RuntimeError, ValueError) as exc:  # URLError / HTTPError are OSErrors; bad md5: RuntimeError
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise KdbenchError(f"could not download CIFAR-100 from {CIFAR100_URL} into {root} ({msg}); fetch "
-                           f"{CIFAR100_ARCHIVE} elsewhere and pass --data-root DIR holding it") from None
+        raise KdbenchError(
+            f"could not download CIFAR-100 from {CIFAR100_URL} into {root} ({msg}); fetch "
+            f"{CIFAR100_ARCHIVE} elsewhere and pass --data-root DIR holding it"
+        ) from None

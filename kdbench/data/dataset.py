@@ -65,8 +65,15 @@ class Dataset:
     def num_test(self) -> int:
         return int(self.test_images.shape[0])
 
-    def train_loader(self, batch_size: int, *, device: str | torch.device = "cpu", seed: int = 0,
-                     drop_last: bool = False, pad: int | None = None) -> GPULoader:
+    def train_loader(
+        self,
+        batch_size: int,
+        *,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        drop_last: bool = False,
+        pad: int | None = None,
+    ) -> GPULoader:
         """Shuffled, augmented batches of the training split.
 
         ``pad`` is the random crop's zero padding; by default an eighth of the image side, which is CIFAR's 4 pixels
@@ -74,25 +81,49 @@ class Dataset:
         """
         if pad is None:
             pad = max(1, self.image_size // 8)
-        return GPULoader(self.train_images, self.train_labels, batch_size=batch_size, train=True, mean=self.mean,
-                         std=self.std, seed=seed, drop_last=drop_last, device=device, pad=pad)
+        return GPULoader(
+            self.train_images,
+            self.train_labels,
+            batch_size=batch_size,
+            train=True,
+            mean=self.mean,
+            std=self.std,
+            seed=seed,
+            drop_last=drop_last,
+            device=device,
+            pad=pad,
+        )
 
     def test_loader(self, batch_size: int, *, device: str | torch.device = "cpu") -> GPULoader:
         """The test split in order, unaugmented."""
-        return GPULoader(self.test_images, self.test_labels, batch_size=batch_size, train=False, mean=self.mean,
-                         std=self.std, device=device)
+        return GPULoader(
+            self.test_images,
+            self.test_labels,
+            batch_size=batch_size,
+            train=False,
+            mean=self.mean,
+            std=self.std,
+            device=device,
+        )
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, classes={self.num_classes}, train={tuple(self.train_images.shape)}, "
-                f"test={tuple(self.test_images.shape)}, checksum={self.checksum[:12]})")
+        return (
+            f"Dataset({self.name!r}, classes={self.num_classes}, train={tuple(self.train_images.shape)}, "
+            f"test={tuple(self.test_images.shape)}, checksum={self.checksum[:12]})"
+        )
 
 
-def data_checksum(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
-                  test_labels: torch.Tensor) -> str:
+def data_checksum(
+    train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor
+) -> str:
     """sha256 over the decoded tensors (dtype, shape and bytes of each): the identity of the data itself."""
     h = hashlib.sha256()
-    for key, t in (("train_images", train_images), ("train_labels", train_labels), ("test_images", test_images),
-                   ("test_labels", test_labels)):
+    for key, t in (
+        ("train_images", train_images),
+        ("train_labels", train_labels),
+        ("test_images", test_images),
+        ("test_labels", test_labels),
+    ):
         t = t.detach().cpu().contiguous()
         h.update(f"{key}:{str(t.dtype).removeprefix('torch.')}:{tuple(t.shape)};".encode())
         h.update(t.numpy().reshape(-1).view(np.uint8).data)
@@ -118,14 +149,35 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tup
     return tuple(means), tuple(stds)  # type: ignore[return-value]
 
 
-def build_dataset(name: str, train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
-            test_labels: torch.Tensor, classes: list[str], *, mean=None, std=None, checksum=None,
-            class_ids: list[str] | None = None, source: str = "") -> Dataset:
+def build_dataset(
+    name: str,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    classes: list[str],
+    *,
+    mean=None,
+    std=None,
+    checksum=None,
+    class_ids: list[str] | None = None,
+    source: str = "",
+) -> Dataset:
     """Build a Dataset, computing the statistics and the checksum where they are not given (cached)."""
     if mean is None or std is None:
         mean, std = channel_stats(train_images)
     if checksum is None:
         checksum = data_checksum(train_images, train_labels, test_images, test_labels)
-    return Dataset(name, train_images, train_labels, test_images, test_labels, list(classes),
-                   tuple(float(m) for m in mean), tuple(float(s) for s in std), checksum,  # type: ignore[arg-type]
-                   class_ids=list(class_ids or []), source=source)
+    return Dataset(
+        name,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        list(classes),
+        tuple(float(m) for m in mean),
+        tuple(float(s) for s in std),
+        checksum,  # type: ignore[arg-type]
+        class_ids=list(class_ids or []),
+        source=source,
+    )

@@ -23,8 +23,9 @@ class Batch:
     index: torch.Tensor
 
 
-def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor | None,
-              pad: int) -> torch.Tensor:
+def crop_flip(
+    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor | None, pad: int
+) -> torch.Tensor:
     """Batched ``RandomCrop(size, padding=pad)`` then ``RandomHorizontalFlip`` at given offsets, in one gather.
 
     ``images`` [B, C, H, W] (any dtype); ``top`` / ``left`` [B] offsets in 0..2*pad into the zero-padded image;
@@ -52,9 +53,21 @@ class GPULoader:
     epoch e needs no state. Test (``train=False``): in order, unaugmented, the last partial batch kept.
     """
 
-    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, *, batch_size: int, train: bool,
-                 mean: Sequence[float], std: Sequence[float], seed: int = 0, drop_last: bool = False,
-                 device: str | torch.device = "cpu", pad: int = 4, flip: bool = True):
+    def __init__(
+        self,
+        images_uint8: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int = 0,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+        pad: int = 4,
+        flip: bool = True,
+    ):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 [N,C,H,W], got {images_uint8.dtype} {tuple(images_uint8.shape)}")
         if labels.dim() != 1 or labels.shape[0] != images_uint8.shape[0]:
@@ -112,14 +125,18 @@ class GPULoader:
         n, bs = self.num_samples, self.batch_size
         stop = (n // bs) * bs if self.drop_last else n
         for s in range(0, stop, bs):
-            idx = order[s:s + bs]
+            idx = order[s : s + bs]
             x = self.images[idx]
             if top is not None or flips is not None:
                 k = idx.shape[0]
                 zeros = torch.zeros(k, dtype=torch.int64, device=self.device)
-                x = crop_flip(x, top[s:s + bs] if top is not None else zeros,
-                              left[s:s + bs] if left is not None else zeros,
-                              flips[s:s + bs] if flips is not None else None, self.pad)
+                x = crop_flip(
+                    x,
+                    top[s : s + bs] if top is not None else zeros,
+                    left[s : s + bs] if left is not None else zeros,
+                    flips[s : s + bs] if flips is not None else None,
+                    self.pad,
+                )
             yield Batch(self.normalize(x), self.labels[idx], idx)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -128,5 +145,7 @@ class GPULoader:
         return self.epoch(0)
 
     def __repr__(self) -> str:
-        return (f"GPULoader(n={self.num_samples}, batch_size={self.batch_size}, train={self.train}, "
-                f"device={self.device}, pad={self.pad}, drop_last={self.drop_last})")
+        return (
+            f"GPULoader(n={self.num_samples}, batch_size={self.batch_size}, train={self.train}, "
+            f"device={self.device}, pad={self.pad}, drop_last={self.drop_last})"
+        )

@@ -33,14 +33,26 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar100": DatasetSpec("cifar100", "CIFAR-100: 100 classes, 50k/10k 32x32 images (cifar-100-python/, md5-checked)",
-                            _load_cifar100),
-    "tinyimagenet": DatasetSpec("tinyimagenet", "Tiny-ImageNet (200 classes, or its 100-class subset) from its "
-                                "folder or zip(s), resized to 32x32 (image_size=64 keeps it)", _load_tinyimagenet),
-    "stl10": DatasetSpec("stl10", "STL-10 labelled splits (5k/8k, 10 classes) from stl10_binary/, resized to 32x32 "
-                         "(image_size=96 keeps them); for the transfer probe", _load_stl10),
-    "synthetic": DatasetSpec("synthetic", "deterministic class-conditional colour patterns of any size and class "
-                             "count, for tests and smoke runs", _load_synthetic),
+    "cifar100": DatasetSpec(
+        "cifar100", "CIFAR-100: 100 classes, 50k/10k 32x32 images (cifar-100-python/, md5-checked)", _load_cifar100
+    ),
+    "tinyimagenet": DatasetSpec(
+        "tinyimagenet",
+        "Tiny-ImageNet (200 classes, or its 100-class subset) from its "
+        "folder or zip(s), resized to 32x32 (image_size=64 keeps it)",
+        _load_tinyimagenet,
+    ),
+    "stl10": DatasetSpec(
+        "stl10",
+        "STL-10 labelled splits (5k/8k, 10 classes) from stl10_binary/, resized to 32x32 "
+        "(image_size=96 keeps them); for the transfer probe",
+        _load_stl10,
+    ),
+    "synthetic": DatasetSpec(
+        "synthetic",
+        "deterministic class-conditional colour patterns of any size and class count, for tests and smoke runs",
+        _load_synthetic,
+    ),
 }
 
 
@@ -49,8 +61,15 @@ def list_datasets() -> list[tuple[str, str]]:
     return [(spec.name, spec.description) for spec in DATASETS.values()]
 
 
-def load_dataset(name: str, data_root: str | Path | None = None, *, image_size: int | None = None,
-                 download: bool = False, cache_dir: str | Path | None = None, **options: Any) -> Dataset:
+def load_dataset(
+    name: str,
+    data_root: str | Path | None = None,
+    *,
+    image_size: int | None = None,
+    download: bool = False,
+    cache_dir: str | Path | None = None,
+    **options: Any,
+) -> Dataset:
     """Load a dataset by name as uint8 CPU tensors.
 
     ``data_root`` is where its files are (default ``~/.cache/kdbench/data`` or ``$KDBENCH_DATA_ROOT``);

@@ -31,12 +31,16 @@ def _load_stl10(data_root: Path, *, image_size: int | None, download: bool, cach
             STL10(str(data_root), split="train", download=True)
         except (OSError, RuntimeError, ValueError) as exc:
             msg = " ".join(str(exc).split())
-            raise KdbenchError(f"could not download STL-10 into {data_root} ({msg}); fetch stl10_binary.tar.gz "
-                               f"elsewhere and pass --data-root DIR holding {STL10_FOLDER}/") from None
+            raise KdbenchError(
+                f"could not download STL-10 into {data_root} ({msg}); fetch stl10_binary.tar.gz "
+                f"elsewhere and pass --data-root DIR holding {STL10_FOLDER}/"
+            ) from None
     missing = [p for p in parts if not (folder / p).is_file()]
     if missing:
-        raise KdbenchError(f"STL-10 not found: looked for {folder}/ ({', '.join(missing)} missing); pass --data-root "
-                           f"DIR holding {STL10_FOLDER}/, or --download to fetch it (2.6 GB) into {data_root}")
+        raise KdbenchError(
+            f"STL-10 not found: looked for {folder}/ ({', '.join(missing)} missing); pass --data-root "
+            f"DIR holding {STL10_FOLDER}/, or --download to fetch it (2.6 GB) into {data_root}"
+        )
 
     def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raw = np.fromfile(folder / f"{name}_X.bin", dtype=np.uint8)
@@ -49,13 +53,20 @@ def _load_stl10(data_root: Path, *, image_size: int | None, download: bool, cach
             from PIL import Image
 
             hwc = images.transpose(0, 2, 3, 1)
-            images = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(
-                (size, size), Image.Resampling.BILINEAR)) for im in hwc]).transpose(0, 3, 1, 2)
+            images = np.stack(
+                [
+                    np.asarray(
+                        Image.fromarray(np.ascontiguousarray(im)).resize((size, size), Image.Resampling.BILINEAR)
+                    )
+                    for im in hwc
+                ]
+            ).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
 
     train_x, train_y = split("train")
     test_x, test_y = split("test")
     names = folder / "class_names.txt"
     classes = names.read_text().split() if names.is_file() else list(STL10_CLASSES)
-    return build_dataset("stl10", train_x, train_y, test_x, test_y, classes if len(classes) == 10 else STL10_CLASSES,
-                   source=str(folder))
+    return build_dataset(
+        "stl10", train_x, train_y, test_x, test_y, classes if len(classes) == 10 else STL10_CLASSES, source=str(folder)
+    )

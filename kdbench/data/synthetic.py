@@ -13,9 +13,17 @@ from kdbench.errors import KdbenchError
 # --------------------------------------------------------------------------------------------- synthetic
 
 
-def make_synthetic(num_classes: int = 10, image_size: int = 32, train_size: int = 2000, test_size: int = 500,
-                   seed: int = 0, noise: float = 0.15, grid: int = 4, superclasses: int = 0,
-                   label_noise: float = 0.0) -> Dataset:
+def make_synthetic(
+    num_classes: int = 10,
+    image_size: int = 32,
+    train_size: int = 2000,
+    test_size: int = 500,
+    seed: int = 0,
+    noise: float = 0.15,
+    grid: int = 4,
+    superclasses: int = 0,
+    label_noise: float = 0.0,
+) -> Dataset:
     """Deterministic, learnable class-conditional images.
 
     Each class owns a smooth random colour pattern (a ``grid x grid`` field of random colours, upsampled). A
@@ -29,9 +37,14 @@ def make_synthetic(num_classes: int = 10, image_size: int = 32, train_size: int 
     that structure. ``label_noise`` replaces that fraction of the *training* labels by another class of the same
     group (or any class without groups); test labels stay clean. The defaults (0, 0.0) give the original data.
     """
-    for key, val, low in (("num_classes", num_classes, 1), ("image_size", image_size, 1),
-                          ("train_size", train_size, 1), ("test_size", test_size, 1), ("grid", grid, 1),
-                          ("superclasses", superclasses, 0)):
+    for key, val, low in (
+        ("num_classes", num_classes, 1),
+        ("image_size", image_size, 1),
+        ("train_size", train_size, 1),
+        ("test_size", test_size, 1),
+        ("grid", grid, 1),
+        ("superclasses", superclasses, 0),
+    ):
         if not isinstance(val, int) or isinstance(val, bool) or val < low:
             raise KdbenchError(f"synthetic dataset: {key} must be an integer >= {low}, got {val!r}")
     if superclasses > num_classes or (superclasses and num_classes % superclasses):
@@ -71,15 +84,42 @@ def make_synthetic(num_classes: int = 10, image_size: int = 32, train_size: int 
     extra = ""
     if superclasses or label_noise:
         extra = f", superclasses={superclasses}, label_noise={label_noise}"
-    return build_dataset("synthetic", train_x, train_y, test_x, test_y, classes,
-                         source=f"synthetic(num_classes={num_classes}, image_size={image_size}, "
-                                f"train_size={train_size}, test_size={test_size}, seed={seed}, noise={noise}, "
-                                f"grid={grid}{extra})")
+    return build_dataset(
+        "synthetic",
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        classes,
+        source=f"synthetic(num_classes={num_classes}, image_size={image_size}, "
+        f"train_size={train_size}, test_size={test_size}, seed={seed}, noise={noise}, "
+        f"grid={grid}{extra})",
+    )
 
 
-def _load_synthetic(data_root: Path, *, image_size: int | None, download: bool, cache_dir: Path | None,
-                    num_classes: int = 10, train_size: int = 2000, test_size: int = 500, seed: int = 0,
-                    noise: float = 0.15, grid: int = 4, superclasses: int = 0, label_noise: float = 0.0) -> Dataset:
-    return make_synthetic(num_classes=num_classes, image_size=32 if image_size is None else image_size,
-                          train_size=train_size, test_size=test_size, seed=seed, noise=noise, grid=grid,
-                          superclasses=superclasses, label_noise=label_noise)
+def _load_synthetic(
+    data_root: Path,
+    *,
+    image_size: int | None,
+    download: bool,
+    cache_dir: Path | None,
+    num_classes: int = 10,
+    train_size: int = 2000,
+    test_size: int = 500,
+    seed: int = 0,
+    noise: float = 0.15,
+    grid: int = 4,
+    superclasses: int = 0,
+    label_noise: float = 0.0,
+) -> Dataset:
+    return make_synthetic(
+        num_classes=num_classes,
+        image_size=32 if image_size is None else image_size,
+        train_size=train_size,
+        test_size=test_size,
+        seed=seed,
+        noise=noise,
+        grid=grid,
+        superclasses=superclasses,
+        label_noise=label_noise,
+    )

@@ -73,7 +73,8 @@ def _tiny_missing(root: Path) -> KdbenchError:
     return KdbenchError(
         f"Tiny-ImageNet not found in {root}: expected a folder holding wnids.txt, words.txt, train/ and val/ "
         "(e.g. tiny-imagenet-200/) or its zip archive(s) (tiny-imagenet-200.zip, or train-part*.zip + "
-        "val-and-meta.zip); pass --data-root DIR holding them, or --download for tiny-imagenet-200.zip")
+        "val-and-meta.zip); pass --data-root DIR holding them, or --download for tiny-imagenet-200.zip"
+    )
 
 
 def _find_tiny(root: Path) -> _TinySource:
@@ -83,8 +84,10 @@ def _find_tiny(root: Path) -> _TinySource:
         raise _tiny_missing(root)
     folders = [root] if (root / "wnids.txt").is_file() else sorted(p.parent for p in root.glob("*/wnids.txt"))
     if len(folders) > 1:
-        raise KdbenchError(f"several Tiny-ImageNet folders in {root} ({', '.join(p.name for p in folders)}): "
-                           "pass --data-root pointing at one of them")
+        raise KdbenchError(
+            f"several Tiny-ImageNet folders in {root} ({', '.join(p.name for p in folders)}): "
+            "pass --data-root pointing at one of them"
+        )
     if folders:
         return _tiny_from_folder(root, folders[0])
     zips = sorted(root.glob("*.zip"))
@@ -130,18 +133,28 @@ def _tiny_from_zips(root: Path, zips: list[Path]) -> _TinySource:
                 zf.close()
             raise KdbenchError(f"{z} is not a readable zip archive ({exc}): delete or replace it") from None
         listing[z] = opened[str(z)].namelist()
-    prefixes = sorted({n[: -len("wnids.txt")] for names in listing.values() for n in names
-                       if n.endswith("wnids.txt") and (n == "wnids.txt" or n.endswith("/wnids.txt"))})
+    prefixes = sorted(
+        {
+            n[: -len("wnids.txt")]
+            for names in listing.values()
+            for n in names
+            if n.endswith("wnids.txt") and (n == "wnids.txt" or n.endswith("/wnids.txt"))
+        }
+    )
     if len(prefixes) != 1:
         for zf in opened.values():
             zf.close()
     if not prefixes:
-        raise KdbenchError(f"no wnids.txt in the zip archives in {root} ({', '.join(z.name for z in zips)}): "
-                           "they do not hold Tiny-ImageNet; pass --data-root DIR holding its zip(s) or folder")
+        raise KdbenchError(
+            f"no wnids.txt in the zip archives in {root} ({', '.join(z.name for z in zips)}): "
+            "they do not hold Tiny-ImageNet; pass --data-root DIR holding its zip(s) or folder"
+        )
     if len(prefixes) > 1:
-        raise KdbenchError(f"several Tiny-ImageNet copies in the zips in {root} "
-                           f"({', '.join(p.rstrip('/') or '.' for p in prefixes)}): keep one, or pass --data-root "
-                           "pointing at a folder holding only one")
+        raise KdbenchError(
+            f"several Tiny-ImageNet copies in the zips in {root} "
+            f"({', '.join(p.rstrip('/') or '.' for p in prefixes)}): keep one, or pass --data-root "
+            "pointing at a folder holding only one"
+        )
     prefix = prefixes[0]
     files: dict[str, tuple[str | None, str]] = {}
     stamps: list[tuple[str, int, int]] = []
@@ -149,7 +162,7 @@ def _tiny_from_zips(root: Path, zips: list[Path]) -> _TinySource:
         used = False
         for n in names:
             if n.startswith(prefix) and not n.endswith("/"):
-                files.setdefault(n[len(prefix):], (str(z), n))
+                files.setdefault(n[len(prefix) :], (str(z), n))
                 used = True
         if used:
             st = z.stat()
@@ -189,8 +202,10 @@ def _tiny_index(src: _TinySource) -> tuple[list[str], list[str], list[str], list
     train_labels: list[int] = []
     for w in wnids:
         if not by_class[w]:
-            raise KdbenchError(f"Tiny-ImageNet in {src.where}: no training images under train/{w}/images/ "
-                               "(is an archive or part of the folder missing?)")
+            raise KdbenchError(
+                f"Tiny-ImageNet in {src.where}: no training images under train/{w}/images/ "
+                "(is an archive or part of the folder missing?)"
+            )
         train_files += sorted(by_class[w], key=_natural_key)
         train_labels += [index[w]] * len(by_class[w])
 
@@ -205,8 +220,10 @@ def _tiny_index(src: _TinySource) -> tuple[list[str], list[str], list[str], list
     present = {rel.rsplit("/", 1)[1] for rel in val_files}
     missing = [f for f in ann if f not in present]
     if missing:
-        raise KdbenchError(f"Tiny-ImageNet in {src.where}: {len(missing)} validation image(s) listed in "
-                           f"val_annotations.txt are missing from val/images/ (e.g. {missing[0]})")
+        raise KdbenchError(
+            f"Tiny-ImageNet in {src.where}: {len(missing)} validation image(s) listed in "
+            f"val_annotations.txt are missing from val/images/ (e.g. {missing[0]})"
+        )
     val_labels: list[int] = []
     for rel in val_files:
         fname = rel.rsplit("/", 1)[1]
@@ -214,8 +231,9 @@ def _tiny_index(src: _TinySource) -> tuple[list[str], list[str], list[str], list
         if wnid is None:
             raise KdbenchError(f"Tiny-ImageNet in {src.where}: val/images/{fname} has no line in val_annotations.txt")
         if wnid not in index:
-            raise KdbenchError(f"Tiny-ImageNet in {src.where}: val/images/{fname} is labelled {wnid}, "
-                               "which is not in wnids.txt")
+            raise KdbenchError(
+                f"Tiny-ImageNet in {src.where}: val/images/{fname} is labelled {wnid}, which is not in wnids.txt"
+            )
         val_labels.append(index[wnid])
     if not val_files:
         raise KdbenchError(f"Tiny-ImageNet in {src.where}: no images under val/images/")
@@ -239,8 +257,9 @@ def _decode_image(data: bytes, size: int, name: str) -> np.ndarray:
 _WORKER_ZIPS: dict[str, zipfile.ZipFile] = {}  # a worker process keeps its archives open between chunks
 
 
-def _decode_chunk(container: str | None, members: list[str], size: int,
-                  zips: dict[str, zipfile.ZipFile] | None = None) -> np.ndarray:
+def _decode_chunk(
+    container: str | None, members: list[str], size: int, zips: dict[str, zipfile.ZipFile] | None = None
+) -> np.ndarray:
     """Decode a list of files from one zip (or from the file system); runs in a worker process."""
     zips = _WORKER_ZIPS if zips is None else zips
     out = np.empty((len(members), size, size, 3), dtype=np.uint8)
@@ -257,8 +276,9 @@ def _default_workers() -> int:
     return max(1, min(usable_cores(), 16))
 
 
-def _decode_all(src: _TinySource, rels: list[str], size: int, *, num_workers: int | None, progress: bool,
-                desc: str) -> np.ndarray:
+def _decode_all(
+    src: _TinySource, rels: list[str], size: int, *, num_workers: int | None, progress: bool, desc: str
+) -> np.ndarray:
     """Decode ``rels`` into one uint8 [N, size, size, 3] array, in a process pool when it pays off."""
     tasks: list[tuple[int, str | None, list[str]]] = []  # (start, container, members)
     start = 0
@@ -279,17 +299,23 @@ def _decode_all(src: _TinySource, rels: list[str], size: int, *, num_workers: in
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeRemainingColumn(), transient=True)
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         bar.start()
         task_id = bar.add_task(desc, total=len(rels))
+
     def advance(n: int) -> None:
         if bar is not None:
             bar.advance(task_id, n)
 
     def serial() -> None:
         for s, container, members in tasks:
-            out[s:s + len(members)] = _decode_chunk(container, members, size, src.zips)
+            out[s : s + len(members)] = _decode_chunk(container, members, size, src.zips)
             advance(len(members))
 
     try:
@@ -308,8 +334,13 @@ def _decode_all(src: _TinySource, rels: list[str], size: int, *, num_workers: in
     return out
 
 
-def _decode_in_pool(tasks: list[tuple[int, str | None, list[str]]], size: int, workers: int, out: np.ndarray,
-                    advance: Callable[[int], Any]) -> None:
+def _decode_in_pool(
+    tasks: list[tuple[int, str | None, list[str]]],
+    size: int,
+    workers: int,
+    out: np.ndarray,
+    advance: Callable[[int], Any],
+) -> None:
     # fork where there is one: the workers touch only zipfile, PIL and numpy (no torch, no threads), and, unlike
     # spawn / forkserver, fork does not re-run the user's __main__ script.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -320,7 +351,7 @@ def _decode_in_pool(tasks: list[tuple[int, str | None, list[str]]], size: int, w
             try:
                 for fut in cf.as_completed(futures):
                     s, n = futures[fut]
-                    out[s:s + n] = fut.result()
+                    out[s : s + n] = fut.result()
                     advance(n)
             except BaseException:
                 for f in futures:
@@ -329,8 +360,12 @@ def _decode_in_pool(tasks: list[tuple[int, str | None, list[str]]], size: int, w
 
 
 def _cache_key(src: _TinySource, image_size: int) -> str:
-    payload = {"format": "kdbench-tinyimagenet", "version": _CACHE_VERSION, "image_size": image_size,
-               "files": src.stamps}
+    payload = {
+        "format": "kdbench-tinyimagenet",
+        "version": _CACHE_VERSION,
+        "image_size": image_size,
+        "files": src.stamps,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -376,8 +411,16 @@ def _write_cache(dirs: Sequence[Path], stem: str, blob: dict[str, Any]) -> Path 
     return None
 
 
-def _load_tinyimagenet(data_root: Path, *, image_size: int | None, download: bool, cache_dir: Path | None,
-                       progress: bool = False, num_workers: int | None = None, cache: bool = True) -> Dataset:
+def _load_tinyimagenet(
+    data_root: Path,
+    *,
+    image_size: int | None,
+    download: bool,
+    cache_dir: Path | None,
+    progress: bool = False,
+    num_workers: int | None = None,
+    cache: bool = True,
+) -> Dataset:
     size = 32 if image_size is None else int(image_size)
     if size <= 0:
         raise KdbenchError(f"image_size must be positive, got {image_size}")
@@ -389,14 +432,14 @@ def _load_tinyimagenet(data_root: Path, *, image_size: int | None, download: boo
         _download_tiny(data_root)
         src = _find_tiny(data_root)
     try:
-        return _tiny_dataset(src, size, cache_dir=cache_dir, progress=progress, num_workers=num_workers,
-                             cache=cache)
+        return _tiny_dataset(src, size, cache_dir=cache_dir, progress=progress, num_workers=num_workers, cache=cache)
     finally:
         src.close()
 
 
-def _tiny_dataset(src: _TinySource, size: int, *, cache_dir: Path | None, progress: bool, num_workers: int | None,
-                  cache: bool) -> Dataset:
+def _tiny_dataset(
+    src: _TinySource, size: int, *, cache_dir: Path | None, progress: bool, num_workers: int | None, cache: bool
+) -> Dataset:
     wnids, names, train_rels, train_labels, val_rels, val_labels = _tiny_index(src)
     key = _cache_key(src, size)
     stem = f"tinyimagenet{len(wnids)}-{size}px"
@@ -408,31 +451,71 @@ def _tiny_dataset(src: _TinySource, size: int, *, cache_dir: Path | None, progre
         for d in dirs:
             blob = _read_cache(d / f"{stem}-{key[:16]}.pt", key)
             if blob is not None:
-                return build_dataset("tinyimagenet", blob["train_images"], blob["train_labels"], blob["test_images"],
-                               blob["test_labels"], blob["classes"], mean=blob["mean"], std=blob["std"],
-                               checksum=blob["checksum"], class_ids=blob["class_ids"], source=src.where)
+                return build_dataset(
+                    "tinyimagenet",
+                    blob["train_images"],
+                    blob["train_labels"],
+                    blob["test_images"],
+                    blob["test_labels"],
+                    blob["classes"],
+                    mean=blob["mean"],
+                    std=blob["std"],
+                    checksum=blob["checksum"],
+                    class_ids=blob["class_ids"],
+                    source=src.where,
+                )
 
     t0 = time.perf_counter()
     where = " or ".join(str(d) for d in (dirs if cache_dir is None else dirs[:1]))
-    _log.info(f"decoding {len(train_rels) + len(val_rels):,} Tiny-ImageNet images ({len(wnids)} classes) from "
-              f"{src.where}, resized to {size}x{size}"
-              + (f": first use only (about a minute on 2 cores), then cached in {where}" if cache else ""))
-    pixels = _decode_all(src, train_rels + val_rels, size, num_workers=num_workers, progress=progress,
-                         desc=f"decoding Tiny-ImageNet ({len(wnids)} classes, {size}px)")
+    _log.info(
+        f"decoding {len(train_rels) + len(val_rels):,} Tiny-ImageNet images ({len(wnids)} classes) from "
+        f"{src.where}, resized to {size}x{size}"
+        + (f": first use only (about a minute on 2 cores), then cached in {where}" if cache else "")
+    )
+    pixels = _decode_all(
+        src,
+        train_rels + val_rels,
+        size,
+        num_workers=num_workers,
+        progress=progress,
+        desc=f"decoding Tiny-ImageNet ({len(wnids)} classes, {size}px)",
+    )
     n = len(train_rels)
     train_x = torch.from_numpy(pixels[:n]).permute(0, 3, 1, 2).contiguous()
     test_x = torch.from_numpy(pixels[n:]).permute(0, 3, 1, 2).contiguous()
     del pixels
-    ds = build_dataset("tinyimagenet", train_x, torch.tensor(train_labels, dtype=torch.int64), test_x,
-                 torch.tensor(val_labels, dtype=torch.int64), names, class_ids=wnids, source=src.where)
+    ds = build_dataset(
+        "tinyimagenet",
+        train_x,
+        torch.tensor(train_labels, dtype=torch.int64),
+        test_x,
+        torch.tensor(val_labels, dtype=torch.int64),
+        names,
+        class_ids=wnids,
+        source=src.where,
+    )
     if cache:
-        written = _write_cache(dirs if cache_dir is None else dirs[:1], stem, {
-            "version": _CACHE_VERSION, "key": key, "train_images": ds.train_images, "train_labels": ds.train_labels,
-            "test_images": ds.test_images, "test_labels": ds.test_labels, "classes": ds.classes,
-            "class_ids": ds.class_ids, "mean": list(ds.mean), "std": list(ds.std), "checksum": ds.checksum,
-        })
-        _log.info(f"decoded in {time.perf_counter() - t0:.0f} s; " + (f"cached as {written}" if written else
-                  "no writable cache folder: the next run decodes again"))
+        written = _write_cache(
+            dirs if cache_dir is None else dirs[:1],
+            stem,
+            {
+                "version": _CACHE_VERSION,
+                "key": key,
+                "train_images": ds.train_images,
+                "train_labels": ds.train_labels,
+                "test_images": ds.test_images,
+                "test_labels": ds.test_labels,
+                "classes": ds.classes,
+                "class_ids": ds.class_ids,
+                "mean": list(ds.mean),
+                "std": list(ds.std),
+                "checksum": ds.checksum,
+            },
+        )
+        _log.info(
+            f"decoded in {time.perf_counter() - t0:.0f} s; "
+            + (f"cached as {written}" if written else "no writable cache folder: the next run decodes again")
+        )
     return ds
 
 
@@ -445,5 +528,7 @@ def _download_tiny(root: Path) -> None:
         download_url(TINY_IMAGENET_URL, str(root), filename="tiny-imagenet-200.zip")
     except (OSError, RuntimeError, ValueError) as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise KdbenchError(f"could not download Tiny-ImageNet from {TINY_IMAGENET_URL} into {root} ({msg}); fetch "
-                           "tiny-imagenet-200.zip elsewhere and pass --data-root DIR holding it") from None
+        raise KdbenchError(
+            f"could not download Tiny-ImageNet from {TINY_IMAGENET_URL} into {root} ({msg}); fetch "
+            "tiny-imagenet-200.zip elsewhere and pass --data-root DIR holding it"
+        ) from None

@@ -128,8 +128,9 @@ class MobileNetV2(ZooModel):
         out = self.conv2(f4)
         pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         logits = self.classifier(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3, f4], preact=[pre0, f1, f2, f3, f4] if preact else None,
-                           pooled=pooled)
+        return ModelOutput(
+            logits=logits, feats=[f0, f1, f2, f3, f4], preact=[pre0, f1, f2, f3, f4] if preact else None, pooled=pooled
+        )
 
 
 @register_model

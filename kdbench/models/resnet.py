@@ -117,8 +117,9 @@ class ResNet(ZooModel):
         f3, pre3 = self.layer3(f2, preact)
         pooled = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
         logits = self.fc(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
-                           pooled=pooled)
+        return ModelOutput(
+            logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None, pooled=pooled
+        )
 
 
 _NARROW = (16, 16, 32, 64)

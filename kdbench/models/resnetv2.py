@@ -96,8 +96,12 @@ class ResNetV2(ZooModel):
         f4, pre4 = self.layer4(f3, preact)
         pooled = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
         logits = self.linear(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3, f4],
-                           preact=[pre0, pre1, pre2, pre3, pre4] if preact else None, pooled=pooled)
+        return ModelOutput(
+            logits=logits,
+            feats=[f0, f1, f2, f3, f4],
+            preact=[pre0, pre1, pre2, pre3, pre4] if preact else None,
+            pooled=pooled,
+        )
 
 
 @register_model

@@ -96,8 +96,9 @@ class ShuffleNetV1(ZooModel):
         f3, pre3 = self.layer3(f2, preact)
         pooled = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
         logits = self.linear(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
-                           pooled=pooled)
+        return ModelOutput(
+            logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None, pooled=pooled
+        )
 
 
 # ---------------------------------------------------------------------------------------------- ShuffleNet V2
@@ -209,8 +210,9 @@ class ShuffleNetV2(ZooModel):
         out = F.relu(self.bn2(self.conv2(f3)))
         pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         logits = self.linear(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
-                           pooled=pooled)
+        return ModelOutput(
+            logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None, pooled=pooled
+        )
 
 
 @register_model

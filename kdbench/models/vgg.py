@@ -89,8 +89,12 @@ class VGG(ZooModel):
         f4, pre4 = relu_keeping(self.block4(f3), preact)  # no pool before block4: see the module docstring
         pooled = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
         logits = self.classifier(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3, f4],
-                           preact=[pre0, pre1, pre2, pre3, pre4] if preact else None, pooled=pooled)
+        return ModelOutput(
+            logits=logits,
+            feats=[f0, f1, f2, f3, f4],
+            preact=[pre0, pre1, pre2, pre3, pre4] if preact else None,
+            pooled=pooled,
+        )
 
 
 @register_model

@@ -120,8 +120,9 @@ class WideResNet(ZooModel):
         pre3 = self.bn1(f3)
         pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(pre3), 1), 1)
         logits = self.fc(pooled)
-        return ModelOutput(logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None,
-                           pooled=pooled)
+        return ModelOutput(
+            logits=logits, feats=[f0, f1, f2, f3], preact=[pre0, pre1, pre2, pre3] if preact else None, pooled=pooled
+        )
 
 
 @register_model
