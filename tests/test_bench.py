@@ -256,6 +256,7 @@ def test_cli_prints_table_and_writes_json(monkeypatch, capsys, tmp_path):
     assert json.loads(path.read_text())["settings"]["methods"] == ["kd"]
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_variants_side_by_side():
     """Eager and compiled, fp32 and bf16 rows of kdbench's loop in one record (compiled with the cheap aot_eager
     backend here: by default the bench compiles with inductor, which takes minutes on a CPU)."""

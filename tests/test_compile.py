@@ -59,6 +59,7 @@ def _compare(arch: str, backend: bool | str, rtol: float) -> None:
         torch.testing.assert_close(compiled(x).logits, eager(x).logits, rtol=rtol, atol=1e-4)
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_compiled_forward_matches_eager():
     _compare("resnet8", "aot_eager", 1e-4)
 
@@ -98,6 +99,7 @@ COMPILE_TOML = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_compiled_cohort_trains_and_resumes(tmp_path, monkeypatch):
     """A cohort (KD and CRD, one teacher forward per batch) trains with compiled networks, is interrupted after its
     first epoch and resumes from checkpoints; the results match an eager run of the same cohort."""

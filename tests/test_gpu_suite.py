@@ -11,6 +11,7 @@ import torch
 from kdbench.gpusuite import VARIANTS, run_gpu_suite
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_dry_run_writes_one_json_with_every_part(tmp_path):
     rec = run_gpu_suite(out=tmp_path, device="cpu", dry=True, budget_s=1e9)  # a loaded CPU must not skip parts
     (path,) = tmp_path.glob("gpu-suite-dry-cpu-*.json")

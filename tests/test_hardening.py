@@ -362,11 +362,13 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_many_processes_racing_for_one_stale_lock_give_exactly_one_owner(tmp_path):
     stale = json.dumps({"pid": _dead_pid(), "host": os.uname().nodename, "time": time.time()})
     _check_race(*_race(tmp_path, n=16, trials=10, env={}, stale=stale), n=16, trials=10)
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_many_processes_racing_with_the_lock_file_fallback_give_exactly_one_owner(tmp_path):
     stale = json.dumps({"pid": _dead_pid(), "host": os.uname().nodename, "time": time.time(), "nonce": "old"})
     _check_race(*_race(tmp_path, n=16, trials=10, env={"KDBENCH_LOCKS": "file"}, stale=stale), n=16, trials=10)
@@ -446,6 +448,7 @@ def test_file_system_without_flock_falls_back_to_lock_files(tmp_path, monkeypatc
 # ---------------------------------------------------------------------------------------------- 5: workers
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_workers_die_with_a_killed_parent(tmp_path, tiny_toml):
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -581,6 +584,7 @@ def test_probe_refuses_weights_outside_the_results_folder(weights, workspace, mo
 # ---------------------------------------------------------------------------------------------- 8: one line
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_report_out_at_a_file_or_read_only_folder_is_one_line(workspace, monkeypatch, capsys):  # noqa: F811
     ro = workspace / "ro"
     ro.mkdir()
@@ -651,6 +655,7 @@ def test_a_folder_where_a_run_json_should_be_is_one_line(workspace, monkeypatch,
     assert code == 2 and "is a folder" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_file_size_limit_is_one_line_naming_it(workspace):  # noqa: F811
     import resource
 
@@ -703,6 +708,7 @@ def test_leftovers_of_finished_runs_are_cleaned_and_truncated_json_reported(work
     assert code == 0 and path.name in err and "training the run again" in err, err
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_toml):
     (tmp_path / "bench.toml").write_text(tiny_toml.read_text())
     proc = subprocess.Popen(

@@ -69,6 +69,7 @@ def test_same_seed_same_numbers_other_seed_differs(tiny_toml, tmp_path):
     assert results[0] != results[2]
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_resume_after_interruption_matches_uninterrupted(tiny_toml, tmp_path, monkeypatch):
     import kdbench.train as train
 

@@ -201,6 +201,7 @@ def many(tmp_path_factory):
     return collect(ResultStore(root))
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_every_figure_kind_with_25_methods(many, tmp_path):
     """The crowded case: nothing clipped, 25 looks for 25 methods, a legend entry for every hatch, bar charts
     that start at 0 for every pair, no '(n=3)' repeated in the curves' legend, markers that mean the method."""

@@ -79,6 +79,7 @@ def trained(tmp_path_factory):
     return root, toml, res, p
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_redirected_run_prints_epoch_lines_and_writes_logs(trained):
     _, _, res, p = trained
     lines = [ln for ln in p.stderr.splitlines() if "| epoch " in ln]
@@ -100,6 +101,7 @@ def test_redirected_run_prints_epoch_lines_and_writes_logs(trained):
     assert "training teacher resnet14" in p.stderr
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_dry_run_lists_teachers_with_estimates_and_the_import_command(trained, tiny_toml, tmp_path):
     root, toml, res, _ = trained
     fresh = tmp_path / "results"
@@ -213,6 +215,7 @@ def test_cohort_progress_names_every_member_and_survives_markup(tiny_data):
     assert shown[-1].startswith("resnet8:resnet8 s0 ep 1/1 top1: kd ") and ", fitnet " in shown[-1]
 
 
+@pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_what_a_run_and_its_report_write_is_ignored_by_git(trained, tmp_path):
     """A run's outputs (runs, logs, weights, teachers, checkpoints, locks) and its report, mapped into a checkout's
     default results/ folder, are all ignored by git: `git status` stays clean after a user's run."""
