@@ -22,7 +22,8 @@ from kdbench.config import load_bench
 from kdbench.models import create_model
 from kdbench.results import ResultStore
 from kdbench.sweep import Request, Sweep, expand
-from kdbench.train import Member, prepare_model
+from kdbench.train import prepare_model
+from tests.interrupt import Killed, interrupt_cohorts
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -103,7 +104,6 @@ COMPILE_TOML = textwrap.dedent("""
 def test_compiled_cohort_trains_and_resumes(tmp_path, monkeypatch):
     """A cohort (KD and CRD, one teacher forward per batch) trains with compiled networks, is interrupted after its
     first epoch and resumes from checkpoints; the results match an eager run of the same cohort."""
-    import kdbench.train as train
 
     toml = tmp_path / "bench.toml"
     toml.write_text(COMPILE_TOML)  # teacher and student share an architecture: its graphs are compiled once
@@ -115,21 +115,7 @@ def test_compiled_cohort_trains_and_resumes(tmp_path, monkeypatch):
     Sweep(eager, CPU).run(specs(eager))
 
     store = ResultStore(tmp_path / "compiled")
-    real = train.train_cohort
-
-    class Killed(Exception):
-        pass
-
-    def dying(members, *a, on_epoch=None, **kw):
-        def die(m: Member):
-            if on_epoch is not None:  # the sweep's own per-epoch callback (logs) still runs
-                on_epoch(m)
-            if m.epoch == 1 and m.spec.method != "ce":
-                raise Killed()
-
-        return real(members, *a, on_epoch=die, **kw)
-
-    monkeypatch.setattr("kdbench.sweep.train_cohort", dying)
+    real = interrupt_cohorts(monkeypatch, spare=("ce",))
     with pytest.raises(Killed):
         Sweep(store, CPU, compile="aot_eager").run(specs(store))
     checkpoints = list((store.root / "checkpoints").glob("*.pt"))

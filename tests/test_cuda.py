@@ -12,7 +12,7 @@ import torch
 from kdbench.config import load_bench
 from kdbench.results import ResultStore
 from kdbench.sweep import Request, Sweep, expand
-from kdbench.train import Member
+from tests.interrupt import Killed, interrupt_cohorts
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -41,25 +41,10 @@ def test_every_method_trains_on_cuda(tiny_toml, tmp_path, methods, precision, ch
 
 
 def test_interrupted_cohort_resumes_on_cuda(tiny_toml, tmp_path, monkeypatch):
-    import kdbench.train as train
 
     store = ResultStore(tmp_path / "results")
     specs = expand(load_bench(tiny_toml), Request(["kd", "crd", "rrd"], ["tiny"]), store)
-    real = train.train_cohort
-
-    class Killed(Exception):
-        pass
-
-    def dying(members, *a, on_epoch=None, **kw):
-        def die(m: Member):
-            if on_epoch is not None:  # the sweep's own per-epoch callback (logs) still runs
-                on_epoch(m)
-            if m.epoch == 1 and m.spec.method != "ce":
-                raise Killed()
-
-        return real(members, *a, on_epoch=die, **kw)
-
-    monkeypatch.setattr("kdbench.sweep.train_cohort", dying)
+    real = interrupt_cohorts(monkeypatch, spare=("ce",))
     with pytest.raises(Killed):
         Sweep(store, CUDA).run(specs)
     assert list((store.root / "checkpoints").glob("*.pt"))

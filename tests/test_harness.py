@@ -11,7 +11,7 @@ import torch
 from kdbench.config import load_bench
 from kdbench.results import ResultStore, load_run
 from kdbench.sweep import Request, Sweep, expand
-from kdbench.train import Member
+from tests.interrupt import Killed, interrupt_cohorts
 
 CPU = torch.device("cpu")
 
@@ -71,27 +71,12 @@ def test_same_seed_same_numbers_other_seed_differs(tiny_toml, tmp_path):
 
 @pytest.mark.slow  # measured over 2 s of the fast subset on 2 cores
 def test_resume_after_interruption_matches_uninterrupted(tiny_toml, tmp_path, monkeypatch):
-    import kdbench.train as train
 
     ref = ResultStore(tmp_path / "ref")
     Sweep(ref, CPU).run(_specs(tiny_toml, ["kd", "ab"], store=ref))
 
     store = ResultStore(tmp_path / "killed")
-    real = train.train_cohort
-
-    class Killed(Exception):
-        pass
-
-    def dying(members, *a, on_epoch=None, **kw):
-        def die(m: Member):
-            if on_epoch is not None:  # the sweep's own per-epoch callback (logs) still runs
-                on_epoch(m)
-            if m.epoch == 1:
-                raise Killed()
-
-        return real(members, *a, on_epoch=die, **kw)
-
-    monkeypatch.setattr("kdbench.sweep.train_cohort", dying)
+    real = interrupt_cohorts(monkeypatch)
     specs = _specs(tiny_toml, ["kd", "ab"], store=store)
     with pytest.raises(Killed):
         Sweep(store, CPU).run(specs)
