@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
+from kdbench.method import Batch, Method, MethodConfig, Progress
 from kdbench.models.base import ModelOutput
 
 EPS = 1e-8  # the reference's guard in the cosine denominator
@@ -58,12 +58,8 @@ class DIST(Method):
 
     name = "dist"
     paper = "Huang, You, Wang, Qian & Xu. Knowledge Distillation from A Stronger Teacher. NeurIPS 2022"
-    url = "https://arxiv.org/abs/2205.10536"
     Config = DISTConfig
     needs = frozenset({"logits"})
-
-    def __init__(self, cfg: DISTConfig, ctx: MethodContext):
-        super().__init__(cfg, ctx)
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress

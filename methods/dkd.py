@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.losses import standardise
-from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
+from kdbench.method import Batch, Method, MethodConfig, Progress
 from kdbench.models.base import ModelOutput
 
 MASK = 1000.0  # subtracted from the target logit (after dividing by T) to take it out of the non-target softmax
@@ -104,12 +104,8 @@ class DKD(Method):
 
     name = "dkd"
     paper = "Zhao, Cui, Song, Qiu & Liang. Decoupled Knowledge Distillation. CVPR 2022"
-    url = "https://arxiv.org/abs/2203.08679"
     Config = DKDConfig
     needs = frozenset({"logits"})
-
-    def __init__(self, cfg: DKDConfig, ctx: MethodContext):
-        super().__init__(cfg, ctx)
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
@@ -132,5 +128,4 @@ class DKDLS(DKD):
         "Sun, Ren, Li, Wang & Cao. Logit Standardization in Knowledge Distillation. CVPR 2024 "
         "(on DKD, Zhao et al. CVPR 2022)"
     )
-    url = "https://arxiv.org/abs/2403.01427"
     Config = DKDLSConfig

@@ -57,7 +57,6 @@ class KDLS(Method):
 
     name = "kd-ls"
     paper = "Sun, Ren, Li, Wang & Cao. Logit Standardization in Knowledge Distillation. CVPR 2024"
-    url = "https://arxiv.org/abs/2403.01427"
     Config = KDLSConfig
     needs = frozenset({"logits"})
 

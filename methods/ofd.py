@@ -86,7 +86,6 @@ class OFD(Method):
 
     name = "ofd"
     paper = "Heo, Kim, Yun, Park, Kwak & Choi. A Comprehensive Overhaul of Feature Distillation. ICCV 2019"
-    url = "https://arxiv.org/abs/1904.01866"
     Config = OFDConfig
     needs = frozenset({"preact"})
 

@@ -87,7 +87,6 @@ class ReviewKD(Method):
 
     name = "reviewkd"
     paper = "Chen, Liu, Zhao & Jia. Distilling Knowledge via Knowledge Review. CVPR 2021"
-    url = "https://arxiv.org/abs/2104.09044"
     Config = ReviewKDConfig
     needs = frozenset({"feats", "preact", "pooled"})
 

@@ -90,7 +90,6 @@ class SimKD(Method):
 
     name = "simkd"
     paper = "Chen, Mei, Zhang, Wang, Feng & Chen. Knowledge Distillation with the Reused Teacher Classifier. CVPR 2022"
-    url = "https://arxiv.org/abs/2203.14001"
     Config = SimKDConfig
     needs = frozenset({"feats"})
 
