@@ -543,6 +543,12 @@ def _collect(results: str):
     "methods and the published ranking of this pair (e.g. the closest published pair).",
 )
 @click.option(
+    "--compute",
+    is_flag=True,
+    help="Instead of the table: the compute of the folder's finished runs, measured from their JSON timings "
+    "(wall-clock hours and seconds per epoch, per method, the teachers and the total), in Markdown.",
+)
+@click.option(
     "--long",
     "long_",
     is_flag=True,
@@ -556,12 +562,16 @@ def table(
     reference: str | None,
     vs: str | None,
     rank_corr: str | None,
+    compute: bool,
     long_: bool,
 ) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
     from kdbench.render import render
     from kdbench.tables import build_tables
 
+    if compute:
+        click.echo(_compute_text(results), nl=False)
+        return
     if long_ and fmt != "csv":
         raise KdbenchError("--long writes the per-epoch curves as CSV: use it with --format csv")
     if long_:
@@ -590,6 +600,34 @@ def table(
             text += _rank_corr_text(tables, reference, rank_corr)
         parts.append(text)
     click.echo("\n".join(parts), nl=False)
+
+
+def _compute_text(results: str) -> str:
+    import json
+
+    from kdbench.compute import render_compute_md
+    from kdbench.results import ResultStore
+
+    store = ResultStore(results)
+    if not store.runs_dir.is_dir():
+        raise KdbenchError(
+            f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results"
+        )
+    runs = []
+    for path, run, error in store.iter_runs():
+        if run is None:
+            err_console.print(f"[yellow]skipped:[/yellow] {error}", soft_wrap=True)
+        else:
+            runs.append((path, run))
+    if not any(r.get("status") == "done" for _p, r in runs):
+        raise KdbenchError(f"no finished runs in {store.runs_dir}")
+    cards = []
+    for path in sorted(store.teachers_dir.glob("*.json")) if store.teachers_dir.is_dir() else []:
+        try:
+            cards.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            err_console.print(f"[yellow]skipped:[/yellow] {path}: not a readable teacher card", soft_wrap=True)
+    return render_compute_md(runs, cards)
 
 
 def _rank_corr_text(tables, reference: str, published_pair: str) -> str:
