@@ -477,12 +477,11 @@ def _dry_run_table(store, specs) -> None:
         )
     else:
         console.print("No teacher to train: every teacher these runs need is stored or imported.")
-    note = (
-        f"; {unknown} without an estimate (no finished run of that architecture on this data in "
-        f"{store.runs_dir} to measure its speed)"
-        if unknown
-        else ""
-    )
+    why = f"no finished run of that architecture on this data in {store.runs_dir} to measure its speed"
+    if unknown and not pending:
+        console.print(f"No time estimate yet: {why}.", soft_wrap=True)
+        return
+    note = f"; {unknown} without an estimate ({why})" if unknown else ""
     console.print(
         f"Estimated training time of what is left: {hms(pending)} on this machine, from the measured "
         f"epoch times of earlier runs{note}.",
@@ -592,6 +591,11 @@ def table(
     parts = []
     for metric in metrics:
         tables = build_tables(col, metric, reference=reference, vs=vs)
+        if not tables:
+            raise KdbenchError(
+                f"{results}: only the teachers' own training runs so far (their numbers are the Teacher row of the "
+                "students' tables); no student run to tabulate yet"
+            )
         for t in tables.values():
             for note in t.notes:
                 err_console.print(f"[yellow]note:[/yellow] {t.group}: {note}")

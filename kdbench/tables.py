@@ -12,6 +12,7 @@ differences over seeds against a baseline method with a seeded bootstrap interva
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Collected:
     curves: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_id -> the run's "curve"
     paths: dict[str, Path] = field(default_factory=dict)  # run_id -> its JSON file (for the diagnostics)
     root: Path | None = None
+    teacher_runs: set[str] = field(default_factory=set)  # run ids of the vanilla runs that trained a used teacher
 
 
 def _group(spec: dict[str, Any]) -> str:
@@ -71,9 +73,24 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _card_run_ids(store: ResultStore) -> set[str]:
+    """Run ids named by the teacher cards in the folder's teachers/ (the runs that trained them)."""
+    ids = set()
+    folder = store.teachers_dir
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(card, dict) and card.get("run_id"):
+            ids.add(str(card["run_id"]))
+    return ids
+
+
 def collect(store: ResultStore) -> Collected:
     """Every run of a results folder as rows (one per run); malformed files are listed in `problems`, not fatal."""
     rows, teachers, problems = [], {}, []
+    teacher_runs: set[str] = set()
     curves: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
     for path, run, error in store.iter_runs():
@@ -108,6 +125,8 @@ def collect(store: ResultStore) -> Collected:
             curves[run["run_id"]] = run["curve"]
         paths[run["run_id"]] = path
         card = run.get("teacher")
+        if teacher and isinstance(card, dict) and card.get("run_id"):
+            teacher_runs.add(str(card["run_id"]))
         if teacher and isinstance(card, dict) and card.get("top1") is not None:
             key = (row["group"], teacher["arch"], card.get("weights_sha256"))
             teachers[key] = {
@@ -118,6 +137,7 @@ def collect(store: ResultStore) -> Collected:
                 "top5_last": card.get("top5"),
                 "top5_best": card.get("top5"),
             }
+    teacher_runs |= _card_run_ids(store)
     runs = pd.DataFrame(rows)
     if not runs.empty:
         keys = ["group", "teacher", "student", "method", "seed"]
@@ -127,7 +147,7 @@ def collect(store: ResultStore) -> Collected:
                 f"{count} runs of {key[3]} on {key[1]}:{key[2]} seed {key[4]} ({key[0]}) differ in their "
                 "settings: the table averages them together"
             )
-    return Collected(runs, pd.DataFrame(list(teachers.values())), problems, curves, paths, store.root)
+    return Collected(runs, pd.DataFrame(list(teachers.values())), problems, curves, paths, store.root, teacher_runs)
 
 
 def available_metrics(col: Collected) -> list[str]:
@@ -363,12 +383,16 @@ def build_tables(
                 f"--vs {vs!r}: no runs of that method; methods present: {', '.join(default_order(sorted(present)))}"
             )
     for group, g in runs.groupby("group", sort=False):
+        if g["run_id"].isin(col.teacher_runs).all():
+            continue  # only the teachers' own training runs (their own protocol): they are the tables' Teacher row
         seen = list(dict.fromkeys(f"{t}:{s}" for t, s in zip(g["teacher"], g["student"]) if isinstance(t, str)))
         # Methods trained without a teacher (requires_teacher False, no KD term) belong to every pair of their
         # student, like the vanilla student; a student with no such pair gets a column "-:student".
         teacherless = g[g["teacher"].isna() & (g["method"] != "ce")]
         students = {p.split(":")[1] for p in seen}
         seen += list(dict.fromkeys(f"-:{s}" for s in teacherless["student"] if s not in students))
+        if not seen:  # vanilla runs only: one column per student
+            seen = list(dict.fromkeys(f"-:{s}" for s in g["student"]))
         pairs = sorted(seen, key=lambda p: (paper_rank.get(p, len(paper_rank)), seen.index(p)))
         methods = [m for m in (method_order or default_order(list(g["method"].unique()))) if m != "ce"]
         cells: dict[tuple[str, str], Cell] = {}
