@@ -477,7 +477,7 @@ def _dry_run_table(store, specs) -> None:
         )
     else:
         console.print("No teacher to train: every teacher these runs need is stored or imported.")
-    why = f"no finished run of that architecture on this data in {store.runs_dir} to measure its speed"
+    why = f"no finished run of the same architecture on the same data in {store.runs_dir} to measure its speed"
     if unknown and not pending:
         console.print(f"No time estimate yet: {why}.", soft_wrap=True)
         return
@@ -569,6 +569,20 @@ def table(
     from kdbench.tables import build_tables
 
     if compute:
+        ignored = [
+            name
+            for name, used in (
+                ("--metric", metrics != ("top1_last",)),
+                ("--format", fmt != "md"),
+                ("--reference", reference is not None),
+                ("--vs", vs is not None),
+                ("--rank-corr", rank_corr is not None),
+                ("--long", long_),
+            )
+            if used
+        ]
+        if ignored:
+            raise KdbenchError(f"--compute writes one Markdown table of the compute; it takes no {', '.join(ignored)}")
         click.echo(_compute_text(results), nl=False)
         return
     if long_ and fmt != "csv":
@@ -607,8 +621,6 @@ def table(
 
 
 def _compute_text(results: str) -> str:
-    import json
-
     from kdbench.compute import render_compute_md
     from kdbench.results import ResultStore
 
@@ -623,15 +635,9 @@ def _compute_text(results: str) -> str:
             err_console.print(f"[yellow]skipped:[/yellow] {error}", soft_wrap=True)
         else:
             runs.append((path, run))
-    if not any(r.get("status") == "done" for _p, r in runs):
+    if not any(r.get("status") in ("done", "failed") for _p, r in runs):
         raise KdbenchError(f"no finished runs in {store.runs_dir}")
-    cards = []
-    for path in sorted(store.teachers_dir.glob("*.json")) if store.teachers_dir.is_dir() else []:
-        try:
-            cards.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            err_console.print(f"[yellow]skipped:[/yellow] {path}: not a readable teacher card", soft_wrap=True)
-    return render_compute_md(runs, cards)
+    return render_compute_md(runs, store.teacher_run_ids())
 
 
 def _rank_corr_text(tables, reference: str, published_pair: str) -> str:

@@ -115,6 +115,12 @@ def write_report(
     ]
     if col.problems:
         lines += ["", "Files skipped or worth a look:", ""] + [f"- {p}" for p in col.problems]
+    if not tables:
+        lines += [
+            "",
+            "No student run yet: the folder holds only the teachers' own training runs (their numbers become the "
+            "Teacher row of the students' tables).",
+        ]
     figures: list[Path] = []
     styles = plots.styles_for(list(runs["method"].unique()))
     for group, table in tables.items():

@@ -348,6 +348,19 @@ class ResultStore:
         atomic_write_json(path, obj)
         return path
 
+    def teacher_run_ids(self) -> set[str]:
+        """Run ids named by the teacher cards in teachers/ (the vanilla runs that trained those teachers)."""
+        ids = set()
+        folder = self.teachers_dir
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                card = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(card, dict) and card.get("run_id"):
+                ids.add(str(card["run_id"]))
+        return ids
+
     def iter_runs(self) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
         """(path, run, error) for every JSON in runs/: a malformed file yields its error instead of a run."""
         if not self.runs_dir.is_dir():

@@ -12,7 +12,6 @@ differences over seeds against a baseline method with a seeded bootstrap interva
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,20 +72,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _card_run_ids(store: ResultStore) -> set[str]:
-    """Run ids named by the teacher cards in the folder's teachers/ (the runs that trained them)."""
-    ids = set()
-    folder = store.teachers_dir
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            card = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(card, dict) and card.get("run_id"):
-            ids.add(str(card["run_id"]))
-    return ids
-
-
 def collect(store: ResultStore) -> Collected:
     """Every run of a results folder as rows (one per run); malformed files are listed in `problems`, not fatal."""
     rows, teachers, problems = [], {}, []
@@ -137,7 +122,7 @@ def collect(store: ResultStore) -> Collected:
                 "top5_last": card.get("top5"),
                 "top5_best": card.get("top5"),
             }
-    teacher_runs |= _card_run_ids(store)
+    teacher_runs |= store.teacher_run_ids()
     runs = pd.DataFrame(rows)
     if not runs.empty:
         keys = ["group", "teacher", "student", "method", "seed"]
@@ -391,8 +376,8 @@ def build_tables(
         teacherless = g[g["teacher"].isna() & (g["method"] != "ce")]
         students = {p.split(":")[1] for p in seen}
         seen += list(dict.fromkeys(f"-:{s}" for s in teacherless["student"] if s not in students))
-        if not seen:  # vanilla runs only: one column per student
-            seen = list(dict.fromkeys(f"-:{s}" for s in g["student"]))
+        if not seen:  # vanilla runs only: one column per student (a teacher's own training run is not one)
+            seen = list(dict.fromkeys(f"-:{s}" for s in g[~g["run_id"].isin(col.teacher_runs)]["student"]))
         pairs = sorted(seen, key=lambda p: (paper_rank.get(p, len(paper_rank)), seen.index(p)))
         methods = [m for m in (method_order or default_order(list(g["method"].unique()))) if m != "ce"]
         cells: dict[tuple[str, str], Cell] = {}

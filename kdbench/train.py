@@ -101,6 +101,7 @@ class Member:
     best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": -1})
     last_eval: dict[str, Any] = field(default_factory=dict)
     epoch_seconds: list[float] = field(default_factory=list)
+    epoch_members: list[int] = field(default_factory=list)  # members that trained in each of those epochs
     init_seconds: float = 0.0
     failed: str | None = None
     failed_epoch: int | None = None
@@ -229,6 +230,7 @@ def save_checkpoint(m: Member) -> None:
         "best": m.best,
         "last_eval": m.last_eval,
         "epoch_seconds": m.epoch_seconds,
+        "epoch_members": m.epoch_members,
         "init_seconds": m.init_seconds,
     }
     atomic_torch_save(m.checkpoint_path, state)
@@ -256,6 +258,7 @@ def load_checkpoint(m: Member) -> bool:
         epoch, init_done = int(state["epoch"]), int(state["init_done"])
         curve, best, last_eval = dict(state["curve"]), dict(state["best"]), dict(state["last_eval"])
         epoch_seconds, init_seconds = list(state["epoch_seconds"]), float(state["init_seconds"])
+        epoch_members = [int(k) for k in state.get("epoch_members") or []]  # absent from older checkpoints
         init_opt = state.get("init_optimizer")
     except Exception as exc:  # truncated, foreign or from another version of the method: start the run again
         _restore(m, snapshot)
@@ -265,6 +268,7 @@ def load_checkpoint(m: Member) -> bool:
     m.epoch, m.init_done = epoch, init_done
     m.curve, m.best, m.last_eval = curve, best, last_eval
     m.epoch_seconds, m.init_seconds = epoch_seconds, init_seconds
+    m.epoch_members = epoch_members
     m.init_optimizer_state = init_opt
     return True
 
@@ -487,6 +491,7 @@ def train_cohort(
             for k, v in means.items():
                 m.curve["loss"].setdefault(k, []).append(v if math.isfinite(v) else None)
             m.epoch_seconds.append(seconds)
+            m.epoch_members.append(len(active))
             if m.failed is None:
                 _check_finite(m, means, epoch)
             m.epoch = epoch + 1
@@ -621,7 +626,9 @@ def result_record(
             "total_seconds": sum(m.epoch_seconds) + m.init_seconds,
             "images_per_second": (n / mean_epoch) if mean_epoch else None,
             "cohort_size": cohort_size,
-            "note": "epoch_seconds is the wall time of the whole cohort's epoch",
+            "epoch_cohort_sizes": m.epoch_members,
+            "note": "epoch_seconds is the wall time of the whole cohort's epoch; epoch_cohort_sizes the members that "
+            "trained in it (from the first epoch this code recorded it)",
         },
         execution={"precision": m.spec.precision, "channels_last": m.spec.channels_last, "compile": m.compiled},
     )

@@ -155,6 +155,26 @@ def test_one_failing_member_never_costs_its_cohort_mates_their_results(tmp_path,
     assert any("fitnet" in f for f in report.failed)
 
 
+def test_the_members_training_in_each_epoch_are_recorded(tmp_path, tiny_toml, monkeypatch):
+    """`kdbench table --compute` shares an epoch's wall time between the members that trained in it."""
+    import kdbench.train as train
+
+    real = train.main_terms
+
+    def flaky(m, *args, **kw):
+        if m.spec.method == "fitnet":
+            raise RuntimeError("boom in the first epoch")
+        return real(m, *args, **kw)
+
+    monkeypatch.setattr(train, "main_terms", flaky)
+    store = ResultStore(tmp_path / "r")
+    Sweep(store, CPU).run(expand(load_bench(tiny_toml), Request(["kd", "fitnet"], ["tiny"]), store))
+    runs = {r["spec"]["method"]: r for _, r, _ in store.iter_runs()}
+    assert runs["kd"]["timings"]["cohort_size"] == 2
+    assert runs["kd"]["timings"]["epoch_cohort_sizes"] == [2, 1]  # fitnet dropped out after the first epoch
+    assert runs["fitnet"]["timings"]["epoch_cohort_sizes"] == [2]
+
+
 def test_a_run_that_cannot_be_built_fails_alone(tmp_path, tiny_toml, monkeypatch):
     import kdbench.sweep as sweep
 

@@ -28,8 +28,6 @@ def quickstart_commands() -> list[list[str]]:
     return [shlex.split(part.strip())[1:] for part in line.split("&&") if part.strip().startswith("kdbench ")]
 
 
-
-
 def test_readme_quickstart_runs_the_quickstart_pair_set_with_several_seeds():
     cmds = quickstart_commands()
     assert [c[0] for c in cmds] == ["run", "table"]

@@ -50,6 +50,17 @@ def test_teacher_groups_are_not_tables_and_vanilla_groups_are(folder):
     assert any(g.endswith("/ paper") for g in tables)
 
 
+def test_a_teacher_sharing_its_students_protocol_is_no_student_column(folder):
+    # only the teacher's run and a vanilla run so far, on one protocol: the vanilla run gets its column, the
+    # teacher's own run does not
+    for path in (folder / "runs").glob("*.json"):
+        if "__ce__" not in path.name or "resnet8x4" not in path.name:
+            path.unlink()
+    _vanilla(folder, "00000000000000aa", "resnet32x4", "paper")
+    (t,) = build_tables(collect(ResultStore(folder)), "top1_last").values()
+    assert t.pairs == ["-:resnet8x4"]
+
+
 def test_a_folder_with_only_teacher_runs_is_one_clear_error(tmp_path):
     out = tmp_path / "results"
     (out / "runs").mkdir(parents=True)
@@ -59,3 +70,6 @@ def test_a_folder_with_only_teacher_runs_is_one_clear_error(tmp_path):
     res = CliRunner().invoke(cli, ["table", "--results", str(out)])
     assert isinstance(res.exception, KdbenchError)  # main() prints it as one line and exits 2
     assert "no student run to tabulate yet" in str(res.exception)
+    report = CliRunner().invoke(cli, ["report", "--results", str(out), "--out", str(tmp_path / "rep")])
+    assert report.exit_code == 0, report.output
+    assert "No student run yet" in (tmp_path / "rep" / "report.md").read_text()
