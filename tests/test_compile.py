@@ -50,9 +50,11 @@ def _compare(arch: str, backend: bool | str, rtol: float) -> None:
     l1, g1 = _loss_and_grads(compiled, x, y)
     torch.testing.assert_close(l1, l0, rtol=rtol, atol=1e-5)
     assert g0.keys() == g1.keys() and g0
-    for name in g0:  # relative to each gradient's norm (summation order differs)
+    for name in g0:  # relative to each gradient's norm (summation order differs); the floor of 1e-5 is for the
+        # gradients that are zero up to rounding (a BatchNorm bias whose shift the next convolution and BatchNorm
+        # remove: measured norms of 2e-6 in eager, compiled and eager differing by 3e-6)
         err = float((g1[name] - g0[name]).norm())
-        assert err <= rtol * float(g0[name].norm()) + 1e-6, f"{arch}: gradient of {name} differs by {err}"
+        assert err <= rtol * float(g0[name].norm()) + 1e-5, f"{arch}: gradient of {name} differs by {err}"
     assert set(compiled.state_dict()) == set(eager.state_dict()), "compiling must not rename state-dict keys"
     compiled.eval()
     eager.eval()
@@ -65,11 +67,32 @@ def test_compiled_forward_matches_eager():
     _compare("resnet8", "aot_eager", 1e-4)
 
 
+# Measured 2026-11-30 (torch 2.14.1, gcc 12, 2-core AMD EPYC): inductor's gradients of these deep models differ
+# from eager's by 0.3-3.1% of their norm (first conv: shufflenetv1 0.3%, wrn_40_2 0.9%, resnet50 2.1%, resnet110
+# 2.4%, resnet56 3.1%). For resnet56 with a plain CE loss, against the float64 gradient of the same weights:
+# inductor 4.4%, eager fp32 1.6e-5, the aot_eager backend (same graph, no generated C++) 5e-5. A numerical defect of
+# inductor's CPU kernels, not of kdbench's models. Strict: a torch that fixes it makes these pass, and fail here.
+INDUCTOR_CPU_GRADIENT_DEFECT = {"resnet56", "resnet110", "resnet50", "wrn_40_2", "shufflenetv1"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("KDBENCH_SLOW_TESTS"), reason="slow (inductor on every model): set KDBENCH_SLOW_TESTS=1"
 )
-@pytest.mark.parametrize("arch", PAIR_SET_MODELS)
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(
+            a,
+            marks=pytest.mark.xfail(
+                strict=True, reason="inductor's CPU gradients of deep models are 0.3-3% off eager's (see above)"
+            ),
+        )
+        if a in INDUCTOR_CPU_GRADIENT_DEFECT
+        else a
+        for a in PAIR_SET_MODELS
+    ],
+)
 def test_inductor_matches_eager_on_every_pair_set_model(arch):
     _compare(arch, True, 2e-3)
 
@@ -140,3 +163,14 @@ def test_compiled_cohort_trains_and_resumes(tmp_path, monkeypatch):
         assert got[name]["run_id"] == ref[name]["run_id"], "compiling is not part of the run id"
         for a, b in zip(got[name]["curve"]["loss"]["total"], ref[name]["curve"]["loss"]["total"]):
             assert abs(a - b) <= 1e-3 * abs(b) + 1e-4, f"{name}: compiled loss {a} vs eager {b}"
+
+
+def test_compile_with_inductor_on_a_cpu_warns_that_results_are_not_comparable(tmp_path):
+    from kdbench.execute import execute
+
+    said = []
+    execute(ResultStore(tmp_path / "r"), [], device="cpu", compile=True, log=said.append)
+    assert any("warning: --compile on a CPU" in s and "not comparable" in s for s in said)
+    said.clear()
+    execute(ResultStore(tmp_path / "r"), [], device="cpu", compile="aot_eager", log=said.append)
+    assert not said
