@@ -492,15 +492,21 @@ def _dry_run_table(store, specs) -> None:
 # ---------------------------------------------------------------------------------------------- table
 
 
-def _collect(results: str):
+def _store_with_runs(results: str):
     from kdbench.results import ResultStore
-    from kdbench.tables import collect
 
     store = ResultStore(results)
     if not store.runs_dir.is_dir():
         raise KdbenchError(
             f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results"
         )
+    return store
+
+
+def _collect(results: str):
+    from kdbench.tables import collect
+
+    store = _store_with_runs(results)
     col = collect(store)
     for problem in col.problems:
         err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}", soft_wrap=True)
@@ -622,13 +628,8 @@ def table(
 
 def _compute_text(results: str) -> str:
     from kdbench.compute import render_compute_md
-    from kdbench.results import ResultStore
 
-    store = ResultStore(results)
-    if not store.runs_dir.is_dir():
-        raise KdbenchError(
-            f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first or pass --results"
-        )
+    store = _store_with_runs(results)
     runs = []
     for path, run, error in store.iter_runs():
         if run is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.catalog import PAPER_NAMES
+from kdbench.results import card_run_id
 
 
 @dataclass
@@ -105,12 +106,7 @@ def measure(runs: Sequence[tuple[Path, dict[str, Any]]], teacher_run_ids: set[st
 def teacher_run_ids(runs: Sequence[tuple[Path, dict[str, Any]]], card_run_ids: set[str] = frozenset()) -> set[str]:
     """Run ids of the vanilla runs that trained a teacher: those of the teachers/ cards and of the cards the
     students' runs carry."""
-    ids = set(card_run_ids)
-    for _path, run in runs:
-        card = run.get("teacher")
-        if isinstance(card, dict) and card.get("run_id"):
-            ids.add(str(card["run_id"]))
-    return ids
+    return set(card_run_ids) | {i for _path, run in runs if (i := card_run_id(run.get("teacher")))}
 
 
 def render_compute_md(runs: Sequence[tuple[Path, dict[str, Any]]], card_run_ids: set[str] = frozenset()) -> str:

@@ -262,6 +262,11 @@ class Lock:
             self.mode = None
 
 
+def card_run_id(card: Any) -> str | None:
+    """The run id a teacher card names (the vanilla run that trained the teacher), or None."""
+    return str(card["run_id"]) if isinstance(card, dict) and card.get("run_id") else None
+
+
 class ResultStore:
     """One results folder: run JSONs, checkpoints, teachers, locks."""
 
@@ -354,11 +359,11 @@ class ResultStore:
         folder = self.teachers_dir
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
-                card = json.loads(path.read_text())
+                run_id = card_run_id(json.loads(path.read_text()))
             except (OSError, ValueError):
                 continue
-            if isinstance(card, dict) and card.get("run_id"):
-                ids.add(str(card["run_id"]))
+            if run_id:
+                ids.add(run_id)
         return ids
 
     def iter_runs(self) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:

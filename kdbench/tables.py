@@ -24,7 +24,7 @@ import pandas as pd
 from kdbench.catalog import PAPER_NAMES
 from kdbench.catalog import method_order as default_order
 from kdbench.errors import KdbenchError
-from kdbench.results import ResultStore, load_run
+from kdbench.results import ResultStore, card_run_id, load_run
 
 # Metrics with a teacher row (the teacher card records them).
 METRICS = ("top1_last", "top1_best", "top5_last", "top5_best")
@@ -110,8 +110,8 @@ def collect(store: ResultStore) -> Collected:
             curves[run["run_id"]] = run["curve"]
         paths[run["run_id"]] = path
         card = run.get("teacher")
-        if teacher and isinstance(card, dict) and card.get("run_id"):
-            teacher_runs.add(str(card["run_id"]))
+        if teacher and (trained_by := card_run_id(card)):
+            teacher_runs.add(trained_by)
         if teacher and isinstance(card, dict) and card.get("top1") is not None:
             key = (row["group"], teacher["arch"], card.get("weights_sha256"))
             teachers[key] = {
@@ -368,7 +368,8 @@ def build_tables(
                 f"--vs {vs!r}: no runs of that method; methods present: {', '.join(default_order(sorted(present)))}"
             )
     for group, g in runs.groupby("group", sort=False):
-        if g["run_id"].isin(col.teacher_runs).all():
+        own = g["run_id"].isin(col.teacher_runs)
+        if own.all():
             continue  # only the teachers' own training runs (their own protocol): they are the tables' Teacher row
         seen = list(dict.fromkeys(f"{t}:{s}" for t, s in zip(g["teacher"], g["student"]) if isinstance(t, str)))
         # Methods trained without a teacher (requires_teacher False, no KD term) belong to every pair of their
@@ -377,7 +378,7 @@ def build_tables(
         students = {p.split(":")[1] for p in seen}
         seen += list(dict.fromkeys(f"-:{s}" for s in teacherless["student"] if s not in students))
         if not seen:  # vanilla runs only: one column per student (a teacher's own training run is not one)
-            seen = list(dict.fromkeys(f"-:{s}" for s in g[~g["run_id"].isin(col.teacher_runs)]["student"]))
+            seen = list(dict.fromkeys(f"-:{s}" for s in g[~own]["student"]))
         pairs = sorted(seen, key=lambda p: (paper_rank.get(p, len(paper_rank)), seen.index(p)))
         methods = [m for m in (method_order or default_order(list(g["method"].unique()))) if m != "ce"]
         cells: dict[tuple[str, str], Cell] = {}
