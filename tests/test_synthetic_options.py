@@ -50,3 +50,15 @@ def test_classes_of_a_superclass_look_alike():
 def test_bad_options_are_one_clear_error(kw):
     with pytest.raises(KdbenchError, match="synthetic dataset"):
         load_dataset("synthetic", None, image_size=8, num_classes=10, train_size=20, test_size=10, **kw)
+
+
+def test_unknown_option_names_every_option_of_make_synthetic():
+    with pytest.raises(KdbenchError) as err:
+        load_dataset("synthetic", None, image_size=8, num_clases=10)
+    msg = str(err.value)
+    assert "no option(s) num_clases" in msg
+    for name in ("num_classes", "train_size", "test_size", "seed", "noise", "grid", "superclasses", "label_noise"):
+        assert name in msg
+    assert "image_size" not in msg.split("it takes")[1]  # a common argument, not a dataset option
+    d = load_dataset("synthetic", None, image_size=8, num_classes=3, train_size=6, test_size=3, superclasses=3)
+    assert tuple(d.train_images.shape) == (6, 3, 8, 8)

@@ -11,7 +11,7 @@ from typing import Any
 from kdbench.data.cifar100 import _load_cifar100
 from kdbench.data.dataset import Dataset, default_data_root
 from kdbench.data.stl10 import _load_stl10
-from kdbench.data.synthetic import _load_synthetic
+from kdbench.data.synthetic import _load_synthetic, make_synthetic
 from kdbench.data.tinyimagenet import _load_tinyimagenet
 from kdbench.errors import KdbenchError
 
@@ -20,16 +20,22 @@ from kdbench.errors import KdbenchError
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A registered dataset: its one-line description and its loader."""
+    """A registered dataset: its one-line description and its loader.
+
+    ``options_from`` is the function whose keyword parameters are the dataset's options when the loader passes
+    them on as ``**options`` (default: the loader itself).
+    """
 
     name: str
     description: str
     loader: Callable[..., Dataset]
+    options_from: Callable[..., Any] | None = None
 
     def options(self) -> list[str]:
         """The dataset-specific keyword options its loader takes (beyond the common ones)."""
         common = {"data_root", "image_size", "download", "cache_dir"}
-        return [p for p in inspect.signature(self.loader).parameters if p not in common]
+        params = inspect.signature(self.options_from or self.loader).parameters
+        return [p for p in params if p not in common]
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -52,6 +58,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "synthetic",
         "deterministic class-conditional colour patterns of any size and class count, for tests and smoke runs",
         _load_synthetic,
+        options_from=make_synthetic,
     ),
 }
 

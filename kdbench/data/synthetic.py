@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,28 +99,10 @@ def make_synthetic(
 
 
 def _load_synthetic(
-    data_root: Path,
-    *,
-    image_size: int | None,
-    download: bool,
-    cache_dir: Path | None,
-    num_classes: int = 10,
-    train_size: int = 2000,
-    test_size: int = 500,
-    seed: int = 0,
-    noise: float = 0.15,
-    grid: int = 4,
-    superclasses: int = 0,
-    label_noise: float = 0.0,
+    data_root: Path, *, image_size: int | None, download: bool, cache_dir: Path | None, **options: Any
 ) -> Dataset:
-    return make_synthetic(
-        num_classes=num_classes,
-        image_size=32 if image_size is None else image_size,
-        train_size=train_size,
-        test_size=test_size,
-        seed=seed,
-        noise=noise,
-        grid=grid,
-        superclasses=superclasses,
-        label_noise=label_noise,
-    )
+    """The registry's loader: ``make_synthetic`` at 32x32 unless ``image_size`` is given; files are not used.
+
+    Its options are ``make_synthetic``'s keywords (the registry reads them from that signature).
+    """
+    return make_synthetic(image_size=32 if image_size is None else image_size, **options)
