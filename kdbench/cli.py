@@ -226,6 +226,7 @@ def _with_options(options):
 
 def _prepare(
     methods,
+    *,
     pairs,
     seeds,
     protocol,
@@ -238,6 +239,7 @@ def _prepare(
     precision="fp32",
     channels_last=False,
 ):
+    """(bench, store, run specs) of the run-selection options that `run` and `teachers train` share."""
     from kdbench.config import load_bench
     from kdbench.results import ResultStore
     from kdbench.sweep import Request, expand
@@ -309,17 +311,8 @@ def _prepare(
 )
 def run(
     methods,
-    pairs,
-    seeds,
-    protocol,
-    sets,
-    dataset,
-    data_root,
-    image_size,
     download,
-    results,
     device,
-    config_path,
     no_cohort,
     executor,
     workers,
@@ -328,27 +321,15 @@ def run(
     slurm_gpus,
     slurm_cpus,
     dry_run,
-    precision,
-    channels_last,
     compile_,
+    **selection,
 ) -> None:
     """Train the runs of METHODS x PAIRS x SEEDS (skipping finished runs, resuming interrupted ones)."""
     from kdbench.execute import execute
 
-    bench, store, specs = _prepare(
-        methods,
-        pairs,
-        seeds,
-        protocol,
-        sets,
-        dataset,
-        data_root,
-        image_size,
-        results,
-        config_path,
-        precision,
-        channels_last,
-    )
+    # selection: the options that choose the runs (pairs, seeds, protocol, --set, data, results, config, precision,
+    # channels_last), handed to _prepare by name.
+    bench, store, specs = _prepare(methods, **selection)
     slurm = None
     if executor == "slurm":
         from kdbench.config import SlurmSettings
@@ -897,15 +878,11 @@ def teachers_list(results: str) -> None:
 
 @teachers.command("train")
 @_with_options(_run_options)
-def teachers_train(
-    pairs, seeds, protocol, sets, dataset, data_root, image_size, download, results, device, config_path
-) -> None:
+def teachers_train(download, device, **selection) -> None:
     """Train (or reuse) the teachers that the given pairs need."""
     from kdbench.sweep import Sweep
 
-    _, store, specs = _prepare(
-        ["kd"], pairs, seeds, protocol, sets, dataset, data_root, image_size, results, config_path
-    )
+    _, store, specs = _prepare(["kd"], **selection)
     store.ensure_writable()
     dev = _device(device)
     with _progress() as progress:

@@ -481,3 +481,20 @@ def test_local_executor_with_two_workers_trains_each_run_once(tmp_path, tiny_tom
     single = ResultStore(tmp_path / "single")
     Sweep(single, torch.device("cpu")).run(specs)
     assert _final_metrics(single.root) == _final_metrics(store.root)
+
+
+def test_teachers_train_trains_once_then_reuses(monkeypatch, capsys, workspace):
+    """`kdbench teachers train` shares run's selection options: it trains the pair's teacher into a fresh
+    results folder (a card with its top-1), reuses it on a second call, and a bad seed is one line, exit 2."""
+    args = ["teachers", "train", "--pairs", "tiny", "--seeds", "0", "--results", "fresh"]
+    code, out, err = _cli(monkeypatch, capsys, args, workspace)
+    assert code == 0, err
+    assert "resnet14" in out and "top-1" in out
+    cards = list((workspace / "fresh" / "teachers").glob("*.json"))
+    assert len(cards) == 1 and json.loads(cards[0].read_text())["arch"] == "resnet14"
+    before = cards[0].stat().st_mtime_ns
+    code, out2, err = _cli(monkeypatch, capsys, args, workspace)
+    assert code == 0 and out2 == out, err
+    assert cards[0].stat().st_mtime_ns == before, "the second call reuses the teacher"
+    code, out, err = _cli(monkeypatch, capsys, [*args[:5], "x", *args[6:]], workspace)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
