@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.method import Method
+from kdbench.method import Method, MethodContext
 
 EPS = 1e-7  # the NCE loss's guard in the denominators, as in the reference
 
@@ -116,6 +116,15 @@ class ClassNegativeSampler(nn.Module):
             keys.scatter_(1, index.unsqueeze(1), 2.0)
         neg = keys.topk(self.k, dim=1, largest=False, sorted=False).indices
         return torch.cat([index.unsqueeze(1), neg], dim=1)
+
+
+def contrast_sampler(ctx: MethodContext, k: int) -> tuple[int, ClassNegativeSampler]:
+    """(N, sampler of k negatives) for a contrastive method, after checking ctx's labels are the N training labels."""
+    n = int(ctx.num_train)
+    got = int(torch.as_tensor(ctx.train_labels).numel())
+    if got != n:
+        raise ValueError(f"ctx.train_labels has {got} labels, num_train={n}")
+    return n, ClassNegativeSampler(ctx.train_labels, k)
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import (
-    ClassNegativeSampler,
     Embed,
+    contrast_sampler,
     fp32,
     init_memory,
     method_rng,
@@ -143,16 +143,13 @@ class CRCD(Method):
         super().__init__(cfg, ctx)
         if ctx.student_head is None or ctx.teacher_head is None:
             raise ValueError("CRCD needs ctx.student_head and ctx.teacher_head (the gradient elements)")
-        n = int(ctx.num_train)
-        if int(torch.as_tensor(ctx.train_labels).numel()) != n:
-            raise ValueError(f"ctx.train_labels has {torch.as_tensor(ctx.train_labels).numel()} labels, num_train={n}")
+        n, self.sampler = contrast_sampler(ctx, cfg.nce_k)
         self.n_data = n
         d = cfg.feat_dim
         self.embed_s = Embed(ctx.student.pooled_dim, d)
         self.embed_t = Embed(ctx.teacher.pooled_dim, d)
         self.grad_embed_s = Embed(ctx.student.pooled_dim, d)
         self.grad_embed_t = Embed(ctx.teacher.pooled_dim, d)
-        self.sampler = ClassNegativeSampler(ctx.train_labels, cfg.nce_k)
         for name in ("memory_s", "memory_t", "grad_memory_s", "grad_memory_t"):
             self.register_buffer(name, init_memory(n, d, normalise=True))
         # Z of (feature: student query, teacher query; gradient: student query, teacher query); -1 = unset.

@@ -8,8 +8,8 @@ import torch
 
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import (
-    ClassNegativeSampler,
     Embed,
+    contrast_sampler,
     fp32,
     init_memory,
     method_rng,
@@ -81,13 +81,10 @@ class CRD(Method):
 
     def __init__(self, cfg: CRDConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
-        n = int(ctx.num_train)
-        if int(torch.as_tensor(ctx.train_labels).numel()) != n:
-            raise ValueError(f"ctx.train_labels has {torch.as_tensor(ctx.train_labels).numel()} labels, num_train={n}")
+        n, self.sampler = contrast_sampler(ctx, cfg.nce_k)
         self.n_data = n
         self.embed_s = Embed(ctx.student.pooled_dim, cfg.feat_dim)
         self.embed_t = Embed(ctx.teacher.pooled_dim, cfg.feat_dim)
-        self.sampler = ClassNegativeSampler(ctx.train_labels, cfg.nce_k)
         self.register_buffer("memory_s", init_memory(n, cfg.feat_dim, normalise=False))
         self.register_buffer("memory_t", init_memory(n, cfg.feat_dim, normalise=False))
         # Z of (student anchor vs teacher memory, teacher anchor vs student memory); -1: set on first batch.

@@ -254,3 +254,19 @@ def golden_values() -> dict[str, list[float]]:
         for key, steps in values.items():
             steps.append(out[key].item())
     return values
+
+
+def test_labels_must_be_the_training_labels():
+    with pytest.raises(ValueError, match=r"ctx.train_labels has 3 labels, num_train=64"):
+        CRCD(
+            CRCDConfig(),
+            MethodContext(
+                student=STUDENT,
+                teacher=TEACHER,
+                num_classes=4,
+                num_train=64,
+                train_labels=torch.arange(3),
+                student_head=nn.Linear(STUDENT.pooled_dim, 4),
+                teacher_head=nn.Linear(TEACHER.pooled_dim, 4),
+            ),
+        )

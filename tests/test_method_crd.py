@@ -222,3 +222,11 @@ def golden_values() -> dict[str, list[float]]:
             steps.append(m.loss(s, t, make_batch(index), START)["crd"].item())
         values[cls.name] = steps
     return values
+
+
+@pytest.mark.parametrize("cls", [CRD, CRDKD])
+def test_labels_must_be_the_training_labels(cls):
+    ctx = make_ctx()
+    ctx = MethodContext(student=ctx.student, teacher=ctx.teacher, num_classes=4, num_train=N + 1, train_labels=LABELS)
+    with pytest.raises(ValueError, match=f"ctx.train_labels has {N} labels, num_train={N + 1}"):
+        cls(cls.Config(), ctx)
