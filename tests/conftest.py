@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The method tests' shared checks (golden values, ...) assert in this helper module: let pytest explain a failure there.
+pytest.register_assert_rewrite("tests.method_helpers")
+
 TINY_TOML = textwrap.dedent("""
     [defaults]
     protocol = "tiny"

@@ -1,16 +1,28 @@
-"""Helpers shared by the method tests: the progress passed to ``loss``, tiny made-up networks, contexts, random
-outputs of declared shapes, batches, and a tiny zoo-contract student."""
+"""Helpers shared by the method tests: the progress passed to ``loss``, tiny made-up networks, contexts, methods
+built under a fixed seed, random outputs of declared shapes, batches, a loss as a float, the golden-file check, a
+short SGD run, and a tiny zoo-contract student."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
 import torch
 from torch import nn
 
-from kdbench.method import Batch, MethodContext, Progress
+from kdbench.method import Batch, Method, MethodContext, Progress
 from kdbench.models.base import FeatureInfo, ModelOutput, ZooModel
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+M = TypeVar("M", bound=Method)
 
 # The first step of a 240-epoch main stage of 391 steps (CIFAR-100 at batch 128): what the first ``loss`` sees.
 START = Progress(epoch=0, epochs=240, step=0, steps=391)
+# A one-step, one-epoch schedule (for the methods with no warm-up or past it).
+ONE_STEP = Progress(epoch=0, epochs=1, step=0, steps=1)
 
 
 # Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
@@ -20,15 +32,38 @@ TEACHER = FeatureInfo(channels=(8, 8, 12, 16), reduction=(1, 1, 2, 4), pooled_di
 TEACHER_X = FeatureInfo(channels=(8, 8, 12, 16, 16), reduction=(1, 2, 4, 8, 8), pooled_dim=16, num_classes=5)
 
 
-def make_ctx(student: FeatureInfo, teacher: FeatureInfo, image_size: int = 8) -> MethodContext:
+def make_ctx(
+    student: FeatureInfo, teacher: FeatureInfo | None, image_size: int = 8, num_train: int = 100, **fields
+) -> MethodContext:
+    """A context with ``num_train`` all-zero training labels; ``num_classes`` is the student's unless given in
+    ``fields``, which may set any other ``MethodContext`` field (``student_arch``, ``teacher_head``, ...)."""
+    fields.setdefault("num_classes", student.num_classes)
     return MethodContext(
         student=student,
         teacher=teacher,
-        num_classes=student.num_classes,
-        num_train=100,
-        train_labels=torch.zeros(100, dtype=torch.long),
+        num_train=num_train,
+        train_labels=torch.zeros(num_train, dtype=torch.long),
         image_size=image_size,
+        **fields,
     )
+
+
+def build_method(
+    cls: type[M],
+    student: FeatureInfo = STUDENT,
+    teacher: FeatureInfo | None = TEACHER,
+    image_size: int = 8,
+    *,
+    rng: bool = False,
+    **cfg,
+) -> M:
+    """``cls`` with ``cls.Config(**cfg)`` on ``make_ctx(student, teacher, image_size)``, built under
+    torch.manual_seed(0); with ``rng``, also given its own generator seeded 0 (as the harness gives one)."""
+    torch.manual_seed(0)
+    m = cls(cls.Config(**cfg), make_ctx(student, teacher, image_size))
+    if rng:
+        m.rng = torch.Generator().manual_seed(0)
+    return m
 
 
 def make_out(info: FeatureInfo, b: int, gen: torch.Generator, image_size: int = 8) -> ModelOutput:
@@ -60,8 +95,68 @@ def rand_pooled(info: FeatureInfo, b: int, gen: torch.Generator) -> ModelOutput:
     return from_pooled(torch.randn(b, info.pooled_dim, generator=gen).relu())
 
 
-def make_batch(b: int) -> Batch:
-    return Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
+def from_logits(z: torch.Tensor) -> ModelOutput:
+    """Only logits: no maps, a zero pooled vector of one feature (for the logit methods)."""
+    return ModelOutput(logits=z, feats=[], preact=[], pooled=torch.zeros(z.shape[0], 1))
+
+
+def make_batch(b: int, image_size: int = 8) -> Batch:
+    """``b`` zero images, label 0, indices 0..b-1."""
+    return Batch(
+        images=torch.zeros(b, 3, image_size, image_size), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b)
+    )
+
+
+def method_loss(
+    m: Method,
+    s: ModelOutput,
+    t: ModelOutput,
+    progress: Progress = START,
+    *,
+    key: str | None = None,
+    image_size: int = 8,
+) -> float:
+    """The term ``key`` (default the method's name) of ``m.loss`` on a ``make_batch`` of the student's batch size."""
+    batch = make_batch(s.logits.shape[0], image_size)
+    return m.loss(s, t, batch, progress)[key or m.name].item()
+
+
+def logit_loss(m: Method, s: torch.Tensor, t: torch.Tensor, key: str | None = None) -> float:
+    """``method_loss`` on two logit tensors (``from_logits``), 2x2 images, one step."""
+    return method_loss(m, from_logits(s), from_logits(t), ONE_STEP, key=key, image_size=2)
+
+
+# The golden-value cases of the block-group map methods (AT, NST, SP): a pair of equal depth and the VGG-like teacher.
+GOLDEN_PAIRS = {"same_shape": (STUDENT, TEACHER), "cross_shape": (STUDENT, TEACHER_X)}
+
+
+def golden_cases(b: int) -> Iterator[tuple[str, FeatureInfo, FeatureInfo, ModelOutput, ModelOutput]]:
+    """(name, student info, teacher info, student out, teacher out) for each of ``GOLDEN_PAIRS``, case k's ``b``
+    samples from a generator seeded 100 + k."""
+    for k, (name, (si, ti)) in enumerate(GOLDEN_PAIRS.items()):
+        gen = torch.Generator().manual_seed(100 + k)
+        yield name, si, ti, make_out(si, b, gen), make_out(ti, b, gen)
+
+
+def assert_matches_golden(name: str, got: dict[str, float]) -> None:
+    """``got`` has the keys of tests/golden/<name>.json and each value to a relative 1e-5."""
+    expected = json.loads((GOLDEN_DIR / f"{name}.json").read_text())
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+
+
+def sgd_losses(params: Sequence[torch.Tensor], step_loss: Callable[[], torch.Tensor], lr: float) -> list[float]:
+    """15 steps of SGD (momentum 0.9) at ``lr`` on ``step_loss()``: the loss before each step."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = step_loss()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
 
 
 # The same for the methods with init stages (AB, FSP, FT) and VID: 10 classes, pooled = mean of the last map.
@@ -78,10 +173,6 @@ def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int =
     return ModelOutput(
         logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre, pooled=feats[-1].mean(dim=(2, 3))
     )
-
-
-def batch_of(n: int) -> Batch:
-    return Batch(images=torch.zeros(n, 3, 8, 8), labels=torch.zeros(n, dtype=torch.long), index=torch.arange(n))
 
 
 class TinyNet(ZooModel):
@@ -110,3 +201,22 @@ class TinyNet(ZooModel):
             feats.append(x)
         pooled = x.mean(dim=(2, 3))
         return ModelOutput(logits=self.fc(pooled), feats=feats, preact=pre if preact else None, pooled=pooled)
+
+
+def init_stage_losses(build: Callable[[], Method], teacher: FeatureInfo, lr: float) -> tuple[TinyNet, list[float]]:
+    """A ``TinyNet`` student (made under torch.manual_seed(1), before ``build()``) trained by ``sgd_losses`` in the
+    method's init stage, every stage parameter requiring a gradient (what the harness does for the stage), on 8
+    random images against random teacher outputs of ``teacher``'s shapes (a generator seeded 2): the student and
+    the losses."""
+    torch.manual_seed(1)
+    student = TinyNet()
+    stage = build().init_stage(student)
+    for p in stage.all_parameters():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, 8, 8, generator=gen)
+    out_t = outputs(gen, teacher, 8)
+    losses = sgd_losses(
+        stage.all_parameters(), lambda: sum(stage.loss(student(x, preact=True), out_t, make_batch(8)).values()), lr
+    )
+    return student, losses

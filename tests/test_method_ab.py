@@ -6,32 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from kdbench.method import MethodContext
 from kdbench.methods.ab import AB, ABConfig, boundary_loss, make_connector
 from kdbench.models.base import FeatureInfo, ModelOutput
-from tests.method_helpers import START, TinyNet, batch_of, info, outputs
-
-
-def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8, head: nn.Module | None = None) -> MethodContext:
-    return MethodContext(
-        student=s,
-        teacher=t,
-        num_classes=10,
-        num_train=100,
-        train_labels=torch.zeros(100, dtype=torch.long),
-        image_size=image_size,
-        student_head=head,
-    )
-
+from tests.method_helpers import START, TinyNet, build_method, info, init_stage_losses, make_batch, outputs
 
 TEACHER = info((4, 6, 12), (1, 1, 2))  # tap 1: same shape as the student's (identity), tap 2: 8 -> 12 channels
 
 
-def build(s: FeatureInfo, t: FeatureInfo, image_size: int = 8, head: nn.Module | None = None, **kw) -> AB:
-    torch.manual_seed(0)
-    m = AB(ABConfig(**kw), context(s, t, image_size, head))
-    m.rng = torch.Generator().manual_seed(0)
-    return m
+def build(s: FeatureInfo, t: FeatureInfo, image_size: int = 8, **kw) -> AB:
+    return build_method(AB, s, t, image_size, rng=True, **kw)
 
 
 def test_defaults():
@@ -74,9 +57,9 @@ def test_layer_weights_and_batch_scaling_by_hand():
         expected = (0.5 * per_sample + 1.0 * per_sample) / 1000 * 3
         assert m.ab_loss(out_s, out_t).item() == pytest.approx(expected, rel=1e-6)
         # The main stage adds nothing; the init stage scales by init_weight.
-        assert m.loss(out_s, out_t, batch_of(b), START) == {}
+        assert m.loss(out_s, out_t, make_batch(b), START) == {}
     m2 = build(s, t, image_size=1, init_weight=4.0)
-    got = m2.init_stage(TinyNet()).loss(out_s, out_t, batch_of(3))
+    got = m2.init_stage(TinyNet()).loss(out_s, out_t, make_batch(3))
     assert set(got) == {"ab"} and got["ab"].item() == pytest.approx(4 * expected, rel=1e-6)
 
 
@@ -141,23 +124,7 @@ def test_init_stage_parameter_set():
 
 
 def test_init_stage_loss_decreases():
-    torch.manual_seed(1)
-    student = TinyNet()
-    m = build(TinyNet.feature_info, TEACHER)
-    stage = m.init_stage(student)
-    for p in stage.all_parameters():  # what the harness does for the stage
-        p.requires_grad_(True)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(8, 3, 8, 8, generator=gen)
-    out_t = outputs(gen, TEACHER, 8)
-    opt = torch.optim.SGD(stage.all_parameters(), lr=0.5, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        loss = sum(stage.loss(student(x, preact=True), out_t, batch_of(8)).values())
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _, losses = init_stage_losses(lambda: build(TinyNet.feature_info, TEACHER), TEACHER, lr=0.5)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -171,4 +138,4 @@ def golden_values() -> dict[str, float]:
     m = build(GOLDEN_STUDENT, GOLDEN_TEACHER, image_size=16)
     gen = torch.Generator().manual_seed(1234)
     out_s, out_t = outputs(gen, GOLDEN_STUDENT, 3, 16), outputs(gen, GOLDEN_TEACHER, 3, 16)
-    return {k: float(v.detach()) for k, v in m.init_stage(TinyNet()).loss(out_s, out_t, batch_of(3)).items()}
+    return {k: float(v.detach()) for k, v in m.init_stage(TinyNet()).loss(out_s, out_t, make_batch(3)).items()}

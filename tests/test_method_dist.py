@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from kdbench.method import Batch, MethodContext, Progress, discover
+from kdbench.method import discover
 from kdbench.methods.dist import DIST, DISTConfig, dist_terms, pearson_rows
-from kdbench.models.base import FeatureInfo, ModelOutput
+from kdbench.models.base import FeatureInfo
+from tests.method_helpers import assert_matches_golden, logit_loss, make_ctx
 
-GOLDEN = Path(__file__).parent / "golden" / "dist.json"
 INFO = FeatureInfo(channels=(4,), reduction=(1,), pooled_dim=4, num_classes=4)
 
 
 def build(**cfg) -> DIST:
-    return DIST(
-        DISTConfig(**cfg),
-        MethodContext(
-            student=INFO, teacher=INFO, num_classes=4, num_train=4, train_labels=torch.zeros(4, dtype=torch.long)
-        ),
-    )
+    return DIST(DISTConfig(**cfg), make_ctx(INFO, INFO, 32, num_train=4))
 
 
 def loss(m: DIST, s: torch.Tensor, t: torch.Tensor) -> float:
-    def o(z):
-        return ModelOutput(logits=z, feats=[], preact=[], pooled=torch.zeros(z.shape[0], 1))
-
-    b = Batch(
-        images=torch.zeros(s.shape[0], 3, 2, 2),
-        labels=torch.zeros(s.shape[0], dtype=torch.long),
-        index=torch.arange(s.shape[0]),
-    )
-    return m.loss(o(s), o(t), b, Progress(epoch=0, epochs=1, step=0, steps=1))["dist"].item()
+    return logit_loss(m, s, t)
 
 
 def test_registered_with_reference_defaults():
@@ -87,8 +71,4 @@ def test_zero_on_identical_logits():
 def test_golden_values():
     gen = torch.Generator().manual_seed(100)
     s, t = torch.randn(8, 4, generator=gen) * 3, torch.randn(8, 4, generator=gen) * 3
-    got = {"dist": loss(build(), s, t)}
-    expected = json.loads(GOLDEN.read_text())
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5), name
+    assert_matches_golden("dist", {"dist": loss(build(), s, t)})

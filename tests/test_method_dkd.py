@@ -3,9 +3,7 @@ mapping, the invariance of the standardised variant, golden values."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,8 @@ from kdbench.losses import kd_loss
 from kdbench.method import Batch, MethodContext, Progress, discover
 from kdbench.methods.dkd import DKD, DKDLS, DKDConfig, DKDLSConfig, dkd_terms, warmup_factor
 from kdbench.models.base import FeatureInfo, ModelOutput
+from tests.method_helpers import assert_matches_golden
 
-GOLDEN = Path(__file__).parent / "golden" / "dkd.json"
 INFO = FeatureInfo(channels=(4, 4, 6, 8), reduction=(1, 1, 2, 4), pooled_dim=8, num_classes=5)
 P0 = Progress(epoch=239, epochs=240, step=0, steps=1)  # past the warm-up
 
@@ -145,11 +143,7 @@ def golden_values() -> dict[str, float]:
 
 
 def test_golden_values():
-    expected = json.loads(GOLDEN.read_text())
-    got = golden_values()
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5), name
+    assert_matches_golden("dkd", golden_values())
 
 
 def test_the_harness_passes_the_training_progress(tiny_toml, tiny_data, monkeypatch):

@@ -5,21 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench.method import MethodContext
 from kdbench.methods.fsp import FSP, FSPConfig, fsp_matrix
 from kdbench.models.base import FeatureInfo, ModelOutput, feature_info
-from tests.method_helpers import START, TinyNet, batch_of, info, outputs
-
-
-def context(s: FeatureInfo, t: FeatureInfo | None, image_size: int = 8) -> MethodContext:
-    return MethodContext(
-        student=s,
-        teacher=t,
-        num_classes=10,
-        num_train=100,
-        train_labels=torch.zeros(100, dtype=torch.long),
-        image_size=image_size,
-    )
+from tests.method_helpers import START, TinyNet, build_method, info, init_stage_losses, make_batch, make_ctx, outputs
 
 
 def from_feats(feats: list[torch.Tensor]) -> ModelOutput:
@@ -31,10 +19,7 @@ TEACHER = info((4, 6, 8), (1, 2, 2))  # same channels; the teacher's group-1 map
 
 
 def build(s: FeatureInfo = TinyNet.feature_info, t: FeatureInfo = TEACHER, image_size: int = 8, **kw) -> FSP:
-    torch.manual_seed(0)
-    m = FSP(FSPConfig(**kw), context(s, t, image_size))
-    m.rng = torch.Generator().manual_seed(0)
-    return m
+    return build_method(FSP, s, t, image_size, rng=True, **kw)
 
 
 def test_defaults():
@@ -72,7 +57,7 @@ def test_fsp_loss_by_hand():
     assert got.item() == pytest.approx(14.5 + 12.25, rel=1e-6)
     m3_50 = build(s3, t3, image_size=2, init_weight=50.0)
     stage_loss = m3_50.init_stage(TinyNet()).loss(
-        from_feats([*out_s.feats, last_s]), from_feats([*out_t.feats, last_t]), batch_of(1)
+        from_feats([*out_s.feats, last_s]), from_feats([*out_t.feats, last_t]), make_batch(1)
     )
     assert set(stage_loss) == {"fsp"} and stage_loss["fsp"].item() == pytest.approx(50 * 26.75, rel=1e-6)
 
@@ -82,21 +67,21 @@ def test_zero_for_identical_feats_and_main_stage_empty():
     gen = torch.Generator().manual_seed(3)
     out = outputs(gen, TinyNet.feature_info, 2)
     assert m.fsp_loss(out, out).item() == 0.0
-    assert m.loss(out, out, batch_of(2), START) == {}
+    assert m.loss(out, out, make_batch(2), START) == {}
     assert list(m.parameters()) == [] and m.state_dict() == {}
 
 
 def test_not_applicable():
     cfg = FSPConfig()
     wrn_40_2, wrn_40_1 = info((16, 32, 64, 128), (1, 1, 2, 4)), info((16, 16, 32, 64), (1, 1, 2, 4))
-    reason = FSP.not_applicable(cfg, context(wrn_40_1, wrn_40_2))
+    reason = FSP.not_applicable(cfg, make_ctx(wrn_40_1, wrn_40_2))
     assert reason == (
         "FSP needs equal channel counts at every tap: teacher (16, 32, 64, 128) vs student (16, 16, 32, 64)"
     )
-    FSP(cfg, context(wrn_40_1, wrn_40_2))  # the harness asks not_applicable before building; the constructor does not
-    assert FSP.not_applicable(cfg, context(info((16, 32, 64, 128), (1, 1, 2, 4)), wrn_40_2)) is None
-    assert FSP.not_applicable(cfg, context(TinyNet.feature_info, TEACHER)) is None  # sizes may differ
-    assert "equal channel counts" in FSP.not_applicable(cfg, context(info((4, 6), (1, 1)), TEACHER))
+    FSP(cfg, make_ctx(wrn_40_1, wrn_40_2))  # the harness asks not_applicable before building; the constructor does not
+    assert FSP.not_applicable(cfg, make_ctx(info((16, 32, 64, 128), (1, 1, 2, 4)), wrn_40_2)) is None
+    assert FSP.not_applicable(cfg, make_ctx(TinyNet.feature_info, TEACHER)) is None  # sizes may differ
+    assert "equal channel counts" in FSP.not_applicable(cfg, make_ctx(info((4, 6), (1, 1)), TEACHER))
 
 
 def test_init_stage_parameter_set():
@@ -111,21 +96,8 @@ def test_init_stage_parameter_set():
 
 
 def test_init_stage_loss_decreases():
-    torch.manual_seed(1)
-    student = TinyNet()
-    m = build()
-    stage = m.init_stage(student)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(8, 3, 8, 8, generator=gen)
-    out_t = outputs(gen, TEACHER, 8)
-    opt = torch.optim.SGD(stage.all_parameters(), lr=1.0, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        loss = sum(stage.loss(student(x, preact=True), out_t, batch_of(8)).values())
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # FSP's stage trains only student layers, which require a gradient already
+    student, losses = init_stage_losses(build, TEACHER, lr=1.0)
     assert losses[-1] < 0.7 * losses[0], losses
     assert student.fc.weight.grad is None
 
@@ -140,7 +112,7 @@ def golden_values() -> dict[str, float]:
     m = build(GOLDEN_STUDENT, GOLDEN_TEACHER, image_size=16)
     gen = torch.Generator().manual_seed(1234)
     out_s, out_t = outputs(gen, GOLDEN_STUDENT, 3, 16), outputs(gen, GOLDEN_TEACHER, 3, 16)
-    return {k: float(v.detach()) for k, v in m.init_stage(TinyNet()).loss(out_s, out_t, batch_of(3)).items()}
+    return {k: float(v.detach()) for k, v in m.init_stage(TinyNet()).loss(out_s, out_t, make_batch(3)).items()}
 
 
 # ---------------------------------------------------------------------------------------------- zoo pairs
@@ -160,6 +132,6 @@ def golden_values() -> dict[str, float]:
     ],
 )
 def test_zoo_applicability(teacher, student, applicable):
-    ctx = context(feature_info(student, 10), feature_info(teacher, 10), image_size=32)
+    ctx = make_ctx(feature_info(student, 10), feature_info(teacher, 10), image_size=32)
     reason = FSP.not_applicable(FSPConfig(), ctx)
     assert (reason is None) == applicable, reason

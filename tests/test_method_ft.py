@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -11,32 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.errors import KdbenchError
-from kdbench.method import MethodContext
 from kdbench.methods.ft import FT, FTConfig, factor_transfer_loss
 from kdbench.models.base import FeatureInfo
-from tests.method_helpers import START, batch_of, info, outputs
-
-
-def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 8) -> MethodContext:
-    return MethodContext(
-        student=s,
-        teacher=t,
-        num_classes=10,
-        num_train=100,
-        train_labels=torch.zeros(100, dtype=torch.long),
-        image_size=image_size,
-    )
-
+from tests.method_helpers import START, build_method, info, make_batch, make_ctx, outputs, sgd_losses
 
 STUDENT = info((4, 6, 8), (1, 1, 2))
 TEACHER = info((4, 8, 14), (1, 1, 2))  # factor channels int(14 * 0.5) = 7
 
 
 def build(s: FeatureInfo = STUDENT, t: FeatureInfo = TEACHER, image_size: int = 8, **kw) -> FT:
-    torch.manual_seed(0)
-    m = FT(FTConfig(**kw), context(s, t, image_size))
-    m.rng = torch.Generator().manual_seed(0)
-    return m
+    return build_method(FT, s, t, image_size, rng=True, **kw)
 
 
 def test_defaults():
@@ -98,7 +81,7 @@ def test_main_loss_value_and_weight():
     m.eval()
     gen = torch.Generator().manual_seed(6)
     out_s, out_t = outputs(gen, STUDENT, 2), outputs(gen, TEACHER, 2)
-    got = m.loss(out_s, out_t, batch_of(2), START)
+    got = m.loss(out_s, out_t, make_batch(2), START)
     assert set(got) == {"ft"}
     with torch.no_grad():
         ref = factor_transfer_loss(m.translator(out_s.feats[-1]), m.paraphraser.encode(out_t.feats[-1]))
@@ -113,7 +96,7 @@ def test_reconstruction_loss_with_zero_paraphraser():
             p.zero_()
     gen = torch.Generator().manual_seed(7)
     out_s, out_t = outputs(gen, STUDENT, 2), outputs(gen, TEACHER, 2)
-    got = m.init_stage(nn.Identity()).loss(out_s, out_t, batch_of(2))
+    got = m.init_stage(nn.Identity()).loss(out_s, out_t, make_batch(2))
     assert set(got) == {"ft_rec"}
     assert got["ft_rec"].item() == pytest.approx(out_t.feats[-1].pow(2).mean().item(), rel=1e-6)
 
@@ -145,7 +128,7 @@ def test_init_stage_is_exactly_the_paraphraser():
 def test_init_stage_lr_is_the_references(arch, lr):
     """RepDistiller's helper/pretrain.py: lr 0.01 for a CIFAR ResNet / WRN student, else the run's (None here)."""
     torch.manual_seed(0)
-    ctx = dataclasses.replace(context(STUDENT, TEACHER), student_arch=arch)
+    ctx = make_ctx(STUDENT, TEACHER, student_arch=arch)
     assert FT(FTConfig(), ctx).init_stage(nn.Identity()).lr == lr
 
 
@@ -157,7 +140,7 @@ def test_paraphraser_frozen_in_main_stage():
     assert m.training and m.translator.training and not m.paraphraser.training
     gen = torch.Generator().manual_seed(8)
     out_s, out_t = outputs(gen, STUDENT, 2), outputs(gen, TEACHER, 2)
-    m.loss(out_s, out_t, batch_of(2), START)["ft"].backward()
+    m.loss(out_s, out_t, make_batch(2), START)["ft"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.translator.parameters())
     assert all(p.grad is None for p in m.paraphraser.parameters())
     # During the init stage (the harness turns the gradients on) train() puts it in train mode.
@@ -177,14 +160,7 @@ def test_init_stage_loss_decreases():
     m.train()
     gen = torch.Generator().manual_seed(9)
     out_s, out_t = outputs(gen, STUDENT, 4), outputs(gen, TEACHER, 4)
-    opt = torch.optim.SGD(stage.parameters, lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        loss = sum(stage.loss(out_s, out_t, batch_of(4)).values())
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = sgd_losses(stage.parameters, lambda: sum(stage.loss(out_s, out_t, make_batch(4)).values()), 0.05)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
@@ -212,6 +188,6 @@ def golden_values() -> dict[str, float]:
     values = {}
     for mode in ("attention", "flatten"):
         m = build(GOLDEN_STUDENT, GOLDEN_TEACHER, factor_mode=mode)
-        values[f"{mode}/ft"] = float(m.loss(out_s, out_t, batch_of(3), START)["ft"].detach())
-    values["ft_rec"] = float(m.init_stage(nn.Identity()).loss(out_s, out_t, batch_of(3))["ft_rec"].detach())
+        values[f"{mode}/ft"] = float(m.loss(out_s, out_t, make_batch(3), START)["ft"].detach())
+    values["ft_rec"] = float(m.init_stage(nn.Identity()).loss(out_s, out_t, make_batch(3))["ft_rec"].detach())
     return values

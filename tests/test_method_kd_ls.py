@@ -3,41 +3,26 @@ shift, golden values."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from kdbench.losses import standardise
-from kdbench.method import Batch, MethodContext, Progress, discover
+from kdbench.method import discover
 from kdbench.methods.kd import KDLS, KDLSConfig
-from kdbench.models.base import FeatureInfo, ModelOutput
+from kdbench.models.base import FeatureInfo
+from tests.method_helpers import assert_matches_golden, logit_loss, make_ctx
 
-GOLDEN = Path(__file__).parent / "golden" / "kd_ls.json"
 INFO = FeatureInfo(channels=(4,), reduction=(1,), pooled_dim=4, num_classes=3)
 
 
 def build(**cfg) -> KDLS:
-    return KDLS(
-        KDLSConfig(**cfg),
-        MethodContext(
-            student=INFO, teacher=INFO, num_classes=3, num_train=4, train_labels=torch.zeros(4, dtype=torch.long)
-        ),
-    )
+    return KDLS(KDLSConfig(**cfg), make_ctx(INFO, INFO, 32, num_train=4))
 
 
 def loss(m: KDLS, s: torch.Tensor, t: torch.Tensor) -> float:
-    def o(z):
-        return ModelOutput(logits=z, feats=[], preact=[], pooled=torch.zeros(z.shape[0], 1))
-
-    b = Batch(
-        images=torch.zeros(s.shape[0], 3, 2, 2),
-        labels=torch.zeros(s.shape[0], dtype=torch.long),
-        index=torch.arange(s.shape[0]),
-    )
-    return m.loss(o(s), o(t), b, Progress(epoch=0, epochs=1, step=0, steps=1))["kd_ls"].item()
+    return logit_loss(m, s, t, key="kd_ls")
 
 
 def test_registered_with_reference_defaults():
@@ -82,8 +67,4 @@ def test_invariant_to_each_networks_scale_and_shift():
 def test_golden_values():
     gen = torch.Generator().manual_seed(100)
     s, t = torch.randn(8, 3, generator=gen) * 2, torch.randn(8, 3, generator=gen) * 5
-    got = {"kd-ls": loss(build(), s, t)}
-    expected = json.loads(GOLDEN.read_text())
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5), name
+    assert_matches_golden("kd_ls", {"kd-ls": loss(build(), s, t)})

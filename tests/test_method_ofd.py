@@ -3,20 +3,18 @@ BN statistics (and that each zoo family's hook names the BN that really feeds it
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from kdbench.method import Batch, MethodContext, Progress, discover
+from kdbench.method import MethodContext, discover
 from kdbench.methods.ofd import OFD, OFDConfig, margin_from_bn, partial_l2
 from kdbench.models import create_model
 from kdbench.models.base import FeatureInfo, ModelOutput
+from tests.method_helpers import ONE_STEP, assert_matches_golden, make_ctx, method_loss
 
-GOLDEN = Path(__file__).parent / "golden" / "ofd.json"
 STUDENT = FeatureInfo(channels=(2, 3, 4), reduction=(1, 1, 2), pooled_dim=4, num_classes=5)
 TEACHER = FeatureInfo(channels=(2, 3, 4), reduction=(1, 1, 2), pooled_dim=4, num_classes=5)
 
@@ -27,15 +25,7 @@ def bn_stats(info: FeatureInfo, gen: torch.Generator) -> tuple:
 
 def ctx(student=STUDENT, teacher=TEACHER, bn=None) -> MethodContext:
     bn = bn_stats(teacher, torch.Generator().manual_seed(7)) if bn is None else bn
-    return MethodContext(
-        student=student,
-        teacher=teacher,
-        num_classes=5,
-        num_train=4,
-        train_labels=torch.zeros(4, dtype=torch.long),
-        image_size=4,
-        teacher_preact_bn=bn,
-    )
+    return make_ctx(student, teacher, 4, num_train=4, num_classes=5, teacher_preact_bn=bn)
 
 
 def outputs(info: FeatureInfo, b: int, gen: torch.Generator) -> ModelOutput:
@@ -46,9 +36,7 @@ def outputs(info: FeatureInfo, b: int, gen: torch.Generator) -> ModelOutput:
 
 
 def loss(m: OFD, s: ModelOutput, t: ModelOutput) -> float:
-    b = s.logits.shape[0]
-    batch = Batch(images=torch.zeros(b, 3, 4, 4), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
-    return m.loss(s, t, batch, Progress(epoch=0, epochs=1, step=0, steps=1))["ofd"].item()
+    return method_loss(m, s, t, ONE_STEP, image_size=4)
 
 
 def test_registered_with_reference_defaults():
@@ -146,14 +134,7 @@ def test_applicable_teachers(teacher, ok):
     with torch.device("meta"):
         s = create_model("resnet20", num_classes=100)
     t = create_model(teacher, num_classes=100)
-    c = MethodContext(
-        student=s.feature_info,
-        teacher=t.feature_info,
-        num_classes=100,
-        num_train=4,
-        train_labels=torch.zeros(4, dtype=torch.long),
-        teacher_preact_bn=_preact_bn(t),
-    )
+    c = make_ctx(s.feature_info, t.feature_info, 32, num_train=4, num_classes=100, teacher_preact_bn=_preact_bn(t))
     reason = OFD.not_applicable(OFDConfig(), c)
     assert (reason is None) == ok, reason
 
@@ -166,8 +147,4 @@ def golden_values() -> dict[str, float]:
 
 
 def test_golden_values():
-    expected = json.loads(GOLDEN.read_text())
-    got = golden_values()
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5), name
+    assert_matches_golden("ofd", golden_values())

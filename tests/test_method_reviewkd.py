@@ -3,31 +3,21 @@ families, the warm-up, golden values."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from kdbench.method import Batch, MethodContext, Progress, discover
+from kdbench.method import MethodContext, Progress, discover
 from kdbench.methods.reviewkd import ABF, ReviewKD, ReviewKDConfig, hcl
 from kdbench.models.base import FeatureInfo, ModelOutput, feature_info
+from tests.method_helpers import assert_matches_golden, make_ctx, method_loss
 
-GOLDEN = Path(__file__).parent / "golden" / "reviewkd.json"
 STUDENT = FeatureInfo(channels=(4, 4, 6, 8), reduction=(1, 1, 2, 4), pooled_dim=8, num_classes=5)
 TEACHER = FeatureInfo(channels=(8, 8, 12, 16), reduction=(1, 1, 2, 4), pooled_dim=16, num_classes=5)
 DONE = Progress(epoch=239, epochs=240, step=0, steps=1)
 
 
 def ctx(student=STUDENT, teacher=TEACHER, image_size=8) -> MethodContext:
-    return MethodContext(
-        student=student,
-        teacher=teacher,
-        num_classes=5,
-        num_train=4,
-        train_labels=torch.zeros(4, dtype=torch.long),
-        image_size=image_size,
-    )
+    return make_ctx(student, teacher, image_size, num_train=4, num_classes=5)
 
 
 def outputs(info: FeatureInfo, b: int, gen: torch.Generator, size: int = 8) -> ModelOutput:
@@ -41,9 +31,7 @@ def outputs(info: FeatureInfo, b: int, gen: torch.Generator, size: int = 8) -> M
 
 
 def loss(m: ReviewKD, s: ModelOutput, t: ModelOutput, progress: Progress = DONE) -> float:
-    b = s.logits.shape[0]
-    batch = Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
-    return m.loss(s, t, batch, progress)["reviewkd"].item()
+    return method_loss(m, s, t, progress)
 
 
 def test_registered_with_reference_defaults():
@@ -114,8 +102,4 @@ def golden_values() -> dict[str, float]:
 
 
 def test_golden_values():
-    expected = json.loads(GOLDEN.read_text())
-    got = golden_values()
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5), name
+    assert_matches_golden("reviewkd", golden_values())

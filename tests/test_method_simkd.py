@@ -3,34 +3,23 @@ count in the run record, spatial alignment, a probe can load the student from th
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.method import Batch, MethodContext, Progress, discover
+from kdbench.method import MethodContext, discover
 from kdbench.methods.simkd import SimKD, SimKDConfig, SimKDModel
 from kdbench.models import create_model
 from kdbench.models.base import FeatureInfo, ModelOutput
+from tests.method_helpers import ONE_STEP, assert_matches_golden, make_ctx, method_loss
 
-GOLDEN = Path(__file__).parent / "golden" / "simkd.json"
 STUDENT = FeatureInfo(channels=(4, 6), reduction=(1, 1), pooled_dim=6, num_classes=5)
 TEACHER = FeatureInfo(channels=(8, 12), reduction=(1, 2), pooled_dim=12, num_classes=5)
 
 
 def ctx(head: nn.Module, student=STUDENT, teacher=TEACHER, image_size=8) -> MethodContext:
-    return MethodContext(
-        student=student,
-        teacher=teacher,
-        num_classes=5,
-        num_train=4,
-        train_labels=torch.zeros(4, dtype=torch.long),
-        image_size=image_size,
-        teacher_head=head,
-    )
+    return make_ctx(student, teacher, image_size, num_train=4, num_classes=5, teacher_head=head)
 
 
 def outputs(info: FeatureInfo, b: int, gen: torch.Generator, size: int = 8) -> ModelOutput:
@@ -41,9 +30,7 @@ def outputs(info: FeatureInfo, b: int, gen: torch.Generator, size: int = 8) -> M
 
 
 def loss(m: SimKD, s: ModelOutput, t: ModelOutput) -> float:
-    b = s.logits.shape[0]
-    batch = Batch(images=torch.zeros(b, 3, 8, 8), labels=torch.zeros(b, dtype=torch.long), index=torch.arange(b))
-    return m.loss(s, t, batch, Progress(epoch=0, epochs=1, step=0, steps=1))["simkd"].item()
+    return method_loss(m, s, t, ONE_STEP)
 
 
 def test_registered_with_reference_defaults():
@@ -131,11 +118,7 @@ def golden_values() -> dict[str, float]:
 
 
 def test_golden_values():
-    expected = json.loads(GOLDEN.read_text())
-    got = golden_values()
-    assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert got[name] == pytest.approx(value, rel=1e-5), name
+    assert_matches_golden("simkd", golden_values())
 
 
 def test_probe_loads_the_student_out_of_the_saved_composite(tmp_path):

@@ -9,22 +9,23 @@ import torch
 
 from kdbench.method import discover
 from kdbench.methods.sp import SP, SPConfig
-from kdbench.models.base import FeatureInfo, ModelOutput
-from tests.method_helpers import START, STUDENT, TEACHER, TEACHER_X, from_feats, make_batch, make_ctx, make_out
+from kdbench.models.base import FeatureInfo
+from tests.method_helpers import (
+    START,
+    STUDENT,
+    TEACHER,
+    TEACHER_X,
+    build_method,
+    from_feats,
+    golden_cases,
+    make_batch,
+    make_out,
+    method_loss,
+)
 
-# Tiny made-up networks at image size 8: taps of 8, 8, 4, 2 pixels a side.
-# A VGG-like teacher (one more tap, everything one stride coarser).
 
-# One forward + backward through real networks: a cross-family pair by default, three more marked slow.
-
-
-def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, image_size: int = 8, **cfg) -> SP:
-    torch.manual_seed(0)
-    return SP(SPConfig(**cfg), make_ctx(student, teacher, image_size))
-
-
-def sp_loss(m: SP, s: ModelOutput, t: ModelOutput) -> float:
-    return m.loss(s, t, make_batch(s.feats[0].shape[0]), START)["sp"].item()
+def build(student: FeatureInfo = STUDENT, teacher: FeatureInfo = TEACHER, **cfg) -> SP:
+    return build_method(SP, student, teacher, **cfg)
 
 
 def test_registered_with_reference_defaults():
@@ -37,7 +38,7 @@ def test_registered_with_reference_defaults():
 
 def test_zero_on_identical_outputs():
     out = make_out(STUDENT, 4, torch.Generator().manual_seed(1))
-    assert sp_loss(build(STUDENT, STUDENT), out, out) == pytest.approx(0.0, abs=1e-9)
+    assert method_loss(build(STUDENT, STUDENT), out, out) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_hand_computed_value():
@@ -48,34 +49,36 @@ def test_hand_computed_value():
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1)
     t = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(2, 1, 2, 1)  # a different shape: only the batch size matters
     expected = 3000.0 * (4 - 2 * math.sqrt(2)) / 4
-    assert sp_loss(build(), from_feats([s]), from_feats([t])) == pytest.approx(expected, rel=1e-6)
+    assert method_loss(build(), from_feats([s]), from_feats([t])) == pytest.approx(expected, rel=1e-6)
 
 
 def test_uses_only_the_last_map():
     gen = torch.Generator().manual_seed(2)
     s, t = make_out(STUDENT, 4, gen), make_out(TEACHER, 4, gen)
     m = build()
-    ref = sp_loss(m, s, t)
+    ref = method_loss(m, s, t)
     assert ref > 0
     s.feats[1] = s.feats[1] * 3.0 + 1.0
     t.feats[2] = t.feats[2] + 2.0
-    assert sp_loss(m, s, t) == pytest.approx(ref, rel=1e-6)
+    assert method_loss(m, s, t) == pytest.approx(ref, rel=1e-6)
 
 
 def test_invariant_to_positive_scaling_of_each_network():
     gen = torch.Generator().manual_seed(3)
     s, t = make_out(STUDENT, 4, gen), make_out(TEACHER, 4, gen)
     m = build()
-    ref = sp_loss(m, s, t)
-    assert sp_loss(m, from_feats([s.feats[-1] * 7.0]), from_feats([t.feats[-1] * 0.01])) == pytest.approx(ref, rel=1e-5)
+    ref = method_loss(m, s, t)
+    assert method_loss(m, from_feats([s.feats[-1] * 7.0]), from_feats([t.feats[-1] * 0.01])) == pytest.approx(
+        ref, rel=1e-5
+    )
 
 
 def test_cross_shapes_and_batch_of_one():
     gen = torch.Generator().manual_seed(4)
     m = build(STUDENT, TEACHER_X)
-    assert math.isfinite(sp_loss(m, make_out(STUDENT, 3, gen), make_out(TEACHER_X, 3, gen)))
+    assert math.isfinite(method_loss(m, make_out(STUDENT, 3, gen), make_out(TEACHER_X, 3, gen)))
     # one sample: both 1x1 Gram matrices normalise to [[1]], so the loss is zero
-    assert sp_loss(m, make_out(STUDENT, 1, gen), make_out(TEACHER_X, 1, gen)) == pytest.approx(0.0, abs=1e-9)
+    assert method_loss(m, make_out(STUDENT, 1, gen), make_out(TEACHER_X, 1, gen)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_gradient_reaches_student_last_map_only():
@@ -93,10 +96,4 @@ def test_gradient_reaches_student_last_map_only():
 
 def golden_values() -> dict[str, float]:
     """Each case: inputs from a seeded generator, the method built under torch.manual_seed(0)."""
-    cases = {"same_shape": (STUDENT, TEACHER), "cross_shape": (STUDENT, TEACHER_X)}
-    values = {}
-    for k, (name, (si, ti)) in enumerate(cases.items()):
-        m = build(si, ti)
-        gen = torch.Generator().manual_seed(100 + k)
-        values[name] = sp_loss(m, make_out(si, 6, gen), make_out(ti, 6, gen))
-    return values
+    return {name: method_loss(build(si, ti), s, t) for name, si, ti, s, t in golden_cases(6)}

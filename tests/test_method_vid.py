@@ -8,42 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.method import Batch, MethodContext
 from kdbench.methods.vid import VID, VIDConfig
 from kdbench.models.base import FeatureInfo, ModelOutput
-from tests.method_helpers import START, info
+from tests.method_helpers import START, build_method, info, make_batch, outputs
+
+SIZE = 32  # VID's checks run at CIFAR's image size
 
 
-def context(s: FeatureInfo, t: FeatureInfo, image_size: int = 32) -> MethodContext:
-    return MethodContext(
-        student=s,
-        teacher=t,
-        num_classes=10,
-        num_train=100,
-        train_labels=torch.zeros(100, dtype=torch.long),
-        image_size=image_size,
-    )
-
-
-def outputs(gen: torch.Generator, fi: FeatureInfo, batch: int, image_size: int = 32) -> ModelOutput:
-    pre = [
-        torch.randn(batch, c, image_size // r, image_size // r, generator=gen)
-        for c, r in zip(fi.channels, fi.reduction)
-    ]
-    feats = [p.relu() for p in pre]
-    pooled = feats[-1].mean(dim=(2, 3))
-    return ModelOutput(logits=torch.randn(batch, 10, generator=gen), feats=feats, preact=pre, pooled=pooled)
-
-
-def batch_of(n: int) -> Batch:
-    return Batch(images=torch.zeros(n, 3, 32, 32), labels=torch.zeros(n, dtype=torch.long), index=torch.arange(n))
-
-
-def build(s: FeatureInfo, t: FeatureInfo, image_size: int = 32, **kw) -> VID:
-    torch.manual_seed(0)
-    m = VID(VIDConfig(**kw), context(s, t, image_size))
-    m.rng = torch.Generator().manual_seed(0)
-    return m
+def build(s: FeatureInfo, t: FeatureInfo, image_size: int = SIZE, **kw) -> VID:
+    return build_method(VID, s, t, image_size, rng=True, **kw)
 
 
 def test_defaults():
@@ -84,7 +57,7 @@ def test_hand_computed_value():
     stem = torch.zeros(1, 1, 1, 2)
     out_s = ModelOutput(logits=torch.zeros(1, 10), feats=[stem, f_s], preact=[stem, f_s], pooled=torch.zeros(1, 2))
     out_t = ModelOutput(logits=torch.zeros(1, 10), feats=[stem, f_t], preact=[stem, f_t], pooled=torch.zeros(1, 2))
-    got = m.loss(out_s, out_t, batch_of(1), START)
+    got = m.loss(out_s, out_t, make_batch(1, SIZE), START)
     assert set(got) == {"vid"}
     assert got["vid"].item() == pytest.approx(expected, rel=1e-5)
 
@@ -96,21 +69,21 @@ def test_larger_map_is_average_pooled():
     m_big, m_small = build(s_big, t), build(s_small, t)
     m_small.load_state_dict(m_big.state_dict())
     gen = torch.Generator().manual_seed(3)
-    out_s, out_t = outputs(gen, s_big, 2), outputs(gen, t, 2)
+    out_s, out_t = outputs(gen, s_big, 2, SIZE), outputs(gen, t, 2, SIZE)
     pooled = [out_s.feats[0], F.avg_pool2d(out_s.feats[1], 2)]
     out_s_small = ModelOutput(out_s.logits, pooled, pooled, out_s.pooled)
-    a = m_big.loss(out_s, out_t, batch_of(2), START)["vid"]
-    b = m_small.loss(out_s_small, out_t, batch_of(2), START)["vid"]
+    a = m_big.loss(out_s, out_t, make_batch(2, SIZE), START)["vid"]
+    b = m_small.loss(out_s_small, out_t, make_batch(2, SIZE), START)["vid"]
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # And the teacher is pooled when it is the larger one.
     t_big = info((4, 5), (1, 1))
     m_t = build(s_small, t_big)
-    out_tb = outputs(gen, t_big, 2)
+    out_tb = outputs(gen, t_big, 2, SIZE)
     pooled_t = [out_tb.feats[0], F.avg_pool2d(out_tb.feats[1], 2)]
     out_t_small = ModelOutput(out_tb.logits, pooled_t, pooled_t, out_tb.pooled)
     torch.testing.assert_close(
-        m_t.loss(out_s_small, out_tb, batch_of(2), START)["vid"],
-        m_small.loss(out_s_small, out_t_small, batch_of(2), START)["vid"],
+        m_t.loss(out_s_small, out_tb, make_batch(2, SIZE), START)["vid"],
+        m_small.loss(out_s_small, out_t_small, make_batch(2, SIZE), START)["vid"],
         rtol=1e-6,
         atol=1e-7,
     )
@@ -120,10 +93,10 @@ def test_variance_and_regressor_train():
     s, t = info((4, 6, 8), (1, 1, 2)), info((4, 10, 12), (1, 1, 2))
     m = build(s, t)
     gen = torch.Generator().manual_seed(1)
-    out_s, out_t = outputs(gen, s, 4), outputs(gen, t, 4)
+    out_s, out_t = outputs(gen, s, 4, SIZE), outputs(gen, t, 4, SIZE)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    m.loss(out_s, out_t, batch_of(4), START)["vid"].backward()
+    m.loss(out_s, out_t, make_batch(4, SIZE), START)["vid"].backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     opt.step()
@@ -151,5 +124,5 @@ GOLDEN_TEACHER = info((8, 12, 16, 20), (1, 2, 1, 8))  # tap 1, 3: student larger
 def golden_values() -> dict[str, float]:
     m = build(GOLDEN_STUDENT, GOLDEN_TEACHER)
     gen = torch.Generator().manual_seed(1234)
-    out_s, out_t = outputs(gen, GOLDEN_STUDENT, 3), outputs(gen, GOLDEN_TEACHER, 3)
-    return {k: float(v.detach()) for k, v in m.loss(out_s, out_t, batch_of(3), START).items()}
+    out_s, out_t = outputs(gen, GOLDEN_STUDENT, 3, SIZE), outputs(gen, GOLDEN_TEACHER, 3, SIZE)
+    return {k: float(v.detach()) for k, v in m.loss(out_s, out_t, make_batch(3, SIZE), START).items()}
