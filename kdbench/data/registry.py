@@ -34,8 +34,9 @@ class DatasetSpec:
     def options(self) -> list[str]:
         """The dataset-specific keyword options its loader takes (beyond the common ones)."""
         common = {"data_root", "image_size", "download", "cache_dir"}
-        params = inspect.signature(self.options_from or self.loader).parameters
-        return [p for p in params if p not in common]
+        params = inspect.signature(self.options_from or self.loader).parameters.values()
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [p.name for p in params if p.kind in named and p.name not in common]
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -82,8 +83,8 @@ def load_dataset(
     ``data_root`` is where its files are (default ``~/.cache/kdbench/data`` or ``$KDBENCH_DATA_ROOT``);
     ``download`` fetches missing files there. Decoded caches go into ``cache_dir`` when it is given, else next to
     the data, or into ``~/.cache/kdbench`` (``$KDBENCH_CACHE_DIR``) when the data's folder is read-only.
-    ``options`` are the dataset's own (synthetic: num_classes, train_size, test_size, seed, noise, grid;
-    tinyimagenet: progress, num_workers, cache).
+    ``options`` are the dataset's own (synthetic: num_classes, train_size, test_size, seed, noise, grid,
+    superclasses, label_noise; tinyimagenet: progress, num_workers, cache).
     """
     spec = DATASETS.get(name)
     if spec is None:
