@@ -1,6 +1,6 @@
-"""Per-step cost of CRD's two N-dependent parts on this machine: the class-aware negative sampler and one direction's
-scores against the memory bank (forward and backward), at batch 64, K = 16384 negatives, 128-d embeddings, for the
-3,200 training images of the pre-sweep estimate and the 50,000 of the real sweep.
+"""Per-step cost of CRD's two N-dependent parts on this machine, timed on kdbench's own CRD: the class-aware negative
+sampler and one direction's scores against the memory bank (forward and backward), at batch 64, K = 16384
+negatives, 128-d embeddings, for the 3,200 training images of the pre-sweep estimate and the 50,000 of the sweep.
 
 Run it on a quiet machine: `python results/tinyimagenet100/investigation/contrast_cost.py`.
 """
@@ -11,7 +11,9 @@ import time
 
 import torch
 
-from kdbench.method_parts import ClassNegativeSampler
+from kdbench.method import MethodContext
+from kdbench.methods.crd import CRD, CRDConfig
+from kdbench.models.base import FeatureInfo
 
 
 def ms_per_call(f, n: int = 20) -> float:
@@ -23,20 +25,20 @@ def ms_per_call(f, n: int = 20) -> float:
 
 
 def measure(n: int, b: int = 64, k: int = 16384, d: int = 128) -> tuple[int, float, float]:
-    """(negatives per anchor, sampler ms, one direction's scores ms) for a bank of n rows."""
+    """(negatives per anchor, sampler ms, one direction's scores ms) of kdbench's CRD for a bank of n rows."""
     torch.manual_seed(0)
-    sampler = ClassNegativeSampler(torch.arange(n) % 100, k)
-    gen = torch.Generator().manual_seed(0)
+    info = FeatureInfo(channels=(16, 64), reduction=(1, 4), pooled_dim=64, num_classes=100)
+    labels = torch.arange(n) % 100
+    crd = CRD(CRDConfig(nce_k=k, feat_dim=d), MethodContext(info, info, 100, n, labels))
+    crd.rng = torch.Generator().manual_seed(0)
     index = torch.randperm(n)[:b]
-    memory = torch.randn(n, d)
     v = torch.randn(b, d, requires_grad=True)
-    idx = sampler(index, gen)
+    idx = crd.sample_contrast(index)
 
     def scores():
-        sim = (v @ memory.clone().t()).gather(1, idx)
-        torch.exp(sim / 0.07).sum().backward()
+        crd._exp_scores(v, crd.memory_t, idx).sum().backward()
 
-    return sampler.k, ms_per_call(lambda: sampler(index, gen)), ms_per_call(scores)
+    return crd.sampler.k, ms_per_call(lambda: crd.sample_contrast(index)), ms_per_call(scores)
 
 
 def main() -> None:
