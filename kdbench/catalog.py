@@ -43,7 +43,25 @@ BUILTIN_ORDER: list[str] = list(BUILTIN_METHODS)
 PAPER_NAMES: dict[str, str] = {name: paper for name, paper in BUILTIN_METHODS.items() if paper is not None}
 
 
+def _setting_key(setting: str) -> tuple:
+    """``weight=125`` sorts before ``weight=1000``: each value compared as a number where it is one."""
+    out: list[tuple] = []
+    for part in setting.split(", "):
+        key, _, value = part.partition("=")
+        try:
+            out.append((key, 0, float(value), ""))
+        except ValueError:
+            out.append((key, 1, 0.0, value))
+    return tuple(out)
+
+
 def method_order(names: list[str]) -> list[str]:
-    """``names`` in the built-ins' order, then any others by name."""
+    """``names`` in the built-ins' order, then any others by name; a row of a method at another setting
+    (``at (weight=250)``) follows the method's own row, ordered by its values."""
     rank = {n: i for i, n in enumerate(BUILTIN_ORDER)}
-    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+    def key(n: str) -> tuple:
+        base, _, rest = n.partition(" (")
+        return (rank.get(base, len(rank)), base, bool(rest), _setting_key(rest.rstrip(")")) if rest else ())
+
+    return sorted(names, key=key)

@@ -408,13 +408,17 @@ def _dry_run_table(store, specs) -> None:
 
     from kdbench.progress import estimate_seconds, hms
     from kdbench.sweep import Sweep, teacher_run
+    from kdbench.variants import method_defaults, setting_diff, setting_label
 
+    # a run at a setting other than its method's default (a --set value or grid point) says which
+    defaults = method_defaults([s.method for s in specs])
+    settings = [setting_label(setting_diff(s.method_config, defaults[s.method])) for s in specs]
     table = Table(title=f"{len(specs)} runs")
-    for col in ("pair", "method", "seed", "protocol", "state", "estimate"):
+    for col in ("pair", "method", *(["setting"] if any(settings) else []), "seed", "protocol", "state", "estimate"):
         table.add_column(col)
     pending = 0.0
     unknown = 0
-    for s in specs:
+    for s, setting in zip(specs, settings):
         resumable = store.checkpoint_path(s.label).exists()
         state = "done" if store.finished(s.label) else "resume" if resumable else "todo"
         est = estimate_seconds(store, s.student, s.data, s.protocol.epochs) if state != "done" else None
@@ -424,6 +428,7 @@ def _dry_run_table(store, specs) -> None:
         table.add_row(
             s.pair,
             s.method,
+            *([setting or "default"] if any(settings) else []),
             str(s.seed),
             s.protocol.name,
             state,
@@ -541,6 +546,12 @@ def _collect(results: str):
     help="With --format csv: every run's per-epoch curve as one tidy CSV (one row per run, epoch and "
     "quantity: lr, loss_<term>, test_top1, test_top5) instead of the table.",
 )
+@click.option(
+    "--transfer",
+    is_flag=True,
+    help="Instead of the table: the transfer table of the folder's linear probes (`kdbench probe`), each "
+    "method's probe top-1 beside the same runs' top-1 on their own data, in Markdown.",
+)
 def table(
     results: str,
     metrics: tuple[str, ...],
@@ -550,10 +561,17 @@ def table(
     rank_corr: str | None,
     compute: bool,
     long_: bool,
+    transfer: bool,
 ) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
     from kdbench.render import render
     from kdbench.tables import build_tables
+
+    if transfer:
+        if compute or long_ or rank_corr or reference or vs or fmt != "md" or len(metrics) != 1:
+            raise KdbenchError("--transfer writes one Markdown table per probe data set; it takes only --results")
+        click.echo(_transfer_text(results, metrics[0]), nl=False)
+        return
 
     if compute:
         ignored = [
@@ -605,6 +623,20 @@ def table(
             text += _rank_corr_text(tables, reference, rank_corr)
         parts.append(text)
     click.echo("\n".join(parts), nl=False)
+
+
+def _transfer_text(results: str, metric: str) -> str:
+    from kdbench.results import ResultStore
+    from kdbench.transfer import build_transfer, collect_probes, render_transfer_md
+
+    col = _collect(results)
+    probes, skipped = collect_probes(ResultStore(results))
+    tables = build_transfer(col, probes, metric)
+    for line in skipped + [s for t in tables for s in t.skipped]:
+        err_console.print(f"[yellow]skipped:[/yellow] {line}", soft_wrap=True)
+    if not tables:
+        raise KdbenchError(f"no linear probes in {ResultStore(results).probes_dir}: run `kdbench probe --all` first")
+    return render_transfer_md(tables, metric)
 
 
 def _compute_text(results: str) -> str:
@@ -674,7 +706,13 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@click.option(
+    "--all",
+    "all_runs",
+    is_flag=True,
+    help="Probe every finished run of --results (students and the teachers' own runs) not yet probed.",
+)
 @click.option(
     "--dataset", required=True, help="Probe data: tinyimagenet, stl10, cifar100 (any `kdbench list datasets`)."
 )
@@ -697,10 +735,11 @@ def report(results: str, out: str | None, metric: str, reference: str | None, vs
 @click.option("--seed", default=0, type=NON_NEGATIVE, show_default=True, help="Seed of the probe's head and batches.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--force", is_flag=True, help="Train the probe again even when its JSON exists.")
-def probe(run, dataset, protocol, data_root, image_size, download, results, seed, device, force) -> None:
+def probe(run, all_runs, dataset, protocol, data_root, image_size, download, results, seed, device, force) -> None:
     """Linear probe of a finished run's frozen student on another data set (CRD transfer protocol).
 
-    RUN is a run JSON file or a prefix of a run id in RESULTS/runs/. The result goes to RESULTS/probes/."""
+    RUN is a run JSON file or a prefix of a run id in RESULTS/runs/; --all probes every finished run of RESULTS.
+    Results go to RESULTS/probes/."""
     import json
 
     from kdbench.data import DATASETS
@@ -709,6 +748,11 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
 
     if dataset not in DATASETS:
         raise KdbenchError(f"unknown dataset {dataset!r}; datasets: {', '.join(DATASETS)}")
+    if all_runs == (run is not None):
+        raise KdbenchError("give one RUN (a run JSON or a run id prefix) or --all, not both or neither")
+    if all_runs:
+        _probe_all(results or "results", dataset, protocol, data_root, image_size, download, seed, device, force)
+        return
     path, obj, root = resolve_run(run, results)
     target = ResultStore(root).probe_path(probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed))
     if target.is_file() and not force:
@@ -739,6 +783,58 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
         f"{rec['method']} {rec['pair']} -> {dataset}: top-1 last {rec['top1_last']:.2f}, best "
         f"{rec['top1_best']:.2f} (epoch {rec['best_epoch']}){paper} -> {rec['path']}"
     )
+
+
+def _probe_all(results, dataset, protocol, data_root, image_size, download, seed, device, force) -> None:
+    """`kdbench probe --all`: every finished run of a results folder, one after another; a run without weights
+    (e.g. a folder whose weights/ was not kept) is skipped with its reason, the others go on."""
+    from kdbench.probe import PROBE_PROTOCOLS, probe_label, run_probe
+    from kdbench.results import ResultStore
+
+    store = ResultStore(results)
+    if not store.runs_dir.is_dir():
+        raise KdbenchError(f"no runs in {store.root} (expected {store.runs_dir}); run `kdbench run` first")
+    todo, skipped = [], []
+    for path, obj, error in store.iter_runs():
+        if obj is None:
+            skipped.append(f"{path.name}: {error}")
+        elif obj.get("status") != "done":
+            continue
+        elif store.probe_path(probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed)).is_file() and (
+            not force
+        ):
+            continue
+        else:
+            todo.append((path, obj))
+    dev = _device(device)
+    done = 0
+    for k, (path, obj) in enumerate(todo, 1):
+        spec = obj["spec"]
+        what = f"{spec['method']} {obj.get('pair', spec['student'])} seed {spec['seed']}"
+        try:
+            rec = run_probe(
+                obj,
+                store.root,
+                dataset,
+                protocol=protocol,
+                data_root=data_root,
+                image_size=image_size,
+                download=download,
+                device=dev,
+                seed=seed,
+                run_file=path,
+            )
+        except KdbenchError as exc:
+            if "not found" not in str(exc) and "records no weights" not in str(exc):
+                raise
+            skipped.append(f"{path.name}: {exc}")
+            err_console.print(f"[{k}/{len(todo)}] {what}: skipped ({exc})", soft_wrap=True)
+            continue
+        done += 1
+        console.print(f"[{k}/{len(todo)}] {what} -> {dataset}: top-1 last {rec['top1_last']:.2f} -> {rec['path']}")
+    console.print(f"{done} runs probed, {len(skipped)} skipped" + (":" if skipped else ""))
+    for line in skipped:
+        console.print(f"  {line}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- bench

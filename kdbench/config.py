@@ -409,15 +409,67 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`--set a.b.c=value` strings -> {"a.b.c": value}."""
-    out: dict[str, Any] = {}
+# A grid bigger than this is a typo, not an experiment (and expanding it would exhaust memory).
+MAX_GRID_POINTS = 10_000
+
+
+def split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas that are outside brackets, braces and quotes ("1,2" -> 2 parts, "[1, 2]" -> 1)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list[Any]]:
+    """`--set KEY=V` or `--set KEY=V1,V2,...` strings -> {KEY: [values]}; a comma list is a grid over the values."""
+    out: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
             raise KdbenchError(f"--set {item!r}: expected KEY=VALUE, e.g. methods.kd.temperature=2")
         key, _, text = item.partition("=")
         key = key.strip()
-        out[key] = parse_value(text)
+        parts = split_top_level(text)
+        if len(parts) > 1 and any(not p.strip() for p in parts):
+            raise KdbenchError(f"--set {item!r}: an empty value in the list; write e.g. {key}=1,2,4")
+        values = list(dict.fromkeys(parse_value(p) for p in parts)) if len(parts) > 1 else [parse_value(text)]
+        if key in out:
+            raise KdbenchError(f"--set {key} is given twice; give one list instead, e.g. {key}=1,2")
+        out[key] = values
+    return out
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values (the product over its keys, the first key varying slowest)."""
+    import itertools
+    import math
+
+    size = math.prod(len(v) for v in grid.values())
+    if size > MAX_GRID_POINTS:
+        raise KdbenchError(f"--set: the grid has {size:,} combinations of values; at most {MAX_GRID_POINTS:,} are run")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set a.b.c=value` strings -> {"a.b.c": value} (one value per key: a grid is refused here)."""
+    out: dict[str, Any] = {}
+    for key, values in parse_grid(items).items():
+        if len(values) > 1:
+            raise KdbenchError(f"--set {key}: a list of values (a grid) is not accepted here; give one value")
+        out[key] = values[0]
     return out
 
 

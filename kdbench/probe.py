@@ -98,7 +98,10 @@ def load_student(run: dict[str, Any], root: Path, device: torch.device) -> nn.Mo
     rel = run.get("weights")
     if not rel:
         raise KdbenchError(f"run {run['run_id']} records no weights file")
-    weights = ResultStore(root).inside(rel, f"weights of run {run['run_id']}")
+    store = ResultStore(root)
+    weights = store.inside(rel, f"weights of run {run['run_id']}")
+    if not weights.is_file():
+        weights = _teacher_weights(store, run) or weights
     if not weights.is_file():
         raise KdbenchError(f"weights of run {run['run_id']} not found at {weights}")
     num_classes = (run.get("data") or {}).get("num_classes")
@@ -107,6 +110,32 @@ def load_student(run: dict[str, Any], root: Path, device: torch.device) -> nn.Mo
     model = create_model(run["spec"]["student"], num_classes=num_classes)
     load_weights_into(model, weights, "run weights", prefix=(run.get("model") or {}).get("student_prefix") or "")
     return freeze(model, device)
+
+
+def _teacher_weights(store: ResultStore, run: dict[str, Any]) -> Path | None:
+    """A teacher's own training run keeps its weights in teachers/ (the card's file, which is committed where the
+    runs' weights/ folder is not): that file, when a card names this run and holds the same weights."""
+    import json
+
+    from kdbench.teachers import sha256_file
+
+    want = run.get("weights_sha256")
+    folder = store.teachers_dir
+    for card_path in sorted(folder.glob("*.json")) if folder.is_dir() and want else []:
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(card, dict) or card.get("run_id") != run["run_id"] or card.get("weights_sha256") != want:
+            continue
+        try:
+            rel = card.get("weights")
+            path = store.inside(f"{folder.name}/{rel}" if isinstance(rel, str) else rel, "teacher weights")
+        except KdbenchError:
+            continue
+        if path.is_file() and sha256_file(path) == want:
+            return path
+    return None
 
 
 @torch.no_grad()

@@ -22,9 +22,10 @@ from kdbench.config import (
     TeacherSpec,
     apply_protocol_sets,
     check_safe_name,
+    expand_grid,
     group_cohorts,
     method_sets,
-    parse_sets,
+    parse_grid,
 )
 from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
@@ -110,8 +111,10 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
         names = expanded
     entries = {n: resolve(check_safe_name("method", n), registry) for n in dict.fromkeys(names)}
 
-    sets = parse_sets(req.sets)
-    per_method = method_sets(sets)
+    # `--set KEY=V1,V2` is a grid: one set of runs per combination of values (the product over the keys).
+    grid = parse_grid(req.sets)
+    combos = expand_grid(grid)
+    per_method = method_sets({k: v[0] for k, v in grid.items()})
     for name in per_method:
         if name not in entries:
             raise KdbenchError(f"--set methods.{name}.*: method {name!r} is not in this run ({', '.join(entries)})")
@@ -131,11 +134,33 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
 
     if req.dataset is not None and req.dataset not in DATASETS:
         raise KdbenchError(f"unknown dataset {req.dataset!r}; datasets: {', '.join(DATASETS)}")
-    # (pair set, data, pair, student protocol, teacher protocol)
-    groups: list[tuple[str, DataSpec, str, Protocol, Protocol]] = []
     pair_names = _split_csv(req.pairs)
     if not pair_names:
         raise KdbenchError("no pairs given: use --pairs cifar100, smoke, or teacher:student")
+    teachers = TeacherStore(store) if store is not None else None
+    specs: list[RunSpec] = []
+    seen: set[str] = set()
+    for sets in combos:
+        for spec in _expand_one(bench, req, entries, pair_names, seeds, sets, teachers):
+            if spec.run_id not in seen:  # ce runs are shared by pairs with the same student, and by grid points
+                seen.add(spec.run_id)
+                specs.append(spec)
+    return specs
+
+
+def _expand_one(
+    bench: Bench,
+    req: Request,
+    entries: dict[str, MethodEntry],
+    pair_names: list[str],
+    seeds: list[int],
+    sets: dict[str, Any],
+    teachers: TeacherStore | None,
+) -> list[RunSpec]:
+    """The runs of one point of the --set grid (names already checked by `expand`)."""
+    per_method = method_sets(sets)
+    # (pair set, data, pair, student protocol, teacher protocol)
+    groups: list[tuple[str, DataSpec, str, Protocol, Protocol]] = []
     for pname in pair_names:
         if ":" in pname:
             t, s = pname.split(":", 1)
@@ -167,9 +192,7 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
             check_model_name(s)
             groups.append((pname, data, pair, proto, t_proto))
 
-    teachers = TeacherStore(store) if store is not None else None
     specs: list[RunSpec] = []
-    seen: set[str] = set()
     for set_name, data, pair, proto, t_proto in groups:
         t_arch, s_arch = pair.split(":", 1)
         for seed in seeds:
@@ -194,9 +217,7 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
                     precision=req.precision,
                     channels_last=req.channels_last,
                 )
-                if spec.run_id not in seen:  # ce runs are shared by pairs with the same student
-                    seen.add(spec.run_id)
-                    specs.append(spec)
+                specs.append(spec)
     return specs
 
 

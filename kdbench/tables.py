@@ -25,6 +25,7 @@ from kdbench.catalog import PAPER_NAMES
 from kdbench.catalog import method_order as default_order
 from kdbench.errors import KdbenchError
 from kdbench.results import ResultStore, card_run_id, load_run
+from kdbench.variants import method_defaults, row_name, setting_diff, setting_label
 
 # Metrics with a teacher row (the teacher card records them).
 METRICS = ("top1_last", "top1_best", "top5_last", "top5_best")
@@ -45,7 +46,20 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 TEACHER, STUDENT = "Teacher", "Student"
-_META_COLUMNS = {"group", "data", "student", "teacher", "method", "seed", "status", "reason", "run_id", "file"}
+_META_COLUMNS = {
+    "group",
+    "data",
+    "student",
+    "teacher",
+    "method",
+    "base_method",
+    "setting",
+    "seed",
+    "status",
+    "reason",
+    "run_id",
+    "file",
+}
 
 
 # ---------------------------------------------------------------------------------------------- collecting
@@ -60,6 +74,7 @@ class Collected:
     paths: dict[str, Path] = field(default_factory=dict)  # run_id -> its JSON file (for the diagnostics)
     root: Path | None = None
     teacher_runs: set[str] = field(default_factory=set)  # run ids of the vanilla runs that trained a used teacher
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_id -> its keys away from the default
 
 
 def _group(spec: dict[str, Any]) -> str:
@@ -75,6 +90,7 @@ def _is_number(v: Any) -> bool:
 def collect(store: ResultStore) -> Collected:
     """Every run of a results folder as rows (one per run); malformed files are listed in `problems`, not fatal."""
     rows, teachers, problems = [], {}, []
+    configs: dict[str, Any] = {}
     teacher_runs: set[str] = set()
     curves: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
@@ -90,6 +106,8 @@ def collect(store: ResultStore) -> Collected:
             "student": spec["student"],
             "teacher": teacher["arch"] if teacher else None,
             "method": spec["method"],
+            "base_method": spec["method"],
+            "setting": "",
             "seed": spec["seed"],
             "status": run["status"],
             "reason": run.get("reason"),
@@ -106,6 +124,7 @@ def collect(store: ResultStore) -> Collected:
             if bad:
                 problems.append(f"{path}: metrics {', '.join(bad)} not a finite number (left out of the tables)")
         rows.append(row)
+        configs[run["run_id"]] = spec.get("method_config")
         if isinstance(run.get("curve"), dict):
             curves[run["run_id"]] = run["curve"]
         paths[run["run_id"]] = path
@@ -123,6 +142,16 @@ def collect(store: ResultStore) -> Collected:
                 "top5_best": card.get("top5"),
             }
     teacher_runs |= store.teacher_run_ids()
+    # Runs at a setting other than their method's default are rows of their own ("at (weight=250)").
+    settings: dict[str, dict[str, Any]] = {}
+    if rows:
+        defaults = method_defaults([r["method"] for r in rows])
+        for r in rows:
+            diff = setting_diff(configs.get(r["run_id"]) or {}, defaults[r["method"]])
+            if diff:
+                settings[r["run_id"]] = diff
+                r["setting"] = setting_label(diff)
+                r["method"] = row_name(r["method"], diff)
     runs = pd.DataFrame(rows)
     if not runs.empty:
         keys = ["group", "teacher", "student", "method", "seed"]
@@ -132,7 +161,9 @@ def collect(store: ResultStore) -> Collected:
                 f"{count} runs of {key[3]} on {key[1]}:{key[2]} seed {key[4]} ({key[0]}) differ in their "
                 "settings: the table averages them together"
             )
-    return Collected(runs, pd.DataFrame(list(teachers.values())), problems, curves, paths, store.root, teacher_runs)
+    return Collected(
+        runs, pd.DataFrame(list(teachers.values())), problems, curves, paths, store.root, teacher_runs, settings
+    )
 
 
 def available_metrics(col: Collected) -> list[str]:

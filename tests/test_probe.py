@@ -231,3 +231,60 @@ def test_probe_on_tiny_imagenet(tiny_run):
     assert rec["dataset"]["num_classes"] == 100 and rec["dataset"]["image_size"] == 32
     assert (rec["dataset"]["train_size"], rec["dataset"]["test_size"]) == (2000, 1000)
     assert 0.0 <= rec["top1_last"] <= 100.0 and len(rec["curve"]["test_top1"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- --all and the table
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, one_thread):
+    """ce and kd at seeds 0 and 1 on the tiny bench, with the teacher's own run; the weights/ copy of the teacher's
+    run removed (as in a folder where only teachers/ is kept) and one kd run's weights lost."""
+    from kdbench.config import load_bench
+    from kdbench.sweep import Request, Sweep, expand
+    from tests.conftest import TINY_TOML
+
+    root = tmp_path_factory.mktemp("probe-all")
+    (root / "bench.toml").write_text(TINY_TOML)
+    store = ResultStore(root / "results")
+    specs = expand(load_bench(root / "bench.toml"), Request(["ce", "kd"], ["tiny"], [0, 1]), store)
+    Sweep(store, torch.device("cpu")).run(specs)
+    (teacher_card,) = store.teachers_dir.glob("*.json")
+    teacher_run = json.loads(teacher_card.read_text())["run_id"]
+    teacher_json = next(store.runs_dir.glob(f"*{teacher_run}.json"))
+    (store.root / "weights" / teacher_json.with_suffix(".safetensors").name).unlink()
+    lost = next(store.runs_dir.glob("*__kd__s1__*.json"))
+    (store.root / "weights" / lost.with_suffix(".safetensors").name).unlink()
+    return store.root, lost.name
+
+
+def test_probe_all_and_the_transfer_table(tiny_sweep):
+    from kdbench.cli import cli
+
+    root, lost = tiny_sweep
+    args = ["probe", "--all", "--results", str(root), "--dataset", "synthetic", "--protocol", "smoke"]
+    res = CliRunner().invoke(cli, [*args, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    # the teacher's own run (weights from its card in teachers/), ce at 2 seeds and kd seed 0; kd seed 1 is named
+    assert "4 runs probed, 1 skipped" in res.stdout
+    assert lost in res.stdout and "not found" in res.stdout
+    again = CliRunner().invoke(cli, [*args, "--device", "cpu"])
+    assert again.exit_code == 0 and "0 runs probed, 1 skipped" in again.stdout  # nothing probed twice
+    records = {json.loads(p.read_text())["run_id"]: json.loads(p.read_text()) for p in (root / "probes").glob("*")}
+    assert len(records) == 4
+
+    res = CliRunner().invoke(cli, ["table", "--results", str(root), "--transfer"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.splitlines() if line.startswith("| resnet14:resnet8")]
+    assert [line.split(" | ")[1] for line in lines] == ["Teacher", "Student (ce)", "kd"]
+    kd = next(r for r in records.values() if r["method"] == "kd")
+    ce0 = next(r for r in records.values() if r["method"] == "ce" and r["seed"] == 0)
+    assert lines[2].split(" | ")[2] == "0"  # kd: seed 0 only
+    assert lines[2].split(" | ")[4] == f"{kd['top1_last']:.2f}"
+    assert lines[2].rstrip(" |").split(" | ")[-1] == f"{kd['top1_last'] - ce0['top1_last']:+.2f}"
+    assert lines[1].split(" | ")[2] == "0, 1"
+
+    bad = CliRunner().invoke(cli, ["probe", "--results", str(root), "--dataset", "synthetic"])
+    assert isinstance(bad.exception, KdbenchError) and "give one RUN" in str(bad.exception)
+    bad = CliRunner().invoke(cli, ["table", "--results", str(root), "--transfer", "--vs", "kd"])
+    assert isinstance(bad.exception, KdbenchError) and "--transfer" in str(bad.exception)

@@ -1,0 +1,77 @@
+"""Which setting of its method a run used, written as the name of its table row.
+
+A method's runs at the method's default setting are the row ``at``; runs at another setting (a `--set` value, a
+point of a `--set` grid) are the row ``at (weight=250)``, named by the keys that differ from the default. Tables,
+figures and dry runs use these names, so runs at different settings are never averaged together.
+
+The default is the method's own Config as registered (the reference setting), read through the method registry;
+a method that is not installed here has no known default, and its runs keep the plain method name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples as lists, as a run's JSON holds them."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as a short label: 250.0 -> 250, 0.5 -> 0.5, True -> true, [1, 2] -> [1,2]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:g}"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def setting_diff(config: dict[str, Any], default: dict[str, Any] | None) -> dict[str, Any]:
+    """The keys of a run's method config that differ from the method's default (none when the default is unknown).
+
+    A key the run does not record is taken to be at its default (a field added after the run was trained)."""
+    if default is None or not isinstance(config, dict):
+        return {}
+    default = _plain(default)
+    config = _plain(config)
+    return {k: v for k, v in sorted(config.items()) if k not in default or default[k] != v}
+
+
+def setting_label(diff: dict[str, Any]) -> str:
+    """``weight=250, temperature=2`` (keys sorted), or '' for the default setting."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in sorted(diff.items()))
+
+
+def row_name(method: str, diff: dict[str, Any]) -> str:
+    """``at`` at the default setting, ``at (weight=250)`` otherwise."""
+    label = setting_label(diff)
+    return f"{method} ({label})" if label else method
+
+
+def base_method(row: str) -> str:
+    """The method of a row name: ``at (weight=250)`` -> ``at``."""
+    return row.split(" (", 1)[0]
+
+
+def method_defaults(names: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The identity of each method's default config (as in a run's spec), or None where the method is unknown."""
+    from kdbench.errors import KdbenchError
+    from kdbench.method import config_identity, discover, make_config, resolve
+
+    registry = discover()
+    out: dict[str, dict[str, Any] | None] = {}
+    for name in dict.fromkeys(names):
+        try:
+            out[name] = _plain(config_identity(make_config(resolve(name, registry), {})))
+        except KdbenchError:  # not installed here, or failed to load: its runs keep the plain name
+            out[name] = None
+        except Exception:  # a plugin whose Config cannot be built with its own defaults: the same
+            out[name] = None
+    return out
