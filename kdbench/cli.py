@@ -547,6 +547,13 @@ def _collect(results: str):
     "quantity: lr, loss_<term>, test_top1, test_top5) instead of the table.",
 )
 @click.option(
+    "--best-of-grid",
+    "best_grid",
+    is_flag=True,
+    help="With --format md: after the table, each method's default setting against the best point of its "
+    "--set grid, and Kendall tau between the two rankings.",
+)
+@click.option(
     "--transfer",
     is_flag=True,
     help="Instead of the table: the transfer table of the folder's linear probes (`kdbench probe`), each "
@@ -561,6 +568,7 @@ def table(
     rank_corr: str | None,
     compute: bool,
     long_: bool,
+    best_grid: bool,
     transfer: bool,
 ) -> None:
     """Methods x pairs table of a results folder: mean ± std over seeds, best per pair in bold, average rank."""
@@ -590,6 +598,8 @@ def table(
             raise KdbenchError(f"--compute writes one Markdown table of the compute; it takes no {', '.join(ignored)}")
         click.echo(_compute_text(results), nl=False)
         return
+    if best_grid and fmt != "md":
+        raise KdbenchError("--best-of-grid is written in Markdown: use --format md")
     if long_ and fmt != "csv":
         raise KdbenchError("--long writes the per-epoch curves as CSV: use it with --format csv")
     if long_:
@@ -621,6 +631,11 @@ def table(
         text = render(tables, fmt, metric)
         if rank_corr is not None:
             text += _rank_corr_text(tables, reference, rank_corr)
+        if best_grid:
+            from kdbench.grids import render_best_of_grid_md
+
+            grid_text = "\n".join(filter(None, (render_best_of_grid_md(t) for t in tables.values())))
+            text += "\n" + (grid_text or "No method has runs at more than one setting: no grid to compare.\n")
         parts.append(text)
     click.echo("\n".join(parts), nl=False)
 

@@ -655,3 +655,133 @@ def accuracy_vs_alignment(
     col: Collected, group: str, metric: str, path: Path, styles: dict[str, Style] | None = None
 ) -> Path | None:
     return save(alignment_figure(col, group, metric, styles), path)
+
+
+# ---------------------------------------------------------------------------------------------- grids and transfer
+
+
+def _grid_panels(col: Collected, runs: pd.DataFrame, metric: str) -> list[tuple[str, str, pd.DataFrame, Any]]:
+    """(method, key, points, default value) for every method of `runs` with runs at more than one numeric value of
+    a setting: a point is a run whose setting differs from the default in that key alone (the default's runs
+    included, at the default value)."""
+    from kdbench.variants import method_defaults
+
+    r = runs[runs[metric].notna()] if metric in runs else runs.iloc[0:0]
+    out = []
+    for base in method_order(list(r["base_method"].unique())):
+        if base == "ce":
+            continue
+        mine = r[r["base_method"] == base]
+        diffs = {rid: col.settings.get(rid, {}) for rid in mine["run_id"]}
+        keys = sorted({k for d in diffs.values() for k in d})
+        default = method_defaults([base])[base] or {}
+        for key in keys:
+            dv = default.get(key)
+            pts = []
+            for rid, d in diffs.items():
+                if set(d) - {key}:
+                    continue
+                value = d.get(key, dv)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    pts.append((float(value), rid))
+            frame = pd.DataFrame(pts, columns=["value", "run_id"]).merge(mine, on="run_id")
+            if frame["value"].nunique() > 1:
+                out.append((base, key, frame, dv))
+    return out
+
+
+def sensitivity_figure(col: Collected, group: str, pair: str, metric: str = "top1_last") -> Figure | None:
+    """Top-1 against the value of a method's setting, one panel per (method, setting) with a grid: every seed a
+    small point, the mean over seeds a line, the method's default setting marked; a log axis where the values span
+    a factor of 4 or more. The vanilla student's mean is the grey band's centre (± its std over seeds)."""
+    runs = _runs(col, group, pair)
+    panels = _grid_panels(col, runs, metric)
+    if not panels:
+        return None
+    ce = runs[runs["method"] == "ce"][metric].dropna() if metric in runs else pd.Series(dtype=float)
+    with matplotlib.rc_context(STYLE):
+        n = len(panels)
+        cols = min(n, 3)
+        rows = math.ceil(n / cols)
+        fig = _figure(4.3 * cols, 3.6 * rows)
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+        for ax, (base, key, frame, dv) in zip(axes, panels):
+            colour = _style(None, base, [base])[0]
+            ax.scatter(frame["value"], frame[metric], color=colour, s=22, alpha=0.6, edgecolor="black", lw=0.3)
+            means = frame.groupby("value")[metric].mean().sort_index()
+            ax.plot(means.index, means.to_numpy(), color=colour, marker="o", lw=1.6, label="mean over seeds")
+            if isinstance(dv, (int, float)) and not isinstance(dv, bool) and float(dv) in means.index:
+                ax.scatter(
+                    [float(dv)],
+                    [means[float(dv)]],
+                    s=140,
+                    facecolor="none",
+                    edgecolor="black",
+                    lw=1.4,
+                    zorder=3,
+                    label=f"default ({dv:g})",
+                )
+            if len(ce):
+                m, s = float(ce.mean()), float(ce.std(ddof=1)) if len(ce) > 1 else 0.0
+                ax.axhspan(m - s, m + s, color=GREY, alpha=0.25, lw=0)
+                ax.axhline(m, color=GREY, lw=1.0, ls="--", label="vanilla student")
+            lo, hi = float(means.index.min()), float(means.index.max())
+            if lo > 0 and hi / lo >= 4:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+                ax.set_xticks(list(means.index))
+            seeds = frame["seed"].nunique()
+            ax.set_title(f"{base}: {key} ({seeds} seed{'s' if seeds != 1 else ''})")
+            ax.set_xlabel(key + (" (log scale)" if ax.get_xscale() == "log" else ""))
+            ax.set_ylabel(_metric_label(metric))
+            ax.legend(loc="best", frameon=False, fontsize=8)
+        for ax in axes[n:]:
+            ax.set_visible(False)
+        _suptitle(fig, f"Sensitivity to a method's setting: {pair} ({group}) — small points: one run each")
+    return fig
+
+
+def sensitivity(col: Collected, group: str, pair: str, path: Path, metric: str = "top1_last") -> Path | None:
+    return save(sensitivity_figure(col, group, pair, metric), path)
+
+
+def transfer_figure(table: Any, styles: dict[str, Style] | None = None) -> Figure | None:
+    """Probe top-1 on the other data against top-1 on the run's own data, one point per row of a transfer table
+    (kdbench.transfer.TransferTable), error bars the std over seeds where there are several."""
+    rows = [r for r in table.rows if r.source.n and r.target.n]
+    if len(rows) < 2:
+        return None
+    names = [r.row for r in rows]
+    with matplotlib.rc_context(STYLE):
+        ncols = _legend_cols(len(rows), 16)
+        fig = _figure(6.0 + 1.2 * ncols, 5.0)
+        ax = fig.subplots()
+        for r in rows:
+            key = "ce" if r.row == STUDENT else r.row
+            colour, _, marker, _ = (
+                ("black", "", "*", "-") if r.row == TEACHER else _style(styles, key, [n for n in names if n != TEACHER])
+            )
+            ax.errorbar(
+                r.source.mean,
+                r.target.mean,
+                xerr=r.source.std if r.source.n > 1 else None,
+                yerr=r.target.std if r.target.n > 1 else None,
+                fmt=marker,
+                color=colour,
+                markeredgecolor="black",
+                markersize=12 if r.row == TEACHER else 8,
+                capsize=2,
+                label=f"{_label(r.row) if r.row != TEACHER else 'teacher'} ({r.pair})"
+                if len({x.pair for x in rows}) > 1
+                else (_label(r.row) if r.row != TEACHER else "teacher"),
+            )
+        ax.set_xlabel("top-1 on the run's own data, last epoch (%)")
+        ax.set_ylabel("linear-probe top-1 on the probe data (%)")
+        fig.legend(loc="outside right upper", frameon=False, ncols=ncols, title="method")
+        _suptitle(fig, f"Transfer: {table.title}")
+    return fig
+
+
+def transfer_plot(table: Any, path: Path, styles: dict[str, Style] | None = None) -> Path | None:
+    return save(transfer_figure(table, styles), path)

@@ -28,6 +28,7 @@ from kdbench.tables import (
     load_reference,
     load_transfer_reference,
 )
+from kdbench.transfer import build_transfer, collect_probes, render_transfer_md
 
 __all__ = [
     "PAPER_NAMES",
@@ -156,6 +157,10 @@ def write_report(
                     "Correlation difference",
                     plots.corr_diff_heatmaps(col, group, pair, out_dir / f"corrdiff-{pslug}.png"),
                 ),
+                (
+                    "Sensitivity to the settings of the methods with a grid",
+                    plots.sensitivity(col, group, pair, out_dir / f"sensitivity-{pslug}.png", acc_metric),
+                ),
             ]
             made = [(t, p) for t, p in made if p is not None]
             if made:
@@ -178,11 +183,21 @@ def write_report(
                 f"| {r['group']} | {r['teacher'] or '-'}:{r['student']} | {r['method']} | {r['seed']} | "
                 f"{r['status']} | {reason} |"
             )
+    probes, skipped = collect_probes(store)
+    transfer = build_transfer(col, probes)
+    if transfer:
+        lines += ["", "## Transfer (linear probe on frozen students)", "", render_transfer_md(transfer)]
+        lines += [f"- skipped: {s}" for s in skipped + [s for t in transfer for s in t.skipped]]
+        for k, t in enumerate(transfer):
+            path = plots.transfer_plot(t, out_dir / f"transfer-{k}.png", styles)
+            if path is not None:
+                figures.append(path)
+                lines += ["", f"![Transfer: {t.title}]({path.name})"]
     probes = _probe_rows(store.root)
     if probes:
         lines += [
             "",
-            "## Transfer (linear probe on frozen students)",
+            "### Every probe",
             "",
             "| pair | method | seed | dataset | protocol | top-1 last | top-1 best | paper |",
             "|---|---|---:|---|---|---:|---:|---:|",

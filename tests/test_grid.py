@@ -106,12 +106,12 @@ def test_dry_run_lists_every_grid_point(tmp_path):
         assert f"temperature={t}" in res.output
 
 
-def _variant(folder: Path, src_glob: str, run_id: str, **config) -> None:
+def _variant(folder: Path, src_glob: str, run_id: str, top1: float = 50.0, **config) -> None:
     src = next((folder / "runs").glob(src_glob))
     run = json.loads(src.read_text())
     run["run_id"] = run_id
     run["spec"]["method_config"].update(config)
-    run["metrics"]["top1_last"] = 50.0
+    run["metrics"]["top1_last"] = top1
     (folder / "runs" / src.name.replace(src.name.rsplit("__", 1)[1], f"{run_id}.json")).write_text(json.dumps(run))
 
 
@@ -141,3 +141,30 @@ def test_variant_rows_follow_their_method():
         "at (weight=125)",
         "at (weight=500)",
     ]
+
+
+def test_best_of_grid_and_the_sensitivity_figure(tmp_path):
+    from kdbench.grids import best_of_grid, render_best_of_grid_md
+    from kdbench.plots import sensitivity_figure
+
+    folder = tmp_path / "results"
+    shutil.copytree(FIXTURE, folder)
+    # kd at temperature 2 beats kd's default on both seeds; at 8 it loses
+    _variant(folder, "*resnet8x4__kd__s0__*.json", "00000000000000t2", top1=90.0, temperature=2.0)
+    _variant(folder, "*resnet8x4__kd__s1__*.json", "00000000000000u2", top1=91.0, temperature=2.0)
+    _variant(folder, "*resnet8x4__kd__s0__*.json", "00000000000000t8", top1=10.0, temperature=8.0)
+    col = collect(ResultStore(folder))
+    (table,) = build_tables(col, "top1_last").values()
+    pair = "resnet32x4:resnet8x4"
+    got = best_of_grid(table, pair)
+    assert got["kd"][0] == "kd (temperature=2)" and got["kd"][2].mean == 90.5
+    assert got["crd"][0] == "crd"  # no grid: its own best
+    text = render_best_of_grid_md(table)
+    assert "| kd | 74.60 ± 0.50 | 90.50 ± 0.71 | temperature=2 | +15.90 |" in text
+    assert "Kendall tau-b between the ranking of the 5 methods" in text and "optimistic" in text
+    fig = sensitivity_figure(col, table.group, pair)
+    assert fig is not None
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    assert ax.get_title() == "kd: temperature (3 seeds)" and ax.get_xscale() == "log"  # 2..8 spans 4x
+    xs = sorted(ax.lines[0].get_xdata())
+    assert xs == [2.0, 4.0, 8.0]
