@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -579,44 +580,69 @@ def test_cohort_equals_solo_exactly() -> None:
             assert all(torch.equal(x.state[k], y.state[k]) for k in x.state), name
 
 
-# One detail of kdbench's step changed at a time: the lock-step must then fail.
+# One detail of kdbench's step changed at a time (after the members are built, before they train): the lock-step
+# must then fail.
 
 
-def _bn_without_weight_decay(members: list[Member], teacher: nn.Module) -> None:
+def _regroup(m: Member, no_decay: set[int]) -> None:
+    """The member's optimizer with the parameters in ``no_decay`` moved to a group without weight decay."""
+    (group,) = m.optimizer.param_groups
+    m.optimizer.param_groups = []
+    m.optimizer.add_param_group({**group, "params": [p for p in group["params"] if id(p) not in no_decay]})
+    m.optimizer.add_param_group(
+        {**group, "params": [p for p in group["params"] if id(p) in no_decay], "weight_decay": 0.0}
+    )
+
+
+def _bn_without_weight_decay(members: list[Member], teacher: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     for m in members:
-        bn = {id(p) for mod in m.student.modules() if isinstance(mod, nn.BatchNorm2d) for p in mod.parameters()}
-        (group,) = m.optimizer.param_groups
-        m.optimizer.param_groups = []
-        m.optimizer.add_param_group({**group, "params": [p for p in group["params"] if id(p) not in bn]})
-        m.optimizer.add_param_group({**group, "params": [p for p in group["params"] if id(p) in bn], "weight_decay": 0})
+        _regroup(m, {id(p) for mod in m.student.modules() if isinstance(mod, nn.BatchNorm2d) for p in mod.parameters()})
 
 
-def _teacher_in_train_mode(members: list[Member], teacher: nn.Module) -> None:
+def _method_modules_without_weight_decay(
+    members: list[Member], teacher: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for m in members:
+        _regroup(m, {id(p) for p in m.method.parameters()})
+
+
+def _init_stage_without_weight_decay(
+    members: list[Member], teacher: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = harness._sgd  # the main optimizers are built already: only the init stage's gets the change
+    monkeypatch.setattr(
+        harness,
+        "_sgd",
+        lambda params, spec, lr: real(
+            params, dataclasses.replace(spec, protocol=dataclasses.replace(spec.protocol, weight_decay=0.0)), lr
+        ),
+    )
+
+
+def _teacher_in_train_mode(members: list[Member], teacher: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     teacher.eval = lambda: teacher.train()  # the harness's teacher.eval() now leaves it in train mode
 
 
-def _lr_decay_one_epoch_late(monkeypatch: pytest.MonkeyPatch) -> None:
+def _lr_decay_one_epoch_late(members: list[Member], teacher: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         Protocol, "lr_at", lambda self, base, epoch: base * self.lr_decay ** sum(epoch > m for m in self.milestones)
     )
 
 
-MUTATIONS: dict[str, Callable[..., None]] = {
-    "bn-without-weight-decay": _bn_without_weight_decay,
-    "teacher-in-train-mode": _teacher_in_train_mode,
-    "lr-decay-one-epoch-late": _lr_decay_one_epoch_late,
+MUTATIONS: dict[str, tuple[str, Callable[[list[Member], nn.Module, pytest.MonkeyPatch], None]]] = {
+    "bn-without-weight-decay": ("kd", _bn_without_weight_decay),
+    "teacher-in-train-mode": ("kd", _teacher_in_train_mode),
+    "lr-decay-one-epoch-late": ("kd", _lr_decay_one_epoch_late),
+    "embeddings-without-weight-decay": ("crd", _method_modules_without_weight_decay),
+    "init-stage-without-weight-decay": ("ab", _init_stage_without_weight_decay),
 }
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_lockstep_fails_when_one_detail_of_the_step_changes(mutation: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    change = MUTATIONS[mutation]
-    if mutation == "lr-decay-one-epoch-late":
-        change(monkeypatch)
-        run = run_kdbench(["kd"])
-    else:
-        run = run_kdbench(["kd"], mutate=change)
+    method, change = MUTATIONS[mutation]
+    run = run_kdbench([method], mutate=lambda members, teacher: change(members, teacher, monkeypatch))
     monkeypatch.undo()
-    ref = run_reference("kd", run)
-    d, where = gap(run.traces["kd"], ref, skip="teacher.")  # the student's own training diverges
+    ref = run_reference(method, run)
+    d, where = gap(run.traces[method], ref, skip="teacher.")  # the student's own training diverges
     assert d > DIVERGED, f"{mutation}: the lock-step did not notice ({d:.3g} at {where})"
