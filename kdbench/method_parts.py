@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench.losses import widen
 from kdbench.method import Method, MethodContext
 
 EPS = 1e-7  # the NCE loss's guard in the denominators, as in the reference
@@ -40,7 +41,7 @@ class Embed(nn.Module):
         self.linear = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.linear(x.flatten(1).float()), dim=1)
+        return F.normalize(self.linear(widen(x.flatten(1))), dim=1)
 
 
 def init_memory(n: int, dim: int, normalise: bool) -> torch.Tensor:

@@ -29,7 +29,7 @@ from kdbench.data import Dataset
 from kdbench.errors import KdbenchError
 from kdbench.evaluate import evaluate
 from kdbench.files import atomic_torch_save
-from kdbench.losses import kd_loss
+from kdbench.losses import kd_loss, widen
 from kdbench.method import Batch, Method, MethodContext, MethodEntry, Progress, make_config, resolve
 from kdbench.models import ModelOutput, create_model
 from kdbench.seeds import derive_seed
@@ -312,7 +312,7 @@ def main_terms(
     cfg = m.method.cfg
     terms: dict[str, torch.Tensor] = {}
     if cfg.ce_weight:
-        terms["ce"] = cfg.ce_weight * F.cross_entropy(s_out.logits.float(), batch.labels)
+        terms["ce"] = cfg.ce_weight * F.cross_entropy(widen(s_out.logits), batch.labels)
     if cfg.kd_weight:
         if t_out is None:
             raise RuntimeError(f"method {m.spec.method} has kd_weight > 0 but no teacher")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdbench.losses import widen
 from kdbench.method import Batch, InitStage, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import regressor_conv
 from kdbench.models.base import ModelOutput
@@ -96,9 +97,9 @@ class AB(Method):
         m = self.cfg.margin
         total = None
         for w, conn, s, t in zip(self.layer_weights, self.connectors, student.preact[1:], teacher.preact[1:]):
-            src = conn(s).float()
+            src = widen(conn(s))
             with torch.autocast(device_type=src.device.type, enabled=False):
-                term = w * boundary_loss(src, t.float(), m) / src.shape[0] / 1000 * 3
+                term = w * boundary_loss(src, widen(t), m) / src.shape[0] / 1000 * 3
             total = term if total is None else total + term
         assert total is not None, "AB found no tap pairs"
         return total

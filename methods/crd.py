@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdbench.losses import widen
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import (
     Embed,
@@ -112,8 +113,8 @@ class CRD(Method):
     ) -> dict[str, torch.Tensor]:
         device = student.pooled.device
         with fp32(device):
-            v_s = self.embed_s(student.pooled.float())
-            v_t = self.embed_t(teacher.pooled.float().detach())
+            v_s = self.embed_s(widen(student.pooled))
+            v_t = self.embed_t(widen(teacher.pooled).detach())
             index = batch.index.to(device).long()
             idx = self.sample_contrast(index)
             e_s = self._exp_scores(v_s, self.memory_t, idx)  # student anchor, teacher memory

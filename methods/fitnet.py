@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench.losses import widen
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import regressor_conv
 from kdbench.models.base import ModelOutput
@@ -68,5 +69,5 @@ class FitNet(Method):
         f_s = self.regressor(student.feats[i])
         f_t = teacher.feats[i]
         with torch.autocast(device_type=f_s.device.type, enabled=False):
-            hint = F.mse_loss(f_s.float(), f_t.float())
+            hint = F.mse_loss(widen(f_s), widen(f_t))
         return {"fitnet": self.cfg.weight * hint}
