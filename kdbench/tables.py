@@ -12,6 +12,7 @@ differences over seeds against a baseline method with a seeded bootstrap interva
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,7 +46,28 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 TEACHER, STUDENT = "Teacher", "Student"
-_META_COLUMNS = {"group", "data", "student", "teacher", "method", "seed", "status", "reason", "run_id", "file"}
+_META_COLUMNS = {
+    "group",
+    "data",
+    "student",
+    "teacher",
+    "method",
+    "seed",
+    "status",
+    "reason",
+    "run_id",
+    "file",
+    "settings_kind",
+    "config",
+}
+# Marks after a cell's number: which kind of method setting its runs used, and (with --reference) whether that is the
+# setting the published number came from.
+SETTING_MARKS = {
+    "pair": ("†", "the authors' per-pair setting (kdbench/reference/pair_settings.toml)"),
+    "set": ("‡", "a setting changed by bench.toml [methods] or --set"),
+    "differs": ("≠", "the run's setting is not the one the published number came from"),
+    "unknown": ("?", "the published number's setting could not be confirmed from the authors' files (SOURCES.md)"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- collecting
@@ -95,6 +117,9 @@ def collect(store: ResultStore) -> Collected:
             "reason": run.get("reason"),
             "run_id": run["run_id"],
             "file": path.name,
+            # runs recorded before per-pair settings existed have no "settings": their kind is not known
+            "settings_kind": (run.get("settings") or {}).get("kind") if isinstance(run.get("settings"), dict) else None,
+            "config": json.dumps(spec.get("method_config"), sort_keys=True),
         }
         row.update({k: v for k, v in run["metrics"].items() if _is_number(v) and k not in _META_COLUMNS})
         if run["status"] == "done":
@@ -242,6 +267,8 @@ class Table:
     vs: str | None = None
     paired: dict[tuple[str, str], Paired] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # (row, pair) -> keys of SETTING_MARKS, in order: the kind of setting its runs used, then the reference checks
+    setting_marks: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     @property
     def digits(self) -> int:
@@ -402,6 +429,7 @@ def build_tables(
         cells = {k: c for k, c in cells.items() if k[0] in rows}
         table = Table(group, metric, pairs, rows, cells)
         _add_ranks(table)
+        _add_setting_kinds(table, g)
         if ref_names:
             data = g["data"].iloc[0]
             if data == "cifar100":
@@ -419,6 +447,8 @@ def build_tables(
                         t, s = pair.split(":")
                         if name is not None and (t, s, name) in ref:
                             table.reference[(row, pair)] = ref[(t, s, name)]
+                            if row not in (TEACHER, STUDENT):
+                                _check_published_setting(table, g, row, pair)
             else:
                 table.notes.append(
                     f"published numbers ({', '.join(ref_names)}) are CIFAR-100 results: not shown for {data}"
@@ -435,6 +465,45 @@ def build_tables(
                         table.paired[(row, pair)] = pr
         out[group] = table
     return out
+
+
+def _cell_runs(g: pd.DataFrame, row: str, pair: str) -> pd.DataFrame:
+    t, s = pair.split(":")
+    return g[(g["method"] == row) & ((g["teacher"] == t) | g["teacher"].isna()) & (g["student"] == s)]
+
+
+def _add_setting_kinds(table: Table, g: pd.DataFrame) -> None:
+    """Mark the cells whose runs used the authors' per-pair setting (†) or a setting changed by bench.toml / --set
+    (‡); a cell of the method's default setting has no mark."""
+    for row, pair in table.cells:
+        if row in (TEACHER, STUDENT):
+            continue
+        kinds = set(_cell_runs(g, row, pair)["settings_kind"].dropna())
+        for kind in ("pair", "set"):
+            if kind in kinds:
+                table.setting_marks.setdefault((row, pair), []).append(kind)
+
+
+def _check_published_setting(table: Table, g: pd.DataFrame, row: str, pair: str) -> None:
+    """Mark a cell beside a published number when its runs' resolved settings are not the ones that number came
+    from (≠: the method's default with the pair's published values, pair_settings.toml), or when that setting could
+    not be confirmed (?)."""
+    from kdbench.method import resolve
+    from kdbench.pair_settings import published_config
+
+    try:
+        expected, ps = published_config(resolve(row), pair)
+    except KdbenchError:  # a plugin that is not installed here: nothing to compare with
+        return
+    marks = table.setting_marks.setdefault((row, pair), [])
+    runs = _cell_runs(g, row, pair)
+    done = runs[runs["status"] == "done"]
+    if any(c != json.dumps(expected, sort_keys=True) for c in done["config"]):
+        marks.append("differs")
+    if ps is not None and not ps.confirmed:
+        marks.append("unknown")
+    if not marks:
+        del table.setting_marks[(row, pair)]
 
 
 def _add_ranks(table: Table) -> None:
