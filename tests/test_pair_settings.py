@@ -149,19 +149,23 @@ def test_run_id_changes_only_where_the_setting_does():
     assert a.run_id == b.run_id and a.settings.kind == "pair" and b.settings.kind == "default"
 
 
-def test_uniform_settings_option_reaches_the_runs(tmp_path):
-    res = CliRunner().invoke(
-        cli,
-        ["run", "-m", "dkd", "-p", "resnet56:resnet20", "--dry-run", "--uniform-settings", "--results", str(tmp_path)],
-    )
-    assert res.exit_code == 0, res.output
-    res2 = CliRunner().invoke(
-        cli, ["run", "-m", "dkd", "-p", "resnet56:resnet20", "--dry-run", "--results", str(tmp_path)]
-    )
-    assert res2.exit_code == 0, res2.output
-    ids = [_spec(Request(["dkd"], ["resnet56:resnet20"], uniform_settings=u)).run_id for u in (True, False)]
-    assert ids[0] in res.output and ids[1] not in res.output
-    assert ids[1] in res2.output and ids[0] not in res2.output
+def test_uniform_settings_option_reaches_the_runs(tmp_path, monkeypatch):
+    import kdbench.sweep
+
+    seen = []
+    real = kdbench.sweep.expand
+
+    def spy(bench, req, store=None):
+        specs = real(bench, req, store)
+        seen.append([s.method_config["beta"] for s in specs])
+        return specs
+
+    monkeypatch.setattr(kdbench.sweep, "expand", spy)
+    for flag in (["--uniform-settings"], []):
+        args = ["run", "-m", "dkd", "-p", "resnet56:resnet20", "--dry-run", "--results", str(tmp_path), *flag]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    assert seen == [[8.0], [2.0]]
 
 
 def test_parse_rejects_a_malformed_file():
@@ -245,7 +249,7 @@ def test_smoke_run_records_the_per_pair_values(tmp_path):
 
     # A uniform-setting dkd run beside the published numbers: marked as another experiment (the data set here is
     # synthetic, so the reference is compared on a cifar100-named copy of the records)
-    res = CliRunner().invoke(cli, [*args[:2], "dkd", *args[4:], "--set", "protocol.epochs=1", "--uniform-settings"])
+    res = CliRunner().invoke(cli, [*args[:2], "dkd", *args[3:], "--set", "protocol.epochs=1", "--uniform-settings"])
     assert res.exit_code == 0, res.output
     cifar = tmp_path / "cifar"
     (cifar / "runs").mkdir(parents=True)
