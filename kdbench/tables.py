@@ -119,7 +119,8 @@ def collect(store: ResultStore) -> Collected:
             "file": path.name,
             # runs recorded before per-pair settings existed have no "settings": their kind is not known
             "settings_kind": (run.get("settings") or {}).get("kind") if isinstance(run.get("settings"), dict) else None,
-            "config": json.dumps(spec.get("method_config"), sort_keys=True),
+            # a record that states no settings (an empty method_config) cannot be compared with a published one
+            "config": json.dumps(spec["method_config"], sort_keys=True) if spec.get("method_config") else None,
         }
         row.update({k: v for k, v in run["metrics"].items() if _is_number(v) and k not in _META_COLUMNS})
         if run["status"] == "done":
@@ -498,7 +499,7 @@ def _check_published_setting(table: Table, g: pd.DataFrame, row: str, pair: str)
     marks = table.setting_marks.setdefault((row, pair), [])
     runs = _cell_runs(g, row, pair)
     done = runs[runs["status"] == "done"]
-    if any(c != json.dumps(expected, sort_keys=True) for c in done["config"]):
+    if any(c != json.dumps(expected, sort_keys=True) for c in done["config"].dropna()):
         marks.append("differs")
     if ps is not None and not ps.confirmed:
         marks.append("unknown")
