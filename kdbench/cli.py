@@ -115,22 +115,57 @@ def list_datasets_cmd() -> None:
 
 @list_.command("methods")
 @click.option("--config", "show_config", default=None, help="Show the default settings of one method.")
-def list_methods_cmd(show_config: str | None) -> None:
+@click.option(
+    "--pair",
+    default=None,
+    metavar="TEACHER:STUDENT",
+    help="With --config: the settings a run on this pair gets (the authors' per-pair setting where there is one).",
+)
+def list_methods_cmd(show_config: str | None, pair: str | None) -> None:
     """Registered distillation methods (built-in and plugins), with their paper and status."""
     import dataclasses
 
     from kdbench.catalog import method_order
     from kdbench.method import discover, make_config, resolve
+    from kdbench.models.base import check_model_name
+    from kdbench.pair_settings import config_fields, resolve_values
     from kdbench.sweep import GROUPS, group_members
 
+    if pair is not None and not show_config:
+        raise KdbenchError("--pair needs --config NAME, e.g. kdbench list methods --config dkd --pair vgg13:vgg8")
     if show_config:
         entry = resolve(show_config)
-        table = Table(title=f"{show_config}: default settings")
-        table.add_column("key")
-        table.add_column("value")
-        for k, v in dataclasses.asdict(make_config(entry)).items():
-            table.add_row(k, repr(v))
+        if pair is None:
+            table = Table(title=f"{show_config}: default settings")
+            table.add_column("key")
+            table.add_column("value")
+            for k, v in dataclasses.asdict(make_config(entry)).items():
+                table.add_row(k, repr(v))
+            console.print(table)
+            return
+        if pair.count(":") != 1:
+            raise KdbenchError(f"--pair {pair!r}: expected teacher:student, e.g. resnet32x4:resnet8x4")
+        for arch in pair.split(":"):
+            check_model_name(arch)
+        values, origin = resolve_values(show_config, pair, config_fields(entry), {}, {})
+        table = Table(title=f"{show_config} on {pair}: settings")
+        for col in ("key", "value", "from"):
+            table.add_column(col)
+        where = dict(origin.origin)
+        for k, v in dataclasses.asdict(make_config(entry, values)).items():
+            table.add_row(k, repr(v), "per-pair (published)" if where.get(k) == "pair" else "method default")
         console.print(table)
+        if origin.pair is not None:
+            console.print(f"per-pair setting from {origin.pair.source}", soft_wrap=True, markup=False)
+            if not origin.pair.confirmed:
+                console.print(f"not confirmed: {origin.pair.note}", soft_wrap=True, markup=False)
+        else:
+            console.print(f"no published per-pair setting of {show_config} for {pair}: the method's default applies")
+        console.print(
+            "bench.toml [methods] and --set override these; --uniform-settings runs the default everywhere",
+            soft_wrap=True,
+            markup=False,
+        )
         return
     reg = discover()
     table = Table(title="methods")
@@ -212,6 +247,11 @@ _run_options = [
     click.option("--results", default=None, type=click.Path(), help="Results folder (default bench.toml's)."),
     click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N."),
     click.option("--config", "config_path", default=None, type=click.Path(), help="bench.toml to use."),
+    click.option(
+        "--uniform-settings",
+        is_flag=True,
+        help="Run each method's single default setting on every pair, not the authors' per-pair settings.",
+    ),
 ]
 
 
@@ -238,6 +278,7 @@ def _prepare(
     config_path,
     precision="fp32",
     channels_last=False,
+    uniform_settings=False,
 ):
     """(bench, store, run specs) of the run-selection options that `run` and `teachers train` share."""
     from kdbench.config import load_bench
@@ -259,6 +300,7 @@ def _prepare(
         image_size,
         precision,
         channels_last,
+        uniform_settings,
     )
     specs = expand(bench, req, store)
     return bench, store, specs
@@ -408,11 +450,11 @@ def _dry_run_table(store, specs) -> None:
 
     from kdbench.progress import estimate_seconds, hms
     from kdbench.sweep import Sweep, teacher_run
-    from kdbench.variants import method_defaults, setting_diff, setting_label
+    from kdbench.variants import pair_defaults, setting_diff, setting_label
 
     # a run at a setting other than its method's default (a --set value or grid point) says which
-    defaults = method_defaults([s.method for s in specs])
-    settings = [setting_label(setting_diff(s.method_config, defaults[s.method])) for s in specs]
+    defaults = pair_defaults([(s.method, s.pair) for s in specs])
+    settings = [setting_label(setting_diff(s.method_config, defaults[(s.method, s.pair)])) for s in specs]
     table = Table(title=f"{len(specs)} runs")
     for col in ("pair", "method", *(["setting"] if any(settings) else []), "seed", "protocol", "state", "estimate"):
         table.add_column(col)

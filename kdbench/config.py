@@ -129,6 +129,9 @@ class RunSpec:
     data: DataSpec
     teacher: TeacherSpec | None
     pair_set: str = field(default="", compare=False)
+    # Where each method setting came from (kdbench.pair_settings.SettingsOrigin): recorded in the run JSON, not part
+    # of the run id (the resolved values in method_config are).
+    settings: Any = field(default=None, compare=False, repr=False)
     # Numerics of the step: they change the numbers, so they are part of the run's identity, but only when set away
     # from their defaults (the ids of runs trained before these settings existed stay the same).
     precision: str = "fp32"

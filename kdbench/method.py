@@ -197,6 +197,13 @@ class Method(nn.Module):
         """The method's own weighted loss terms (CE and KD are added by the harness)."""
         return {}
 
+    @property
+    def teacher_batch_stats(self) -> bool:
+        """True when ``loss`` must see the teacher's outputs with its BNs on the batch's statistics (OFD, as its
+        references run the teacher in train mode) instead of the shared eval-mode forward. The harness then runs a
+        second forward of the frozen teacher for it, leaving the teacher's running statistics untouched."""
+        return False
+
     def evaluated_model(self, student: nn.Module) -> nn.Module | None:
         """The model that is evaluated, whose final metrics are reported and whose weights are saved, when it is
         not the student itself (SimKD: the student, its projector and the teacher's frozen classifier).

@@ -660,7 +660,9 @@ def accuracy_vs_alignment(
 # ---------------------------------------------------------------------------------------------- grids and transfer
 
 
-def _grid_panels(col: Collected, runs: pd.DataFrame, metric: str) -> list[tuple[str, str, pd.DataFrame, Any]]:
+def _grid_panels(
+    col: Collected, runs: pd.DataFrame, metric: str, pair: str
+) -> list[tuple[str, str, pd.DataFrame, Any]]:
     """(method, key, points, default value) for every method of `runs` with runs at more than one numeric value of
     a setting: a point is a run whose setting differs from the default in that key alone (the default's runs
     included, at the default value)."""
@@ -674,7 +676,7 @@ def _grid_panels(col: Collected, runs: pd.DataFrame, metric: str) -> list[tuple[
         mine = r[r["base_method"] == base]
         diffs = {rid: col.settings.get(rid, {}) for rid in mine["run_id"]}
         keys = sorted({k for d in diffs.values() for k in d})
-        default = method_defaults([base])[base] or {}
+        default = method_defaults([base], pair)[base] or {}
         for key in keys:
             dv = default.get(key)
             pts = []
@@ -695,7 +697,7 @@ def sensitivity_figure(col: Collected, group: str, pair: str, metric: str = "top
     small point, the mean over seeds a line, the method's default setting marked; a log axis where the values span
     a factor of 4 or more. The vanilla student's mean is the grey band's centre (± its std over seeds)."""
     runs = _runs(col, group, pair)
-    panels = _grid_panels(col, runs, metric)
+    panels = _grid_panels(col, runs, metric, pair)
     if not panels:
         return None
     ce = runs[runs["method"] == "ce"][metric].dropna() if metric in runs else pd.Series(dtype=float)

@@ -7,7 +7,16 @@ import io
 import math
 import re
 
-from kdbench.tables import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PAPER_NAMES, STUDENT, TEACHER, Paired, Table
+from kdbench.tables import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    PAPER_NAMES,
+    SETTING_MARKS,
+    STUDENT,
+    TEACHER,
+    Paired,
+    Table,
+)
 
 
 def _latex_escape(text: str) -> str:
@@ -80,7 +89,23 @@ def _cell_text(table: Table, row: str, pair: str, fmt: str, marks: tuple[float |
             text = f"**{text}**" if fmt == "md" else f"\\textbf{{{text}}}"
         elif key == marks[1]:
             text = f"*{text}*" if fmt == "md" else f"\\underline{{{text}}}"
-    return text
+    setting = "".join(_setting_mark(k, fmt) for k in table.setting_marks.get((row, pair), []))
+    return f"{text} {setting}" if setting else text
+
+
+_LATEX_MARKS = {"†": "\\dag", "‡": "\\ddag", "≠": "$\\neq$", "?": "?"}
+
+
+def _setting_mark(kind: str, fmt: str) -> str:
+    sym = SETTING_MARKS[kind][0]
+    return _LATEX_MARKS[sym] if fmt == "latex" else sym
+
+
+def _setting_caption(table: Table, fmt: str) -> str:
+    """What the marks present in the table mean ("" when there is none)."""
+    used = [k for k in SETTING_MARKS if any(k in v for v in table.setting_marks.values())]
+    words = (lambda t: _latex_escape(t)) if fmt == "latex" else (lambda t: t)
+    return "; ".join(f"{_setting_mark(k, fmt)}: {words(SETTING_MARKS[k][1])}" for k in used)
 
 
 def _paired_text(table: Table, pr: Paired | None, fmt: str) -> str:
@@ -123,6 +148,9 @@ def _caption(table: Table, fmt: str) -> str:
     if table.reference is not None:
         delta = "$\\Delta$" if fmt == "latex" else "Δ"
         parts.append(f"paper: published last-epoch top-1 ({', '.join(table.reference_names)}); {delta} = ours - paper")
+    if table.setting_marks:
+        marks = _setting_caption(table, fmt)
+        parts.append(marks)
     return "; ".join(parts) + "."
 
 

@@ -31,6 +31,7 @@ from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.method import MethodEntry, config_identity, discover, make_config, resolve
 from kdbench.models.base import check_model_name
+from kdbench.pair_settings import config_fields, resolve_values
 from kdbench.progress import RunLogs, SweepMeter
 from kdbench.results import ResultStore, load_run
 from kdbench.system import usable_cores
@@ -89,6 +90,7 @@ class Request:
     image_size: int | None = None
     precision: str = "fp32"  # fp32 or bf16 (autocast of the networks' forward)
     channels_last: bool = False  # the networks and batches in channels_last memory format
+    uniform_settings: bool = False  # True: each method's single default on every pair (no per-pair published setting)
 
 
 def _split_csv(items: list[str]) -> list[str]:
@@ -197,7 +199,14 @@ def _expand_one(
         t_arch, s_arch = pair.split(":", 1)
         for seed in seeds:
             for name, entry in entries.items():
-                values = {**bench.methods.get(name, {}), **per_method.get(name, {})}
+                values, origin = resolve_values(
+                    name,
+                    pair,
+                    config_fields(entry),
+                    bench.methods.get(name, {}),
+                    per_method.get(name, {}),
+                    uniform=req.uniform_settings,
+                )
                 cfg = make_config(entry, values)
                 tspec = None
                 if entry.cls.requires_teacher or cfg.kd_weight:
@@ -216,6 +225,7 @@ def _expand_one(
                     pair_set=set_name,
                     precision=req.precision,
                     channels_last=req.channels_last,
+                    settings=origin,
                 )
                 specs.append(spec)
     return specs

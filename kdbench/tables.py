@@ -12,6 +12,7 @@ differences over seeds against a baseline method with a seeded bootstrap interva
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from kdbench.catalog import PAPER_NAMES
 from kdbench.catalog import method_order as default_order
 from kdbench.errors import KdbenchError
 from kdbench.results import ResultStore, card_run_id, load_run
-from kdbench.variants import method_defaults, row_name, setting_diff, setting_label
+from kdbench.variants import base_method, pair_defaults, row_name, setting_diff, setting_label
 
 # Metrics with a teacher row (the teacher card records them).
 METRICS = ("top1_last", "top1_best", "top5_last", "top5_best")
@@ -59,6 +60,16 @@ _META_COLUMNS = {
     "reason",
     "run_id",
     "file",
+    "settings_kind",
+    "config",
+}
+# Marks after a cell's number: which kind of method setting its runs used, and (with --reference) whether that is the
+# setting the published number came from.
+SETTING_MARKS = {
+    "pair": ("†", "the authors' per-pair setting (kdbench/reference/pair_settings.toml)"),
+    "set": ("‡", "a setting changed by bench.toml [methods] or --set"),
+    "differs": ("≠", "the run's setting is not the one the published number came from"),
+    "unknown": ("?", "the published number's setting could not be confirmed from the authors' files (SOURCES.md)"),
 }
 
 
@@ -113,6 +124,10 @@ def collect(store: ResultStore) -> Collected:
             "reason": run.get("reason"),
             "run_id": run["run_id"],
             "file": path.name,
+            # runs recorded before per-pair settings existed have no "settings": their kind is not known
+            "settings_kind": (run.get("settings") or {}).get("kind") if isinstance(run.get("settings"), dict) else None,
+            # a record that states no settings (an empty method_config) cannot be compared with a published one
+            "config": json.dumps(spec["method_config"], sort_keys=True) if spec.get("method_config") else None,
         }
         row.update({k: v for k, v in run["metrics"].items() if _is_number(v) and k not in _META_COLUMNS})
         if run["status"] == "done":
@@ -145,9 +160,13 @@ def collect(store: ResultStore) -> Collected:
     # Runs at a setting other than their method's default are rows of their own ("at (weight=250)").
     settings: dict[str, dict[str, Any]] = {}
     if rows:
-        defaults = method_defaults([r["method"] for r in rows])
+
+        def key(r: dict[str, Any]) -> tuple[str, str]:
+            return r["method"], f"{r['teacher'] or '-'}:{r['student']}"
+
+        defaults = pair_defaults([key(r) for r in rows])
         for r in rows:
-            diff = setting_diff(configs.get(r["run_id"]) or {}, defaults[r["method"]])
+            diff = setting_diff(configs.get(r["run_id"]) or {}, defaults[key(r)])
             if diff:
                 settings[r["run_id"]] = diff
                 r["setting"] = setting_label(diff)
@@ -273,6 +292,8 @@ class Table:
     vs: str | None = None
     paired: dict[tuple[str, str], Paired] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # (row, pair) -> keys of SETTING_MARKS, in order: the kind of setting its runs used, then the reference checks
+    setting_marks: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     @property
     def digits(self) -> int:
@@ -393,8 +414,8 @@ def build_tables(
     paper_rank = {p: i for i, p in enumerate(_paper_order())}
     present = set(runs["method"])
     if vs is not None:
-        base_method = "ce" if vs.lower() in ("ce", "student") else vs
-        if base_method not in present:
+        vs_method = "ce" if vs.lower() in ("ce", "student") else vs
+        if vs_method not in present:
             raise KdbenchError(
                 f"--vs {vs!r}: no runs of that method; methods present: {', '.join(default_order(sorted(present)))}"
             )
@@ -433,6 +454,7 @@ def build_tables(
         cells = {k: c for k, c in cells.items() if k[0] in rows}
         table = Table(group, metric, pairs, rows, cells)
         _add_ranks(table)
+        _add_setting_kinds(table, g)
         if ref_names:
             data = g["data"].iloc[0]
             if data == "cifar100":
@@ -445,11 +467,15 @@ def build_tables(
                         f"used the {proto!r} protocol"
                     )
                 for row in rows:
-                    name = row if row == TEACHER else PAPER_NAMES.get("ce" if row == STUDENT else row)
+                    # a row of another setting ("dkd (beta=8)") is set beside its method's published number too,
+                    # marked ≠ below: the comparison is shown, and said to be of another experiment
+                    name = row if row == TEACHER else PAPER_NAMES.get("ce" if row == STUDENT else base_method(row))
                     for pair in pairs:
                         t, s = pair.split(":")
                         if name is not None and (t, s, name) in ref:
                             table.reference[(row, pair)] = ref[(t, s, name)]
+                            if row not in (TEACHER, STUDENT):
+                                _check_published_setting(table, g, row, pair)
             else:
                 table.notes.append(
                     f"published numbers ({', '.join(ref_names)}) are CIFAR-100 results: not shown for {data}"
@@ -466,6 +492,45 @@ def build_tables(
                         table.paired[(row, pair)] = pr
         out[group] = table
     return out
+
+
+def _cell_runs(g: pd.DataFrame, row: str, pair: str) -> pd.DataFrame:
+    t, s = pair.split(":")
+    return g[(g["method"] == row) & ((g["teacher"] == t) | g["teacher"].isna()) & (g["student"] == s)]
+
+
+def _add_setting_kinds(table: Table, g: pd.DataFrame) -> None:
+    """Mark the cells whose runs used the authors' per-pair setting (†) or a setting changed by bench.toml / --set
+    (‡); a cell of the method's default setting has no mark."""
+    for row, pair in table.cells:
+        if row in (TEACHER, STUDENT):
+            continue
+        kinds = set(_cell_runs(g, row, pair)["settings_kind"].dropna())
+        for kind in ("pair", "set"):
+            if kind in kinds:
+                table.setting_marks.setdefault((row, pair), []).append(kind)
+
+
+def _check_published_setting(table: Table, g: pd.DataFrame, row: str, pair: str) -> None:
+    """Mark a cell beside a published number when its runs' resolved settings are not the ones that number came
+    from (≠: the method's default with the pair's published values, pair_settings.toml), or when that setting could
+    not be confirmed (?)."""
+    from kdbench.method import resolve
+    from kdbench.pair_settings import published_config
+
+    try:
+        expected, ps = published_config(resolve(base_method(row)), pair)
+    except KdbenchError:  # a plugin that is not installed here: nothing to compare with
+        return
+    marks = table.setting_marks.setdefault((row, pair), [])
+    runs = _cell_runs(g, row, pair)
+    done = runs[runs["status"] == "done"]
+    if any(c != json.dumps(expected, sort_keys=True) for c in done["config"].dropna()):
+        marks.append("differs")
+    if ps is not None and not ps.confirmed:
+        marks.append("unknown")
+    if not marks:
+        del table.setting_marks[(row, pair)]
 
 
 def _add_ranks(table: Table) -> None:

@@ -295,12 +295,27 @@ def _restore(m: Member, snap: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def teacher_outputs(teacher: nn.Module | None, x: torch.Tensor, preact: bool = False) -> ModelOutput | None:
-    """The frozen teacher's outputs on a batch (no autograd graph), or None without a teacher."""
+def teacher_outputs(
+    teacher: nn.Module | None, x: torch.Tensor, preact: bool = False, batch_stats: bool = False
+) -> ModelOutput | None:
+    """The frozen teacher's outputs on a batch (no autograd graph), or None without a teacher.
+
+    ``batch_stats``: its BatchNorms normalise with the batch's own statistics (as a teacher left in train mode) but
+    update none of their running statistics, so the shared eval-mode teacher is unchanged."""
     if teacher is None:
         return None
     with torch.no_grad():
-        return teacher(x, preact=preact)
+        if not batch_stats:
+            return teacher(x, preact=preact)
+        bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.training, m.track_running_stats) for m in bns]
+        try:
+            for m in bns:  # training without tracking: batch statistics, running buffers neither read nor written
+                m.training, m.track_running_stats = True, False
+            return teacher(x, preact=preact)
+        finally:
+            for m, (training, track) in zip(bns, saved):
+                m.training, m.track_running_stats = training, track
 
 
 def main_terms(
@@ -468,8 +483,14 @@ def train_cohort(
         steps = len(loader)
         for step, batch in enumerate(loader.epoch(epoch)):
             batch = _batch_for(batch, layout)
+            batch_stats = [m for m in active if m.method.teacher_batch_stats]
             with autocast(device, precision):
                 t_out = teacher_outputs(teacher, batch.images, teacher_preact)
+                t_batch = (
+                    teacher_outputs(teacher, batch.images, any(m.preact for m in batch_stats), batch_stats=True)
+                    if batch_stats
+                    else None
+                )
             where = Progress(epoch=epoch, epochs=proto.epochs, step=step, steps=steps)
             for m in active:
                 if m.failed is not None:
@@ -477,7 +498,7 @@ def train_cohort(
                 try:
                     with autocast(device, precision):
                         s_out = m.student(batch.images, preact=m.preact)
-                        terms = main_terms(m, s_out, t_out, batch, where)
+                        terms = main_terms(m, s_out, t_batch if m.method.teacher_batch_stats else t_out, batch, where)
                     optimizer_step(m.optimizer, terms, sums[id(m)])
                 except Exception as exc:  # one member's error must not cost its cohort-mates their results
                     fail_member(m, exc, epoch)
@@ -556,6 +577,7 @@ def run_record(
             "paper": entry.cls.paper,
             "config": dict(spec.method_config if config is None else config),
         },
+        **({"settings": spec.settings.to_dict()} if spec.settings is not None else {}),
         "teacher": teacher_card,
         "data": {
             "name": data.name,

@@ -60,18 +60,34 @@ def base_method(row: str) -> str:
     return row.split(" (", 1)[0]
 
 
-def method_defaults(names: list[str]) -> dict[str, dict[str, Any] | None]:
-    """The identity of each method's default config (as in a run's spec), or None where the method is unknown."""
+def method_defaults(names: list[str], pair: str | None = None) -> dict[str, dict[str, Any] | None]:
+    """The identity of each method's default config (as in a run's spec), or None where the method is unknown.
+
+    With `pair` (teacher:student), the default on that pair: the method's own default with the authors' per-pair
+    values applied (kdbench/reference/pair_settings.toml), which is what a run on that pair gets unless told
+    otherwise, so such a run is the method's row, not a row of another setting."""
     from kdbench.errors import KdbenchError
     from kdbench.method import config_identity, discover, make_config, resolve
+    from kdbench.pair_settings import published_config
 
     registry = discover()
     out: dict[str, dict[str, Any] | None] = {}
     for name in dict.fromkeys(names):
         try:
-            out[name] = _plain(config_identity(make_config(resolve(name, registry), {})))
+            entry = resolve(name, registry)
+            cfg = published_config(entry, pair)[0] if pair else config_identity(make_config(entry, {}))
+            out[name] = _plain(cfg)
         except KdbenchError:  # not installed here, or failed to load: its runs keep the plain name
             out[name] = None
         except Exception:  # a plugin whose Config cannot be built with its own defaults: the same
             out[name] = None
+    return out
+
+
+def pair_defaults(keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """method_defaults for (method, pair) keys, each method and pair once."""
+    out: dict[tuple[str, str], dict[str, Any] | None] = {}
+    for pair in dict.fromkeys(p for _m, p in keys):
+        got = method_defaults([m for m, p in keys if p == pair], pair)
+        out.update({(m, pair): v for m, v in got.items()})
     return out

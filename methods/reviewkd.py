@@ -77,8 +77,14 @@ class ReviewKD(Method):
     pooled MSEs. Defaults (authors' CIFAR scripts and mdistiller): CE 1, weight 5, warm-up 20 epochs.
 
     Departures (choices left open):
-    - The weight is per pair in the authors' script (5 for most pairs, 8 for resnet32x4 -> shufflenetv2, 0.6 for
-      resnet56 -> resnet20, 1.0 for resnet110 -> resnet32); the default is 5: set ``methods.reviewkd.weight``.
+    - The weight is per pair in the authors' script (CIFAR-100/script/reviewKD.sh: 5 on 5 pairs, 8 for
+      resnet32x4 -> shufflenetv2, 0.6 for resnet56 -> resnet20, 1.0 for resnet110 -> resnet32; the script has no
+      line for the other 5 of the 13 pairs). kdbench applies them per pair by default
+      (``kdbench/reference/pair_settings.toml``); the default, elsewhere and with ``--uniform-settings``, is 5.
+    - Otherwise kdbench follows mdistiller's ReviewKD where it differs from the original code: the CRD protocol
+      (batch 64, lr 0.05 / 0.01, plain momentum; the original: batch 128, lr 0.1 / 0.02, Nesterov momentum, decay
+      one epoch later), the warm-up min(e / 20, 1) with 1-based e (the original's 0-based epoch gives the first
+      epoch weight 0), and a teacher in eval mode (the original never sets its teacher to eval: batch statistics).
     - Warm-up as DKD: min((epoch + 1) / W, 1), W scaled from 20 of 240 epochs to the protocol's length.
     - Networks with different numbers of block groups (VGG's 5 vs ResNet's 4 taps) are paired from the deepest
       level; the student's extra shallow levels are not used (mdistiller's zip does the same).

@@ -80,8 +80,10 @@ class SimKD(Method):
     classifier is never trained by this loss and is not part of the evaluated model's count.
 
     Departures (choices left open):
-    - The student's own linear head gets no gradient (CE weight 0, as in the reference) and decays under weight
-      decay; it is kept in the saved weights (under ``student.``) so a probe can load the student.
+    - The student's own linear head gets no gradient (CE weight 0, as in the reference), so SGD skips it: it is
+      neither trained nor decayed and keeps its initial weights (the reference decays it through a zero gradient;
+      it is unused at inference either way, so no metric changes). It is kept in the saved weights (under
+      ``student.``) so a probe can load the student.
     - A student map smaller than the teacher's is matched by pooling the teacher's (the reference's rule); a
       larger one is pooled to the teacher's size, also at test time.
     - The teacher's classifier is reused in place (never copied, never optimised): it is held by the context, not

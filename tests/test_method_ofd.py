@@ -148,3 +148,81 @@ def golden_values() -> dict[str, float]:
 
 def test_golden_values():
     assert_matches_golden("ofd", golden_values())
+
+
+def test_teacher_bn_defaults_to_batch_statistics_and_eval_is_a_switch():
+    from kdbench.errors import KdbenchError
+    from kdbench.method import make_config, resolve
+
+    assert OFDConfig().teacher_bn == "batch" and OFD(OFDConfig(), ctx()).teacher_batch_stats
+    assert not OFD(make_config(resolve("ofd"), {"teacher_bn": "eval"}), ctx()).teacher_batch_stats
+    with pytest.raises(KdbenchError, match="teacher_bn"):
+        make_config(resolve("ofd"), {"teacher_bn": "train"})
+
+
+def test_batch_statistics_forward_matches_train_mode_and_leaves_the_teacher_untouched():
+    """The references run OFD's teacher in train mode: kdbench's second forward gives the same outputs as a teacher
+    in train mode, differs from the eval-mode forward, and changes none of the shared teacher's running statistics."""
+    import copy
+
+    from kdbench.train import teacher_outputs
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", num_classes=5).eval()
+    with torch.no_grad():  # running statistics away from their initial values, so eval and batch modes differ
+        teacher.train()
+        for _ in range(3):
+            teacher(torch.randn(8, 3, 16, 16) * 2 + 1)
+        teacher.eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = torch.randn(6, 3, 16, 16)
+    got = teacher_outputs(teacher, x, preact=True, batch_stats=True)
+    reference = copy.deepcopy(teacher).train()
+    with torch.no_grad():
+        want = reference(x, preact=True)
+    evald = teacher_outputs(teacher, x, preact=True)
+    for a, b, e in zip(got.preact, want.preact, evald.preact):
+        torch.testing.assert_close(a, b)
+        assert not torch.allclose(a, e)
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_harness_gives_ofd_the_batch_statistics_teacher(tiny_toml, tiny_data, monkeypatch):
+    """In a cohort, the default OFD run sees the batch-statistics teacher and the eval-mode one the shared forward."""
+    import kdbench.train as train
+    from kdbench.config import load_bench
+    from kdbench.sweep import Request, expand
+
+    calls = []
+    real = train.teacher_outputs
+
+    last: dict[bool, object] = {}
+
+    def spy(teacher, x, preact=False, batch_stats=False):
+        calls.append(batch_stats)
+        last[batch_stats] = real(teacher, x, preact, batch_stats)
+        return last[batch_stats]
+
+    monkeypatch.setattr(train, "teacher_outputs", spy)
+    bench = load_bench(tiny_toml)
+    specs = expand(bench, Request(["ofd"], ["tiny"], sets=["protocol.epochs=1"]))
+    specs += expand(bench, Request(["ofd"], ["tiny"], sets=["protocol.epochs=1", "methods.ofd.teacher_bn=eval"]))
+    assert specs[0].run_id != specs[1].run_id
+    torch.manual_seed(0)
+    teacher = create_model(specs[0].teacher.arch, num_classes=tiny_data.num_classes).eval()
+    seen: dict[int, bool] = {}  # member -> did its loss get the batch-statistics forward
+    members = [train.build_member(s, tiny_data, teacher, torch.device("cpu")) for s in specs]
+    for m in members:
+        real_loss = m.method.loss
+
+        def loss(s, t, batch, progress, _m=m, _real=real_loss):
+            seen[id(_m)] = t is last[True] and t is not last[False]
+            return _real(s, t, batch, progress)
+
+        m.method.loss = loss
+    train.train_cohort(members, tiny_data, teacher, torch.device("cpu"), save=False)
+    steps = len(calls) // 2
+    assert calls == [False, True] * steps and steps > 0  # one shared forward and one batch-statistics forward
+    assert seen == {id(members[0]): True, id(members[1]): False}

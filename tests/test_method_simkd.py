@@ -140,3 +140,23 @@ def test_probe_loads_the_student_out_of_the_saved_composite(tmp_path):
     }
     loaded = load_student(run, tmp_path, torch.device("cpu"))
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_students_own_head_is_neither_trained_nor_decayed(tiny_toml, tiny_data):
+    """The docstring's claim: the head gets no gradient, so SGD (weight decay included) leaves it as initialised,
+    while the rest of the student moves."""
+    from kdbench.config import load_bench
+    from kdbench.sweep import Request, expand
+    from kdbench.train import build_member, train_cohort
+
+    (spec,) = expand(load_bench(tiny_toml), Request(["simkd"], ["tiny"], sets=["protocol.epochs=1"]))
+    assert spec.protocol.weight_decay > 0
+    torch.manual_seed(0)
+    teacher = create_model(spec.teacher.arch, num_classes=tiny_data.num_classes).eval()
+    m = build_member(spec, tiny_data, teacher, torch.device("cpu"))
+    head = {k: v.clone() for k, v in m.student.head.state_dict().items()}
+    body = {k: v.clone() for k, v in m.student.state_dict().items() if not k.startswith("head.")}
+    train_cohort([m], tiny_data, teacher, torch.device("cpu"), save=False)
+    assert m.failed is None
+    assert all(torch.equal(v, m.student.head.state_dict()[k]) for k, v in head.items())
+    assert any(not torch.equal(v, m.student.state_dict()[k]) for k, v in body.items())
