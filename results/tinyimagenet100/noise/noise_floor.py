@@ -61,7 +61,10 @@ def _sd(values: list[float]) -> float:
 def main() -> str:
     main_runs, twins = _runs(MAIN), _runs(TWINS)
     methods = sorted({m for (m, _s, _r) in twins}, key=["kd", "fitnet", "pkt"].index)
-    out = ["# Noise floor of results/tinyimagenet100 (resnet20:resnet8, Tiny-ImageNet-100 at 16x16, `cpu` protocol)", ""]
+    out = [
+        "# Noise floor of results/tinyimagenet100 (resnet20:resnet8, Tiny-ImageNet-100 at 16x16, `cpu` protocol)",
+        "",
+    ]
     any_run = next(iter(main_runs.values()))
     phase_end = _lr_phase_end(any_run) + 1
     out += [
