@@ -842,6 +842,9 @@ def probe(run, all_runs, dataset, protocol, data_root, image_size, download, res
     )
 
 
+SHOWN_SKIPS = 5  # skipped runs named one by one after `probe --all`; each was also named as it was reached
+
+
 def _probe_all(results, dataset, protocol, data_root, image_size, download, seed, device, force) -> None:
     """`kdbench probe --all`: every finished run of a results folder, one after another; a run without weights
     (e.g. a folder whose weights/ was not kept) is skipped with its reason, the others go on."""
@@ -890,8 +893,10 @@ def _probe_all(results, dataset, protocol, data_root, image_size, download, seed
         done += 1
         console.print(f"[{k}/{len(todo)}] {what} -> {dataset}: top-1 last {rec['top1_last']:.2f} -> {rec['path']}")
     console.print(f"{done} runs probed, {len(skipped)} skipped" + (":" if skipped else ""))
-    for line in skipped:
+    for line in skipped[:SHOWN_SKIPS]:
         console.print(f"  {line}", soft_wrap=True)
+    if len(skipped) > SHOWN_SKIPS:
+        console.print(f"  ... and {len(skipped) - SHOWN_SKIPS} more for the same kinds of reason", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- bench
