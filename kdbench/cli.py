@@ -290,6 +290,17 @@ def _prepare(
 @click.option("--slurm-time", type=click.IntRange(min=1), default=None, help="Minutes per array task.")
 @click.option("--slurm-gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task.")
 @click.option("--slurm-cpus", type=click.IntRange(min=1), default=None, help="CPUs per array task.")
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes per run (DDP, one per GPU; gloo on the CPU). The protocol's batch size and lr are the global "
+    "ones. With --executor slurm: GPUs and tasks per node.",
+)
+@click.option(
+    "--slurm-nodes", type=click.IntRange(min=1), default=None, help="Nodes per run (DDP over them; default 1)."
+)
 @click.option("--dry-run", is_flag=True, help="List the runs and what is already done; train nothing.")
 @click.option(
     "--precision",
@@ -320,6 +331,8 @@ def run(
     slurm_time,
     slurm_gpus,
     slurm_cpus,
+    nproc_per_node,
+    slurm_nodes,
     dry_run,
     compile_,
     **selection,
@@ -334,13 +347,27 @@ def run(
     if executor == "slurm":
         from kdbench.config import SlurmSettings
 
+        if nproc_per_node > 1 and slurm_gpus is not None and slurm_gpus != nproc_per_node:
+            raise KdbenchError(
+                f"--slurm-gpus {slurm_gpus} with --nproc-per-node {nproc_per_node}: one process per GPU, give one"
+            )
+        distributed_run = nproc_per_node > 1 or (slurm_nodes or 1) > 1
         slurm = SlurmSettings.from_dict(bench.slurm, bench.source).with_overrides(
-            partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus
+            partition=slurm_partition,
+            time_min=slurm_time,
+            gpus_per_task=nproc_per_node if nproc_per_node > 1 else slurm_gpus,
+            cpus_per_task=slurm_cpus,
+            nodes=slurm_nodes,
+            tasks_per_node=nproc_per_node if distributed_run else None,
         )
         if not dry_run:
             from kdbench.slurm import _submitit
 
             _submitit()  # missing submitit is bad input: say so before anything is written
+    elif slurm_nodes is not None:
+        raise KdbenchError("--slurm-nodes needs --executor slurm (on one machine: --nproc-per-node)")
+    elif workers is not None and nproc_per_node > 1:
+        raise KdbenchError("--nproc-per-node and --workers exclude each other (one run on several processes)")
     elif workers is not None:
         from kdbench.sweep import max_workers
 
@@ -371,7 +398,12 @@ def run(
             compile=compile_,
             echo=echo,
             log=lambda s: err_console.print(f"[dim]{escape(s)}[/dim]"),
+            nproc=1 if executor == "slurm" else nproc_per_node,
         )
+    from kdbench import distributed
+
+    if not distributed.is_main():  # a rank of a torchrun launch: rank 0 reports
+        return
     if done.report is None:
         jobs = done.jobs
         console.print(

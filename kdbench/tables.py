@@ -167,11 +167,23 @@ def load_reference(names: str | list[str] | None) -> tuple[dict[tuple[str, str, 
         if n not in REFERENCES:
             raise KdbenchError(f"unknown reference {n!r}; valid: {', '.join(REFERENCES)}")
     out: dict[tuple[str, str, str], float | None] = {}
-    with open(REFERENCE_DIR / "cifar100_top1.csv", newline="") as fh:
-        for rec in csv.DictReader(fh):
-            if any(rec["source"].startswith(REFERENCES[n]) for n in wanted):
-                out[(rec["teacher"], rec["student"], rec["method"])] = float(rec["top1"]) if rec["top1"] else None
+    for rec in _reference_rows():
+        if any(rec["source"].startswith(REFERENCES[n]) for n in wanted):
+            out[(rec["teacher"], rec["student"], rec["method"])] = float(rec["top1"]) if rec["top1"] else None
     return out, wanted
+
+
+# The shipped top-1 tables (SOURCES.md): CIFAR-100, then ImageNet (whose pairs, tv_resnet34:tv_resnet18 and
+# tv_resnet50:mobilenetv1, never collide with a CIFAR pair).
+REFERENCE_FILES = ("cifar100_top1.csv", "imagenet_top1.csv")
+
+
+def _reference_rows() -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for name in REFERENCE_FILES:
+        with open(REFERENCE_DIR / name, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
 
 
 def load_transfer_reference() -> dict[tuple[str, str, str, str], float]:
@@ -186,8 +198,7 @@ def load_transfer_reference() -> dict[tuple[str, str, str, str], float]:
 
 
 def _paper_order() -> list[str]:
-    with open(REFERENCE_DIR / "cifar100_top1.csv", newline="") as fh:
-        return list(dict.fromkeys(f"{r['teacher']}:{r['student']}" for r in csv.DictReader(fh)))
+    return list(dict.fromkeys(f"{r['teacher']}:{r['student']}" for r in _reference_rows()))
 
 
 # ---------------------------------------------------------------------------------------------- tables
