@@ -176,6 +176,8 @@ def load_reference(names: str | list[str] | None) -> tuple[dict[tuple[str, str, 
 # The shipped top-1 tables (SOURCES.md): CIFAR-100, then ImageNet (whose pairs, tv_resnet34:tv_resnet18 and
 # tv_resnet50:mobilenetv1, never collide with a CIFAR pair).
 REFERENCE_FILES = ("cifar100_top1.csv", "imagenet_top1.csv")
+# The datasets with published numbers: their protocol in bench.toml, and how a note names it.
+PUBLISHED_PROTOCOL = {"cifar100": ("paper", "240-epoch paper"), "imagenet": ("imagenet", "100-epoch ImageNet")}
 
 
 def _reference_rows() -> list[dict[str, str]]:
@@ -415,14 +417,14 @@ def build_tables(
         _add_ranks(table)
         if ref_names:
             data = g["data"].iloc[0]
-            if data == "cifar100":
+            if data in PUBLISHED_PROTOCOL:
                 table.reference = {}
                 table.reference_names = ref_names
                 proto = str(group).rsplit(" / ", 1)[-1]
-                if proto != "paper":
+                name, words = PUBLISHED_PROTOCOL[data]
+                if proto != name:
                     table.notes.append(
-                        f"the published numbers come from the 240-epoch paper protocol; these runs "
-                        f"used the {proto!r} protocol"
+                        f"the published numbers come from the {words} protocol; these runs used the {proto!r} protocol"
                     )
                 for row in rows:
                     name = row if row == TEACHER else PAPER_NAMES.get("ce" if row == STUDENT else row)
@@ -432,7 +434,8 @@ def build_tables(
                             table.reference[(row, pair)] = ref[(t, s, name)]
             else:
                 table.notes.append(
-                    f"published numbers ({', '.join(ref_names)}) are CIFAR-100 results: not shown for {data}"
+                    f"published numbers ({', '.join(ref_names)}) are CIFAR-100 and ImageNet results: "
+                    f"not shown for {data}"
                 )
         if vs is not None:
             base_row = STUDENT if vs.lower() in ("ce", "student") else vs

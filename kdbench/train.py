@@ -359,14 +359,18 @@ def ddp_step(
     step. ``find_unused_parameters``: a method may leave some of its parameters out of a step."""
     if not distributed.active():
         return step
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(
-        StepModule(student, method, step),
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
-        find_unused_parameters=True,
-    )
+    with warnings.catch_warnings():  # torch >= 2.10 renames broadcast_buffers; its replacement still syncs at init
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(
+            StepModule(student, method, step),
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
 
 
 def epoch_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

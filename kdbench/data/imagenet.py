@@ -277,12 +277,12 @@ def _load_imagenet(
     download: bool,
     cache_dir: Path | None,
     resize_size: int | None = None,
-    workers: int | None = None,
+    num_workers: int | None = None,
 ) -> FolderDataset:
     """The registry's loader: ``data_root`` holds ``train/`` and ``val/``, each with one folder per class.
 
     ``image_size``: the crop side (224); ``resize_size``: the evaluation resize (default image_size * 256 / 224,
-    256 at 224); ``workers``: DataLoader worker processes per training process (default: the usable cores, at
+    256 at 224); ``num_workers``: DataLoader worker processes per training process (default: the usable cores, at
     most 8)."""
     if download:
         raise KdbenchError("ImageNet cannot be downloaded by kdbench: get it from image-net.org (train/ and val/)")
@@ -290,8 +290,8 @@ def _load_imagenet(
     resize = int(resize_size) if resize_size is not None else int(round(size * 256 / 224))
     if size < 1 or resize < size:
         raise KdbenchError(f"imagenet: need 1 <= image_size <= resize_size, got {size} and {resize}")
-    if workers is not None and (not isinstance(workers, int) or workers < 0):
-        raise KdbenchError(f"imagenet: workers must be a non-negative integer, got {workers!r}")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise KdbenchError(f"imagenet: num_workers must be a non-negative integer, got {num_workers!r}")
     root = Path(data_root)
     train_dir, val_dir = root / "train", root / "val"
     for d in (train_dir, val_dir):
@@ -324,7 +324,7 @@ def _load_imagenet(
         classes,
         image_size=size,
         resize_size=resize,
-        workers=min(8, usable_cores()) if workers is None else workers,
+        workers=min(8, usable_cores()) if num_workers is None else num_workers,
         checksum=h.hexdigest(),
         source=str(root),
     )

@@ -59,7 +59,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagenet": DatasetSpec(
         "imagenet",
         "ImageNet folders train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, decoded and augmented in DataLoader workers "
-        "(RandomResizedCrop 224 + flip; resize 256 + center crop 224); options resize_size, workers",
+        "(RandomResizedCrop 224 + flip; resize 256 + center crop 224); options resize_size, num_workers",
         _load_imagenet,
     ),
     "synthetic": DatasetSpec(
@@ -91,7 +91,7 @@ def load_dataset(
     ``download`` fetches missing files there. Decoded caches go into ``cache_dir`` when it is given, else next to
     the data, or into ``~/.cache/kdbench`` (``$KDBENCH_CACHE_DIR``) when the data's folder is read-only.
     ``options`` are the dataset's own (synthetic: num_classes, train_size, test_size, seed, noise, grid,
-    superclasses, label_noise; tinyimagenet: progress, num_workers, cache; imagenet: resize_size, workers).
+    superclasses, label_noise; tinyimagenet: progress, num_workers, cache; imagenet: resize_size, num_workers).
     """
     spec = DATASETS.get(name)
     if spec is None:
