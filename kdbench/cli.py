@@ -543,8 +543,9 @@ def _collect(results: str):
     "--reference",
     default=None,
     metavar="NAME[,NAME]",
-    help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024, dkd2022, "
-    "dist2022, ls2024, simkd2022, in any combination (sources: kdbench/reference/SOURCES.md).",
+    help="Published top-1 beside ours, with ours - published: CIFAR-100 crd2020, rrd2024, dkd2022, "
+    "dist2022, ls2024, simkd2022; ImageNet mdistiller-imagenet; in any combination (sources: "
+    "kdbench/reference/SOURCES.md).",
 )
 @click.option(
     "--vs",

@@ -40,6 +40,9 @@ REFERENCES = {
     "dist2022": "DIST (Huang",
     "ls2024": "LS (Sun",
     "simkd2022": "SimKD (Chen",
+    # ImageNet: mdistiller's README table (its own KD re-run, and DKD) on tv_resnet34:tv_resnet18 and
+    # tv_resnet50:mobilenetv1
+    "mdistiller-imagenet": "mdistiller README ImageNet",
 }
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 BOOTSTRAP_RESAMPLES = 10_000
