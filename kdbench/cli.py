@@ -936,9 +936,16 @@ def teachers_train(download, device, **selection) -> None:
 @click.option("--image-size", default=None, type=IMAGE_SIZE)
 @click.option("--num-classes", default=100, type=click.IntRange(min=1))
 @click.option("--results", default="results", type=click.Path())
-def teachers_import(file, arch, dataset, image_size, num_classes, results) -> None:
+@click.option(
+    "--download", is_flag=True, help="With FILE = torchvision:WEIGHTS: fetch the weights when they are not cached."
+)
+def teachers_import(file, arch, dataset, image_size, num_classes, results, download) -> None:
     """Import a published RepDistiller / mdistiller checkpoint (a dict whose 'model' entry is the state dict),
-    read without executing pickled code; later runs on that dataset use it as the teacher."""
+    read without executing pickled code; later runs on that dataset use it as the teacher.
+
+    FILE may be torchvision:WEIGHTS, torchvision's published weights by name (e.g. torchvision:
+    ResNet34_Weights.IMAGENET1K_V1 for --arch tv_resnet34 --dataset imagenet --num-classes 1000), read from
+    torch.hub's cache, or fetched there with --download."""
     from kdbench.config import DataSpec
     from kdbench.data import DATASETS
     from kdbench.models.base import check_model_name
@@ -949,7 +956,12 @@ def teachers_import(file, arch, dataset, image_size, num_classes, results) -> No
     if dataset not in DATASETS:
         raise KdbenchError(f"unknown dataset {dataset!r}; datasets: {', '.join(DATASETS)}")
     store = ResultStore(results)
-    card = TeacherStore(store).import_checkpoint(Path(file), arch, DataSpec(dataset, None, image_size), num_classes)
+    path = Path(file)
+    if file.startswith("torchvision:"):
+        from kdbench.teachers import torchvision_weights
+
+        path = torchvision_weights(file.removeprefix("torchvision:"), download)
+    card = TeacherStore(store).import_checkpoint(path, arch, DataSpec(dataset, None, image_size), num_classes)
     console.print(f"imported {arch} for {dataset}: {card['weights']}")
 
 

@@ -123,3 +123,36 @@ def test_slurm_dry_run_prints_the_multi_gpu_job(tmp_path: Path) -> None:
     assert "--ntasks-per-node=1" in single.output and "--nodes=1" in single.output
     bad = CliRunner().invoke(cli, ["run", "-m", "kd", "-p", "smoke", "--slurm-nodes", "2", "--dry-run"])
     assert isinstance(bad.exception, KdbenchError) and "--executor slurm" in str(bad.exception)
+
+
+def test_torchvision_teacher_by_name_only_with_download_or_cached(tmp_path: Path, monkeypatch) -> None:
+    """torchvision's weights by name: refused without --download when not cached; a cached file (made here
+    locally, no network) is imported with weights-only loading and becomes the imagenet pair's teacher."""
+    import torchvision
+
+    from kdbench.config import DataSpec
+    from kdbench.results import ResultStore
+    from kdbench.teachers import TeacherStore
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    results = tmp_path / "res"
+    args = ["teachers", "import", "torchvision:ResNet18_Weights.IMAGENET1K_V1", "--arch", "tv_resnet18"]
+    args += ["--dataset", "imagenet", "--num-classes", "1000", "--results", str(results)]
+    refused = CliRunner().invoke(cli, args)
+    assert isinstance(refused.exception, KdbenchError) and "--download" in str(refused.exception)
+    bad = CliRunner().invoke(cli, ["torchvision:NoSuch_Weights.X" if a.startswith("torchvision:") else a for a in args])
+    assert isinstance(bad.exception, KdbenchError) and "unknown torchvision weights" in str(bad.exception)
+
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, cached)
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    model, card = TeacherStore(ResultStore(results)).load_imported(
+        "tv_resnet18", DataSpec("imagenet", None, None), 1000, torch.device("cpu")
+    )
+    assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
+    assert card["arch"] == "tv_resnet18"
