@@ -84,11 +84,14 @@ def _teacher() -> torch.nn.Module:
     return freeze(create_model(PAIR.split(":")[0], num_classes=4))
 
 
-def _train(root: str, out: str) -> None:
+def _train(root: str, out: str, kind: str = "imagenet") -> None:
     """The methods trained as one cohort for one epoch (4 steps) by this process, alone or as one rank (init stages
     first, as the sweep does); every rank saves what it holds (losses, student and method state) to out/rank<r>.pt."""
     device = distributed.init_from_env(torch.device("cpu"))
-    data = load_dataset("imagenet", root, image_size=SIZE, num_workers=0)
+    if kind == "imagenet":
+        data = load_dataset("imagenet", root, image_size=SIZE, num_workers=0)
+    else:  # the device-resident loader of CIFAR / Tiny-ImageNet, on synthetic images of the same counts
+        data = load_dataset("synthetic", num_classes=4, image_size=16, train_size=32, test_size=8, seed=0)
     teacher = _teacher()
     saved = {}
     members = [build_member(spec, data, teacher, device) for spec in _specs(Path(root), Path(out) / "x", METHODS, SETS)]
@@ -106,13 +109,15 @@ def _train(root: str, out: str) -> None:
     torch.save(saved, Path(out) / f"rank{distributed.rank()}.pt")
 
 
-def test_two_ranks_train_what_one_process_trains(folder: Path, tmp_path: Path) -> None:
-    """kd, crd, rrd, crcd and fsp (after its init stage) side by side in one cohort, as the sweep trains them."""
+@pytest.mark.parametrize("kind", ["imagenet", "synthetic"])
+def test_two_ranks_train_what_one_process_trains(folder: Path, tmp_path: Path, kind: str) -> None:
+    """kd, crd, rrd, crcd and fsp (after its init stage) side by side in one cohort, as the sweep trains them, on
+    the ImageNet folder loader and on the device-resident loader."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    _train(str(folder), str(one))
-    distributed.launch(2, _train, str(folder), str(two))
+    _train(str(folder), str(one), kind)
+    distributed.launch(2, _train, str(folder), str(two), kind)
     ref = torch.load(one / "rank0.pt", weights_only=True)
     ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for method in METHODS:

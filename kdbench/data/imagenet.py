@@ -261,6 +261,15 @@ class FolderDataset:
         )
 
 
+def default_workers() -> int:
+    """DataLoader workers per training process: this node's usable cores shared by its ranks (LOCAL_WORLD_SIZE, set
+    by torchrun, ``kdbench run --nproc-per-node`` and submitit), at least 1 and at most 8 each."""
+    from kdbench.system import usable_cores
+
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, usable_cores() // local_ranks))
+
+
 def _scan(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     out = []
     for label, wnid in enumerate(classes):
@@ -282,8 +291,7 @@ def _load_imagenet(
     """The registry's loader: ``data_root`` holds ``train/`` and ``val/``, each with one folder per class.
 
     ``image_size``: the crop side (224); ``resize_size``: the evaluation resize (default image_size * 256 / 224,
-    256 at 224); ``num_workers``: DataLoader worker processes per training process (default: the usable cores, at
-    most 8)."""
+    256 at 224); ``num_workers``: DataLoader worker processes per training process (default ``default_workers()``)."""
     if download:
         raise KdbenchError("ImageNet cannot be downloaded by kdbench: get it from image-net.org (train/ and val/)")
     size = 224 if image_size is None else int(image_size)
@@ -315,8 +323,6 @@ def _load_imagenet(
         for path, label in samples:
             rel = os.path.relpath(path, base)
             h.update(f"{split}/{rel}:{os.path.getsize(path)}:{label};".encode())
-    from kdbench.system import usable_cores
-
     return FolderDataset(
         "imagenet",
         train,
@@ -324,7 +330,7 @@ def _load_imagenet(
         classes,
         image_size=size,
         resize_size=resize,
-        workers=min(8, usable_cores()) if num_workers is None else num_workers,
+        workers=default_workers() if num_workers is None else num_workers,
         checksum=h.hexdigest(),
         source=str(root),
     )
