@@ -77,13 +77,9 @@ def run_distributed(
     report. On CUDA each rank takes one GPU (cuda:LOCAL_RANK); on the CPU the ranks share its cores."""
     import multiprocessing as mp
 
-    import torch
-
     from kdbench.distributed import launch
 
     dev = resolve_device(device)
-    if dev.type == "cuda" and nproc > torch.cuda.device_count():
-        raise KdbenchError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPUs are visible")
     box = mp.get_context("spawn").SimpleQueue()
     launch(nproc, _rank_worker, str(store.root), dev.type, specs, cohort, download, compile, echo, box)
     return SweepReport(**box.get()) if not box.empty() else SweepReport()
@@ -124,6 +120,8 @@ def execute(
         raise KdbenchError(f"--nproc-per-node must be at least 1, got {nproc}")
     # On SLURM the tasks choose their own device; here the data is only checked.
     dev = torch.device("cpu") if executor == "slurm" else resolve_device(device)
+    if executor == "local" and nproc > 1 and dev.type == "cuda" and nproc > torch.cuda.device_count():
+        raise KdbenchError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPUs are visible")
     if executor == "local" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a torchrun launch
         dev = distributed.init_from_env(dev)
     sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log, compile=compile, echo=echo)

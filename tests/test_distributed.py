@@ -195,9 +195,17 @@ def test_killed_rank_resumes_to_identical_metrics_and_only_rank0_writes(folder: 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for results in (whole, killed):
         _import_teacher(results)
-    audit = tmp_path / "audit.json"
-    distributed.launch(2, _sweep, str(whole), str(folder), 0, str(audit))
-    assert json.loads(audit.read_text()) == []  # rank 1 wrote nothing in the results folder
+    # The uninterrupted run: the command line's --nproc-per-node (kdbench.execute.run_distributed).
+    from click.testing import CliRunner
+
+    from kdbench.cli import cli
+
+    args = ["run", "-m", "kd", "-p", "tiny", "--protocol", "smoke", "--set", "protocol.epochs=2", "--seeds", "0"]
+    args += ["--data-root", str(folder), "--config", str(folder / "bench.toml"), "--results", str(whole)]
+    _specs(folder, whole, ("kd",), [])  # writes the test's bench.toml
+    done = CliRunner().invoke(cli, [*args, "--nproc-per-node", "2", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert "trained 1" in done.output
 
     from kdbench.errors import KdbenchError
 
@@ -205,8 +213,9 @@ def test_killed_rank_resumes_to_identical_metrics_and_only_rank0_writes(folder: 
         distributed.launch(2, _sweep, str(killed), str(folder), 1, str(tmp_path / "unused.json"))
     assert not list((killed / "runs").glob("*__kd__*.json"))
     assert len(list((killed / "checkpoints").glob("*.pt"))) == 1  # epoch 1 of 2, written by rank 0
+    audit = tmp_path / "audit.json"
     distributed.launch(2, _sweep, str(killed), str(folder), 0, str(audit))
-    assert json.loads(audit.read_text()) == []
+    assert json.loads(audit.read_text()) == []  # rank 1 wrote nothing in the results folder
     a, b = _run_json(whole), _run_json(killed)
     assert a["run_id"] == b["run_id"]
     assert a["metrics"] == b["metrics"]
