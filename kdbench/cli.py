@@ -332,6 +332,17 @@ def _prepare(
 @click.option("--slurm-time", type=click.IntRange(min=1), default=None, help="Minutes per array task.")
 @click.option("--slurm-gpus", type=click.IntRange(min=0), default=None, help="GPUs per array task.")
 @click.option("--slurm-cpus", type=click.IntRange(min=1), default=None, help="CPUs per array task.")
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes per run (DDP, one per GPU; gloo on the CPU). The protocol's batch size and lr are the global "
+    "ones. With --executor slurm: GPUs and tasks per node.",
+)
+@click.option(
+    "--slurm-nodes", type=click.IntRange(min=1), default=None, help="Nodes per run (DDP over them; default 1)."
+)
 @click.option("--dry-run", is_flag=True, help="List the runs and what is already done; train nothing.")
 @click.option(
     "--precision",
@@ -362,6 +373,8 @@ def run(
     slurm_time,
     slurm_gpus,
     slurm_cpus,
+    nproc_per_node,
+    slurm_nodes,
     dry_run,
     compile_,
     **selection,
@@ -376,13 +389,27 @@ def run(
     if executor == "slurm":
         from kdbench.config import SlurmSettings
 
+        if nproc_per_node > 1 and slurm_gpus is not None and slurm_gpus != nproc_per_node:
+            raise KdbenchError(
+                f"--slurm-gpus {slurm_gpus} with --nproc-per-node {nproc_per_node}: one process per GPU, give one"
+            )
+        distributed_run = nproc_per_node > 1 or (slurm_nodes or 1) > 1
         slurm = SlurmSettings.from_dict(bench.slurm, bench.source).with_overrides(
-            partition=slurm_partition, time_min=slurm_time, gpus_per_task=slurm_gpus, cpus_per_task=slurm_cpus
+            partition=slurm_partition,
+            time_min=slurm_time,
+            gpus_per_task=nproc_per_node if nproc_per_node > 1 else slurm_gpus,
+            cpus_per_task=slurm_cpus,
+            nodes=slurm_nodes,
+            tasks_per_node=nproc_per_node if distributed_run else None,
         )
         if not dry_run:
             from kdbench.slurm import _submitit
 
             _submitit()  # missing submitit is bad input: say so before anything is written
+    elif slurm_nodes is not None:
+        raise KdbenchError("--slurm-nodes needs --executor slurm (on one machine: --nproc-per-node)")
+    elif workers is not None and nproc_per_node > 1:
+        raise KdbenchError("--nproc-per-node and --workers exclude each other (one run on several processes)")
     elif workers is not None:
         from kdbench.sweep import max_workers
 
@@ -413,7 +440,12 @@ def run(
             compile=compile_,
             echo=echo,
             log=lambda s: err_console.print(f"[dim]{escape(s)}[/dim]"),
+            nproc=1 if executor == "slurm" else nproc_per_node,
         )
+    from kdbench import distributed
+
+    if not distributed.is_main():  # a rank of a torchrun launch: rank 0 reports
+        return
     if done.report is None:
         jobs = done.jobs
         console.print(
@@ -558,8 +590,9 @@ def _collect(results: str):
     "--reference",
     default=None,
     metavar="NAME[,NAME]",
-    help="Published CIFAR-100 top-1 beside ours, with ours - published: crd2020, rrd2024, dkd2022, "
-    "dist2022, ls2024, simkd2022, in any combination (sources: kdbench/reference/SOURCES.md).",
+    help="Published top-1 beside ours, with ours - published: CIFAR-100 crd2020, rrd2024, dkd2022, "
+    "dist2022, ls2024, simkd2022; ImageNet mdistiller-imagenet; in any combination (sources: "
+    "kdbench/reference/SOURCES.md).",
 )
 @click.option(
     "--vs",
@@ -1061,9 +1094,16 @@ def teachers_train(download, device, **selection) -> None:
 @click.option("--image-size", default=None, type=IMAGE_SIZE)
 @click.option("--num-classes", default=100, type=click.IntRange(min=1))
 @click.option("--results", default="results", type=click.Path())
-def teachers_import(file, arch, dataset, image_size, num_classes, results) -> None:
+@click.option(
+    "--download", is_flag=True, help="With FILE = torchvision:WEIGHTS: fetch the weights when they are not cached."
+)
+def teachers_import(file, arch, dataset, image_size, num_classes, results, download) -> None:
     """Import a published RepDistiller / mdistiller checkpoint (a dict whose 'model' entry is the state dict),
-    read without executing pickled code; later runs on that dataset use it as the teacher."""
+    read without executing pickled code; later runs on that dataset use it as the teacher.
+
+    FILE may be torchvision:WEIGHTS, torchvision's published weights by name (e.g. torchvision:
+    ResNet34_Weights.IMAGENET1K_V1 for --arch tv_resnet34 --dataset imagenet --num-classes 1000), read from
+    torch.hub's cache, or fetched there with --download."""
     from kdbench.config import DataSpec
     from kdbench.data import DATASETS
     from kdbench.models.base import check_model_name
@@ -1074,7 +1114,12 @@ def teachers_import(file, arch, dataset, image_size, num_classes, results) -> No
     if dataset not in DATASETS:
         raise KdbenchError(f"unknown dataset {dataset!r}; datasets: {', '.join(DATASETS)}")
     store = ResultStore(results)
-    card = TeacherStore(store).import_checkpoint(Path(file), arch, DataSpec(dataset, None, image_size), num_classes)
+    path = Path(file)
+    if file.startswith("torchvision:"):
+        from kdbench.teachers import torchvision_weights
+
+        path = torchvision_weights(file.removeprefix("torchvision:"), download)
+    card = TeacherStore(store).import_checkpoint(path, arch, DataSpec(dataset, None, image_size), num_classes)
     console.print(f"imported {arch} for {dataset}: {card['weights']}")
 
 

@@ -291,6 +291,14 @@ class SlurmSettings:
     mem_gb: int | None = None
     array_parallelism: int = 64
     cluster: str = "slurm"  # submitit's cluster: slurm, or local / debug to test without a cluster
+    # One run on several GPUs (DDP): nodes per array task and processes (one per GPU) per node. With 1 and 1, each
+    # task trains its cohort on one device as before.
+    nodes: int = 1
+    tasks_per_node: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.nodes * self.tasks_per_node > 1
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], src: str = "bench.toml") -> SlurmSettings:
@@ -302,6 +310,8 @@ class SlurmSettings:
             "mem_gb": int,
             "array_parallelism": int,
             "cluster": str,
+            "nodes": int,
+            "tasks_per_node": int,
         }
         for key, value in raw.items():
             if key not in types:

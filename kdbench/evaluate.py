@@ -19,20 +19,32 @@ ECE_BINS = 15
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, pooled features and labels over a whole split, model in eval mode (its mode is restored after)."""
+def predict(model: nn.Module, loader: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, pooled features and labels over a whole split, model in eval mode (its mode is restored after).
+
+    ``loader``: an evaluation loader (its ``epoch(0)`` is read) or any iterable of batches. A loader that is
+    ``sharded`` over the ranks of a distributed run gives each rank its share; the rows are then gathered, so
+    every rank returns the whole split in sample order, as one process computes it."""
     was_training = model.training
     model.eval()
-    logits, pooled, labels = [], [], []
+    logits, pooled, labels, index = [], [], [], []
+    batches: Iterable[Batch] = loader.epoch(0) if hasattr(loader, "epoch") else loader
     try:
-        for batch in loader:
+        for batch in batches:
             out = model(batch.images)
             logits.append(out.logits.float())
             pooled.append(out.pooled.float())
             labels.append(batch.labels)
+            index.append(batch.index)
     finally:
         model.train(was_training)
-    return torch.cat(logits), torch.cat(pooled), torch.cat(labels)
+    result = torch.cat(logits), torch.cat(pooled), torch.cat(labels)
+    if getattr(loader, "sharded", False):
+        from kdbench.distributed import gather_split
+
+        idx = torch.cat(index)
+        result = tuple(gather_split(t, idx) for t in result)
+    return result
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -44,7 +56,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 def evaluate(model: nn.Module, test_loader: Any) -> dict[str, float]:
     """top-1 / top-5 (percent) of a model on the test loader (a GPULoader with train=False)."""
-    logits, _, labels = predict(model, test_loader.epoch(0))
+    logits, _, labels = predict(model, test_loader)
     return topk_accuracy(logits, labels)
 
 
@@ -110,7 +122,7 @@ def alignment(
 
 def predict_test_split(model: nn.Module, data: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Logits, pooled features and labels of a model over the test split."""
-    return predict(model, data.test_loader(256, device=device).epoch(0))
+    return predict(model, data.test_loader(256, device=device))
 
 
 def final_metrics(

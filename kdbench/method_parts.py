@@ -133,8 +133,11 @@ def set_normalisers(z: torch.Tensor, exps: list[torch.Tensor], n_data: int) -> N
     """Fix each unset (negative) entry of ``z`` to mean(exps[i]) * n_data, CRD's Monte-Carlo estimate of Z.
 
     Computed on the device without reading ``z`` back to the host (no synchronisation in the step)."""
+    from kdbench.distributed import all_mean
+
     k = len(exps)
-    est = torch.stack([e.mean() for e in exps]).to(z.dtype) * n_data
+    # Under DDP each rank holds its share of the batch: the mean of the ranks' means is the global batch's mean.
+    est = all_mean(torch.stack([e.mean() for e in exps])).to(z.dtype) * n_data
     z[:k] = torch.where(z[:k] < 0, est, z[:k])
 
 

@@ -148,11 +148,14 @@ class RunLogs:
         self.meter = meter or SweepMeter()
         self.progress = progress
         self.task = task
+        self.quiet = False  # a rank other than 0 of a distributed run writes nothing
 
     def log_path(self, label: str) -> Path:
         return self.runs_dir / f"{label}.log"
 
     def write(self, label: str, line: str) -> None:
+        if self.quiet:
+            return
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
         try:
             self.runs_dir.mkdir(parents=True, exist_ok=True)

@@ -26,19 +26,34 @@ class CohortTask:
     """One array task: trains its runs (a cohort) into the results folder; requeued on preemption / timeout
     (submitit calls ``checkpoint`` on any callable that has one)."""
 
-    def __init__(self, root: str, specs: list[RunSpec], cohort: bool = True, compile: bool | str = False):
+    def __init__(
+        self,
+        root: str,
+        specs: list[RunSpec],
+        cohort: bool = True,
+        compile: bool | str = False,
+        distributed: bool = False,
+    ):
         self.root = root
         self.specs = specs
         self.cohort = cohort
         self.compile = compile
+        self.distributed = distributed  # one process per GPU over the task's nodes, one DDP run
 
     def __call__(self) -> dict[str, list[str]]:
         import torch
 
+        from kdbench import distributed
         from kdbench.sweep import Sweep
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        report = Sweep(ResultStore(self.root), device, cohort=self.cohort, compile=self.compile).run(self.specs)
+        if self.distributed:  # SLURM's task variables -> torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)
+            _submitit().helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            device = distributed.init_from_env(device)
+        try:
+            report = Sweep(ResultStore(self.root), device, cohort=self.cohort, compile=self.compile).run(self.specs)
+        finally:
+            distributed.shutdown()
         return {
             "trained": report.trained,
             "skipped": report.skipped,
@@ -49,7 +64,9 @@ class CohortTask:
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on preemption or timeout: resubmit the same task; it resumes from the run checkpoints."""
-        return _submitit().helpers.DelayedSubmission(CohortTask(self.root, self.specs, self.cohort, self.compile))
+        return _submitit().helpers.DelayedSubmission(
+            CohortTask(self.root, self.specs, self.cohort, self.compile, self.distributed)
+        )
 
 
 def make_executor(store: ResultStore, settings: SlurmSettings):
@@ -70,6 +87,8 @@ def make_executor(store: ResultStore, settings: SlurmSettings):
             params["slurm_partition"] = settings.partition
         if settings.mem_gb:
             params["mem_gb"] = settings.mem_gb
+        if settings.distributed:
+            params.update(nodes=settings.nodes, tasks_per_node=settings.tasks_per_node)
     ex.update_parameters(**params)
     return ex
 
@@ -88,7 +107,7 @@ def submit(
         return []
     ex = make_executor(store, settings)
     with ex.batch():
-        jobs = [ex.submit(CohortTask(str(store.root), group, cohort, compile)) for group in tasks]
+        jobs = [ex.submit(CohortTask(str(store.root), group, cohort, compile, settings.distributed)) for group in tasks]
     return jobs
 
 
@@ -105,6 +124,8 @@ def sbatch_script(store: ResultStore, settings: SlurmSettings, n_tasks: int) -> 
         time=settings.time_min,
         cpus_per_task=settings.cpus_per_task,
         gpus_per_node=settings.gpus_per_task,
+        nodes=settings.nodes,
+        ntasks_per_node=settings.tasks_per_node,
         mem=f"{settings.mem_gb}GB" if settings.mem_gb else None,
         array_parallelism=settings.array_parallelism,
         map_count=n_tasks,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kdbench import distributed
 from kdbench.catalog import BUILTIN_ORDER, MODERN, method_order  # noqa: F401 (BUILTIN_ORDER: re-exported)
 from kdbench.config import (
     Bench,
@@ -293,9 +294,14 @@ class Sweep:
         self.device = device
         self.cohort = cohort
         self.data = DataCache(download)
-        self.progress = progress
-        self.log = log
-        self.logs = RunLogs(store.runs_dir, echo)
+        # A distributed run (several ranks, kdbench.distributed): every rank trains, rank 0 alone writes (run JSON,
+        # checkpoints, weights, teacher cards, logs) and takes the locks; decisions read from the results folder
+        # are rank 0's (distributed.agree), so the ranks never part ways.
+        main = distributed.is_main()
+        self.progress = progress if main else None
+        self.log = log if main else (lambda s: None)
+        self.logs = RunLogs(store.runs_dir, echo if main else None)
+        self.logs.quiet = not main
 
     def preload(self, specs: list[RunSpec]) -> None:
         """Load every dataset the unfinished runs need (bad data roots fail here, before any file is written)."""
@@ -319,6 +325,8 @@ class Sweep:
     def _tidy(self, spec: RunSpec) -> None:
         """A finished run needs no checkpoint, lock or temporary file: remove those a killed process left behind
         (under the run's lock, so a process still writing them is never disturbed)."""
+        if not distributed.is_main():
+            return
         leftovers = self._leftovers(spec.label)
         lock = self.store.lock(spec.label)
         if not (leftovers or lock.path.exists()) or not lock.acquire():
@@ -339,9 +347,9 @@ class Sweep:
 
     def _finished(self, spec: RunSpec) -> dict[str, Any] | None:
         """The run's valid JSON, else None; an unreadable one is reported (it is then trained again)."""
-        done = self.store.finished(spec.label)
+        done = distributed.agree(self.store.finished(spec.label))
         path = self.store.run_path(spec.label)
-        if done is None and path.is_file():
+        if done is None and path.is_file() and distributed.is_main():
             try:
                 load_run(path)
             except KdbenchError as exc:
@@ -391,6 +399,10 @@ class Sweep:
             if card.get("weights_sha256") != tspec.imported:
                 raise KdbenchError(f"imported teacher {tspec.label} changed since the runs were planned; rerun")
             return model, card
+        if distributed.active():  # all ranks train it together, or none does
+            if distributed.agree(self.teachers.card(tspec) is None):
+                self._teacher_together(tspec, data)
+            return self.teachers.load(tspec, data.num_classes, self.device)
         waited = False
         while self.teachers.card(tspec) is None:
             lock = self.store.lock(f"teacher__{tspec.label}")
@@ -407,11 +419,27 @@ class Sweep:
                 time.sleep(2.0)
         return self.teachers.load(tspec, data.num_classes, self.device)
 
+    def _teacher_together(self, tspec: TeacherSpec, data: Dataset) -> None:
+        """A distributed run trains its missing teacher on all its ranks; rank 0 holds the teacher's lock (taken by
+        another process, the run stops: the ranks cannot wait hours in a collective)."""
+        lock = self.store.lock(f"teacher__{tspec.label}")
+        if not distributed.agree(lock.acquire() if distributed.is_main() else None):
+            raise KdbenchError(f"teacher {tspec.arch} is being trained by another process: rerun when it is done")
+        try:
+            if distributed.agree(self.teachers.card(tspec) is None):
+                self._train_teacher(tspec, data)
+        finally:
+            if distributed.is_main():
+                lock.release()
+            distributed.barrier()  # the card is written before any rank reads it
+
     def _train_teacher(self, tspec: TeacherSpec, data: Dataset) -> None:
         spec = teacher_run(tspec)
-        done = self.store.finished(spec.label)
+        done = distributed.agree(self.store.finished(spec.label))
         weights = self.store.weights_path(spec.label)
-        if done is not None and done["status"] == "done" and weights.is_file():
+        if done is not None and done["status"] == "done" and distributed.agree(weights.is_file()):
+            if not distributed.is_main():
+                return
             # The vanilla run of this architecture exists already: its weights are the teacher.
             from kdbench.models import create_model
             from kdbench.teachers import load_weights_into
@@ -440,7 +468,7 @@ class Sweep:
         locks = []
         try:
             for spec in specs:
-                if self.store.finished(spec.label) is not None and teacher_for is None:
+                if distributed.agree(self.store.finished(spec.label)) is not None and teacher_for is None:
                     report.skipped.append(spec.label)
                     continue
                 reason = not_applicable_reason(spec, data, teacher)
@@ -450,11 +478,12 @@ class Sweep:
                     self.logs.meter.run_done(spec.label)
                     continue
                 lock = self.store.lock(spec.label)
-                if not lock.acquire():
+                if not distributed.agree(lock.acquire() if distributed.is_main() else None):
                     report.busy.append(f"{spec.label} (being trained by another process)")
                     self.logs.meter.run_done(spec.label)
                     continue
-                locks.append(lock)
+                if distributed.is_main():
+                    locks.append(lock)
                 try:
                     m = build_member(spec, data, teacher, self.device, compile=self.compile)
                 except KdbenchError:
@@ -467,7 +496,10 @@ class Sweep:
                     report.failed.append(f"{spec.label}: could not be built ({type(exc).__name__})")
                     continue
                 m.checkpoint_path = self.store.checkpoint_path(spec.label)
-                if load_checkpoint(m):
+                loaded = load_checkpoint(m)
+                if distributed.agree((loaded, m.epoch, m.init_done)) != (loaded, m.epoch, m.init_done):
+                    raise KdbenchError(f"{spec.label}: the ranks read different checkpoints (is the folder shared?)")
+                if loaded:
                     self.logs.meter.start(spec.label, m.epoch)
                     self.logs.note([spec], f"resumed at epoch {m.epoch}/{spec.protocol.epochs}")
                 elif m.discarded:
@@ -502,6 +534,7 @@ class Sweep:
         finally:
             for lock in locks:
                 lock.release()
+        distributed.barrier()  # what rank 0 wrote is there before any rank reads it
         return members
 
     def _finish(
@@ -526,6 +559,9 @@ class Sweep:
                 self.log(f"{m.spec.label}: final metrics failed ({type(exc).__name__}: {exc}); top-1 is recorded")
                 extra = {"final_metrics_error": f"{type(exc).__name__}: {exc}"}
         diagnostics = {"corr_diff": extra.pop("corr_diff")} if "corr_diff" in extra else {}
+        if not distributed.is_main():  # rank 0 writes the run; the others only took part in the metrics
+            (report.failed if m.failed else report.trained).append(m.spec.label)
+            return
         record = result_record(m, data, card, self.device, cohort_size, extra)
         if diagnostics:
             record["diagnostics"] = diagnostics
@@ -575,6 +611,8 @@ class Sweep:
         }
 
     def _write_na(self, spec: RunSpec, data: Dataset, card, reason: str, status: str = "n/a") -> None:
+        if not distributed.is_main():
+            return
         self.store.write_run(spec.label, run_record(spec, data, card, self.device, status=status, reason=reason))
 
 

@@ -42,6 +42,9 @@ REFERENCES = {
     "dist2022": "DIST (Huang",
     "ls2024": "LS (Sun",
     "simkd2022": "SimKD (Chen",
+    # ImageNet: mdistiller's README table (its own KD re-run, and DKD) on tv_resnet34:tv_resnet18 and
+    # tv_resnet50:mobilenetv1
+    "mdistiller-imagenet": "mdistiller README ImageNet",
 }
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 BOOTSTRAP_RESAMPLES = 10_000
@@ -217,11 +220,25 @@ def load_reference(names: str | list[str] | None) -> tuple[dict[tuple[str, str, 
         if n not in REFERENCES:
             raise KdbenchError(f"unknown reference {n!r}; valid: {', '.join(REFERENCES)}")
     out: dict[tuple[str, str, str], float | None] = {}
-    with open(REFERENCE_DIR / "cifar100_top1.csv", newline="") as fh:
-        for rec in csv.DictReader(fh):
-            if any(rec["source"].startswith(REFERENCES[n]) for n in wanted):
-                out[(rec["teacher"], rec["student"], rec["method"])] = float(rec["top1"]) if rec["top1"] else None
+    for rec in _reference_rows():
+        if any(rec["source"].startswith(REFERENCES[n]) for n in wanted):
+            out[(rec["teacher"], rec["student"], rec["method"])] = float(rec["top1"]) if rec["top1"] else None
     return out, wanted
+
+
+# The shipped top-1 tables (SOURCES.md): CIFAR-100, then ImageNet (whose pairs, tv_resnet34:tv_resnet18 and
+# tv_resnet50:mobilenetv1, never collide with a CIFAR pair).
+REFERENCE_FILES = ("cifar100_top1.csv", "imagenet_top1.csv")
+# The datasets with published numbers: their protocol in bench.toml, and how a note names it.
+PUBLISHED_PROTOCOL = {"cifar100": ("paper", "240-epoch paper"), "imagenet": ("imagenet", "100-epoch ImageNet")}
+
+
+def _reference_rows() -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for name in REFERENCE_FILES:
+        with open(REFERENCE_DIR / name, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
 
 
 def load_transfer_reference() -> dict[tuple[str, str, str, str], float]:
@@ -236,8 +253,7 @@ def load_transfer_reference() -> dict[tuple[str, str, str, str], float]:
 
 
 def _paper_order() -> list[str]:
-    with open(REFERENCE_DIR / "cifar100_top1.csv", newline="") as fh:
-        return list(dict.fromkeys(f"{r['teacher']}:{r['student']}" for r in csv.DictReader(fh)))
+    return list(dict.fromkeys(f"{r['teacher']}:{r['student']}" for r in _reference_rows()))
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -457,14 +473,14 @@ def build_tables(
         _add_setting_kinds(table, g)
         if ref_names:
             data = g["data"].iloc[0]
-            if data == "cifar100":
+            if data in PUBLISHED_PROTOCOL:
                 table.reference = {}
                 table.reference_names = ref_names
                 proto = str(group).rsplit(" / ", 1)[-1]
-                if proto != "paper":
+                name, words = PUBLISHED_PROTOCOL[data]
+                if proto != name:
                     table.notes.append(
-                        f"the published numbers come from the 240-epoch paper protocol; these runs "
-                        f"used the {proto!r} protocol"
+                        f"the published numbers come from the {words} protocol; these runs used the {proto!r} protocol"
                     )
                 for row in rows:
                     # a row of another setting ("dkd (beta=8)") is set beside its method's published number too,
@@ -478,7 +494,8 @@ def build_tables(
                                 _check_published_setting(table, g, row, pair)
             else:
                 table.notes.append(
-                    f"published numbers ({', '.join(ref_names)}) are CIFAR-100 results: not shown for {data}"
+                    f"published numbers ({', '.join(ref_names)}) are CIFAR-100 and ImageNet results: "
+                    f"not shown for {data}"
                 )
         if vs is not None:
             base_row = STUDENT if vs.lower() in ("ce", "student") else vs

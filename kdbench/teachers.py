@@ -196,3 +196,33 @@ class TeacherStore:
     def load_imported(self, arch: str, data: DataSpec, num_classes: int, device: torch.device):
         card = self.imported_card(arch, data)
         return self._frozen(arch, self.imported_label(arch, data), num_classes, device), card
+
+
+def torchvision_weights(name: str, download: bool = False) -> Path:
+    """The local file of torchvision's published weights ``name`` (e.g. ``ResNet34_Weights.IMAGENET1K_V1``), in
+    torch.hub's checkpoint folder ($TORCH_HOME/hub/checkpoints). Fetched only with ``download`` (and then checked
+    against the hash prefix of its file name); the caller imports it with ``weights_only`` loading, so no pickled
+    code runs whichever way the file came."""
+    import torch.hub
+    from torchvision.models import get_weight
+
+    try:
+        weights = get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise KdbenchError(
+            f"unknown torchvision weights {name!r}: use an enum value such as ResNet34_Weights.IMAGENET1K_V1"
+        ) from None
+    url = weights.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if path.is_file():
+        return path
+    if not download:
+        raise KdbenchError(f"torchvision weights {name} are not in {path.parent}: pass --download to fetch {url}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = path.stem.rsplit("-", 1)[-1] if "-" in path.stem else None
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=digest, progress=False)
+    except Exception as exc:  # no network, a proxy, a truncated file: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KdbenchError(f"could not download {url}: {first}") from None
+    return path

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench import distributed
 from kdbench.config import RunSpec
 from kdbench.data import Dataset
 from kdbench.errors import KdbenchError
@@ -180,6 +181,8 @@ def build_member(
         student = create_model(spec.student, num_classes=data.num_classes)
         method = entry.cls(cfg, method_context(spec, data, student, teacher))
     student.to(device)
+    # Under DDP the student's BatchNorms see the global batch: N ranks train what one device would.
+    student = distributed.sync_batchnorm(student, device)
     prepare_model(student, channels_last=spec.channels_last, compile=compile)
     method.to(device)
     method.rng = new_generator(device)
@@ -216,6 +219,9 @@ def not_applicable_reason(spec: RunSpec, data: Dataset, teacher: nn.Module | Non
 
 
 def save_checkpoint(m: Member) -> None:
+    """Write the member's checkpoint (rank 0 only: the other ranks hold the same state)."""
+    if not distributed.is_main():
+        return
     state = {
         "format": CHECKPOINT_FORMAT,
         "run_id": m.spec.run_id,
@@ -342,6 +348,52 @@ def main_terms(
     return terms
 
 
+class StepModule(nn.Module):
+    """The student and the method as one module whose forward is one step's loss terms, so that one
+    DistributedDataParallel wrapper averages the gradients of the student and of every learnable part of the
+    method (the teacher is frozen and replicated, never wrapped)."""
+
+    def __init__(self, student: nn.Module, method: nn.Module, step: Callable[..., dict[str, torch.Tensor]]):
+        super().__init__()
+        self.student = student
+        self.method = method
+        self._step = step
+
+    def forward(self, *args: Any) -> dict[str, torch.Tensor]:
+        return self._step(*args)
+
+
+def ddp_step(
+    student: nn.Module, method: nn.Module, step: Callable[..., dict[str, torch.Tensor]], device: torch.device
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """``step`` itself on one process; under DDP, ``step`` run through a DistributedDataParallel wrapper of the
+    student and the method (built now: it registers the parameters that require a gradient at this moment).
+
+    Buffers are not broadcast at each step (``broadcast_buffers=False``): the BatchNorm statistics are synchronised
+    and every rank applies the same memory-bank update, and a broadcast of CRD's banks would cost their size per
+    step. ``find_unused_parameters``: a method may leave some of its parameters out of a step."""
+    if not distributed.active():
+        return step
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    with warnings.catch_warnings():  # torch >= 2.10 renames broadcast_buffers; its replacement still syncs at init
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(
+            StepModule(student, method, step),
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
+
+
+def epoch_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """Per-term means over an epoch's steps, averaged over the ranks (each rank's terms are means over its rows,
+    so with equal shares this is the mean one process computes over the global batches)."""
+    return {k: float(distributed.all_mean(v)) / steps for k, v in sums.items()}
+
+
 def optimizer_step(
     optimizer: torch.optim.Optimizer, terms: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]
 ) -> None:
@@ -398,6 +450,14 @@ def run_init_stage(
         drop_last=m.spec.protocol.drop_last,
         device=device,
     )
+
+    def init_terms(batch: Batch) -> dict[str, torch.Tensor]:
+        with autocast(device, m.spec.precision):
+            t_out = teacher_outputs(teacher, batch.images, m.preact)
+            s_out = m.student(batch.images, preact=m.preact) if stage.needs_student else None
+            return stage.loss(s_out, t_out, batch)
+
+    step = ddp_step(m.student, m.method, init_terms, device)
     try:
         if teacher is not None:
             teacher.eval()
@@ -410,14 +470,10 @@ def run_init_stage(
             sums: dict[str, torch.Tensor] = {}
             for batch in loader.epoch(m.init_done):
                 batch = _batch_for(batch, m.spec.channels_last)
-                with autocast(device, m.spec.precision):
-                    t_out = teacher_outputs(teacher, batch.images, m.preact)
-                    s_out = m.student(batch.images, preact=m.preact) if stage.needs_student else None
-                    terms = stage.loss(s_out, t_out, batch)
-                optimizer_step(opt, terms, sums)
+                optimizer_step(opt, step(batch), sums)
                 if on_batch:
                     on_batch()
-            means = {k: float(v) / len(loader) for k, v in sums.items()}
+            means = epoch_means(sums, len(loader))
             _check_finite(m, means, -1)
             if m.failed:
                 m.failed = "init stage: " + m.failed
@@ -461,7 +517,16 @@ def train_cohort(
     if teacher is not None:
         teacher.eval()
     task = None
-    if progress is not None:
+    steps_of: dict[int, Callable[..., dict[str, torch.Tensor]]] = {}
+    for m in active:
+
+        def member_terms(images, t_out, batch, where, m=m) -> dict[str, torch.Tensor]:
+            with autocast(device, precision):
+                s_out = m.student(images, preact=m.preact)
+                return main_terms(m, s_out, t_out, batch, where)
+
+        steps_of[id(m)] = ddp_step(m.student, m.method, member_terms, device)
+    if progress is not None and distributed.is_main():
         from rich.markup import escape
 
         names = ", ".join(m.spec.method for m in active)
@@ -496,17 +561,17 @@ def train_cohort(
                 if m.failed is not None:
                     continue
                 try:
-                    with autocast(device, precision):
-                        s_out = m.student(batch.images, preact=m.preact)
-                        terms = main_terms(m, s_out, t_batch if m.method.teacher_batch_stats else t_out, batch, where)
-                    optimizer_step(m.optimizer, terms, sums[id(m)])
+                    t_for = t_batch if m.method.teacher_batch_stats else t_out
+                    optimizer_step(m.optimizer, steps_of[id(m)](batch.images, t_for, batch, where), sums[id(m)])
                 except Exception as exc:  # one member's error must not cost its cohort-mates their results
+                    if distributed.active():  # ...except under DDP: the other ranks wait in a collective
+                        raise
                     fail_member(m, exc, epoch)
             if task is not None:
                 progress.advance(task)
         seconds = time.perf_counter() - t0
         for m in active:
-            means = {k: float(v) / len(loader) for k, v in sums[id(m)].items()}
+            means = epoch_means(sums[id(m)], len(loader))
             m.curve["epoch"].append(epoch + 1)
             m.curve["lr"].append(proto.lr_at(m.base_lr, epoch))
             for k, v in means.items():
@@ -652,5 +717,12 @@ def result_record(
             "note": "epoch_seconds is the wall time of the whole cohort's epoch; epoch_cohort_sizes the members that "
             "trained in it (from the first epoch this code recorded it)",
         },
-        execution={"precision": m.spec.precision, "channels_last": m.spec.channels_last, "compile": m.compiled},
+        execution={
+            "precision": m.spec.precision,
+            "channels_last": m.spec.channels_last,
+            "compile": m.compiled,
+            # one run on several processes (DDP): not part of the run id, since the student's BatchNorms are
+            # synchronised and every rank sees its share of the same global batches (kdbench.distributed)
+            **({"processes": distributed.world_size(), "sync_batchnorm": True} if distributed.active() else {}),
+        },
     )

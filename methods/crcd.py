@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdbench import distributed
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import (
     Embed,
@@ -40,14 +41,34 @@ class CRCDConfig(MethodConfig):
     RANGES = {**MethodConfig.RANGES, "feat_dim": ">=1", "nce_k": ">=1", "nce_t": ">0", "nce_m": "[0,1)"}
 
 
-def relation_scores(x: torch.Tensor, anchors: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+def relation_scores(
+    x: torch.Tensor, anchors: torch.Tensor, contrast: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """cos(x_i - anchors_a, contrast_ik - anchors_a) for every pair i != a: [B * (B - 1), 1 + K], rows (i, a).
 
     x [B, d] (live queries), anchors [B, d], contrast [B, 1 + K, d]. Computed from inner products only, so
     no [B, B, 1 + K, d] tensor is ever built: <x - a, m - a> = x.m - x.a - a.m + a.a and
     |x - a|^2 = x.x - 2 x.a + a.a. A difference shorter than sqrt(DEGENERATE) (a memory row equal to its
     anchor) gets a cosine of ~0 instead of a division by zero.
+
+    ``positions`` (several processes): the queries are this rank's rows of a global batch whose anchors are all
+    given; query i is at ``positions[i]`` among the anchors and is paired with every other anchor ([b * (B - 1),
+    1 + K], rows (i, a) in row-major order, as one device has them).
     """
+    if positions is not None:
+        n = anchors.shape[0]
+        xa = x @ anchors.t()  # [i, a]
+        xm = torch.einsum("id,ikd->ik", x, contrast)
+        am = torch.einsum("ad,ikd->iak", anchors, contrast)
+        aa = (anchors * anchors).sum(1)
+        num = xm.unsqueeze(1) - xa.unsqueeze(2) - am + aa.view(1, n, 1)
+        dx2 = ((x * x).sum(1).unsqueeze(1) - 2 * xa + aa.unsqueeze(0)).clamp_min(DEGENERATE)
+        dm2 = ((contrast * contrast).sum(2).unsqueeze(1) - 2 * am + aa.view(1, n, 1)).clamp_min(DEGENERATE)
+        cos = num * torch.rsqrt(dx2.unsqueeze(2) * dm2)  # [i, a, k]
+        others = torch.arange(n, device=x.device).expand(x.shape[0], n)
+        others = others[others != positions.unsqueeze(1)].view(x.shape[0], n - 1)
+        cos = cos.gather(1, others.unsqueeze(2).expand(-1, -1, cos.shape[2]))
+        return cos.reshape(-1, cos.shape[2])
     b = x.shape[0]
     xx = (x * x).sum(1)  # [B]
     aa = (anchors * anchors).sum(1)  # [B]
@@ -170,17 +191,29 @@ class CRCD(Method):
             g_t = ce_feature_grad(teacher.logits.detach(), labels, self.ctx.teacher_head.weight.detach())
         return g_s, g_t
 
-    def _exp_relations(self, x: torch.Tensor, memory: torch.Tensor, index: torch.Tensor, idx: torch.Tensor):
+    def _exp_relations(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        index: torch.Tensor,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ):
         anchors = memory.index_select(0, index)  # copies: the later in-place update does not touch them
         contrast = memory.index_select(0, idx.flatten()).view(*idx.shape, -1)
-        return torch.exp(relation_scores(x, anchors, contrast) / self.cfg.nce_t)
+        return torch.exp(relation_scores(x, anchors, contrast, positions) / self.cfg.nce_t)
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress
     ) -> dict[str, torch.Tensor]:
         device = student.pooled.device
         with fp32(device):
-            index = batch.index.to(device).long()
+            # Several processes: anchors, negatives and bank updates over the global batch (kdbench.distributed);
+            # the queries are this rank's rows, at ``positions`` in it.
+            index = distributed.gather_rows(batch.index.to(device).long())
+            positions = None
+            if distributed.active():
+                positions = torch.arange(index.numel(), device=device)[distributed.rank() :: distributed.world_size()]
             labels = batch.labels.to(device).long()
             v_s = self.embed_s(student.pooled.float())
             v_t = self.embed_t(teacher.pooled.float().detach())
@@ -191,12 +224,12 @@ class CRCD(Method):
                 zero = sum(t.sum() for t in (v_s, v_t, u_s, u_t)) * 0.0
                 feat_loss = grad_loss = zero
             else:
-                idx = self.sample_contrast(index)
+                idx = distributed.local_rows(self.sample_contrast(index))
                 exps = [
-                    self._exp_relations(v_s, self.memory_t, index, idx),
-                    self._exp_relations(v_t, self.memory_s, index, idx),
-                    self._exp_relations(u_s, self.grad_memory_t, index, idx),
-                    self._exp_relations(u_t, self.grad_memory_s, index, idx),
+                    self._exp_relations(v_s, self.memory_t, index, idx, positions),
+                    self._exp_relations(v_t, self.memory_s, index, idx, positions),
+                    self._exp_relations(u_s, self.grad_memory_t, index, idx, positions),
+                    self._exp_relations(u_t, self.grad_memory_s, index, idx, positions),
                 ]
                 if not self._z_ready:
                     set_normalisers(self.nce_z, exps, self.n_data)
@@ -206,9 +239,12 @@ class CRCD(Method):
                 grad_loss = terms[2] + terms[3]
             if self.training:
                 m = self.cfg.nce_m
-                momentum_update(self.memory_s, index, v_s, m)
-                momentum_update(self.memory_t, index, v_t, m)
-                momentum_update(self.grad_memory_s, index, u_s, m)
-                momentum_update(self.grad_memory_t, index, u_t, m)
+                for bank, rows in (
+                    (self.memory_s, v_s),
+                    (self.memory_t, v_t),
+                    (self.grad_memory_s, u_s),
+                    (self.grad_memory_t, u_t),
+                ):
+                    momentum_update(bank, index, distributed.gather_rows(rows.detach()), m)
         beta = self.cfg.weight
         return {"crcd": beta * feat_loss, "crcd_grad": beta * self.cfg.grad_weight * grad_loss}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdbench import distributed
 from kdbench.losses import widen
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import (
@@ -73,6 +74,10 @@ class CRD(Method):
     - The banks are only updated in training mode (``self.training``): a loss evaluated in eval mode leaves
       them untouched (Z is set by the first call, whatever the mode, as in the reference).
     - The maths run in fp32 with autocast disabled (exp(1/0.07) ~ 1.6e6 is unsafe in bf16).
+    - Several processes (DDP): every rank draws the negatives of the whole global batch (the same draws as one
+      device) and keeps its rows; Z is set from the global batch's mean; the banks are updated with the
+      embeddings and indices of the whole global batch, gathered from every rank (``kdbench.distributed``), so
+      the banks stay equal on every rank and equal to one device's.
     """
 
     name = "crd"
@@ -115,8 +120,8 @@ class CRD(Method):
         with fp32(device):
             v_s = self.embed_s(widen(student.pooled))
             v_t = self.embed_t(widen(teacher.pooled).detach())
-            index = batch.index.to(device).long()
-            idx = self.sample_contrast(index)
+            index = distributed.gather_rows(batch.index.to(device).long())  # the global batch's indices
+            idx = distributed.local_rows(self.sample_contrast(index))
             e_s = self._exp_scores(v_s, self.memory_t, idx)  # student anchor, teacher memory
             e_t = self._exp_scores(v_t, self.memory_s, idx)  # teacher anchor, student memory
             if not self._z_ready:
@@ -124,8 +129,8 @@ class CRD(Method):
                 self._z_ready = True
             loss = nce_loss(e_s / self.nce_z[0], self.n_data) + nce_loss(e_t / self.nce_z[1], self.n_data)
             if self.training:
-                momentum_update(self.memory_s, index, v_s, self.cfg.nce_m)
-                momentum_update(self.memory_t, index, v_t, self.cfg.nce_m)
+                momentum_update(self.memory_s, index, distributed.gather_rows(v_s.detach()), self.cfg.nce_m)
+                momentum_update(self.memory_t, index, distributed.gather_rows(v_t.detach()), self.cfg.nce_m)
         return {"crd": self.cfg.weight * loss}
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdbench import distributed
 from kdbench.errors import KdbenchError
 from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
 from kdbench.method_parts import Embed, fp32
@@ -93,6 +94,11 @@ class RRD(Method):
     writes wrap around the end, a batch larger than the queue keeps its newest rows, and the last partial
     batch is used (the reference asserted queue_size % batch_size == 0 and dropped it). The queue is only
     written in training mode. The maths run in fp32 with autocast disabled.
+
+    Several processes (DDP): the teacher keys of the whole global batch are gathered from every rank, in one
+    device's order, and enqueued on every rank (as MoCo-style queues do on several GPUs), so the queues stay
+    equal and equal to one device's; each rank's loss is the mean over its own rows. ``train_teacher_embed``
+    is refused there (its live queue rows would be another rank's keys).
     """
 
     name = "rrd"
@@ -153,8 +159,10 @@ class RRD(Method):
             z_t = self.embed_t(teacher.pooled.float().detach())
             update = self.training
             keys = self.queue
+            if self.cfg.train_teacher_embed and distributed.active():
+                raise ValueError("rrd: train_teacher_embed is not supported on several processes")
             if update and self.cfg.queue_update == "before":
-                rows = self.enqueue(z_t)
+                rows = self.enqueue(distributed.gather_rows(z_t))
                 if self.cfg.train_teacher_embed:
                     keys = keys.index_put((rows,), z_t[-keys.shape[0] :])  # out of place: these rows stay live
             filled = self.filled()
@@ -168,7 +176,7 @@ class RRD(Method):
                 p_t = F.softmax((z_t @ keys.t()).detach() / self.cfg.tau_t, dim=1)
                 loss = -(p_t * F.log_softmax(logits_s, dim=1)).sum(dim=1).mean()
             if update and self.cfg.queue_update == "after":
-                self.enqueue(z_t)
+                self.enqueue(distributed.gather_rows(z_t))
         return {"rrd": self.cfg.weight * loss}
 
 

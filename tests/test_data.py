@@ -639,7 +639,9 @@ def test_registry_and_errors():
     names = [n for n, _ in list_datasets()]
     assert names == list(DATASETS) and {"cifar100", "tinyimagenet", "synthetic"} <= set(names)
     assert all(desc and "\n" not in desc for _, desc in list_datasets())
-    with pytest.raises(KdbenchError, match="unknown dataset 'cifar1000'.*cifar100, stl10, synthetic, tinyimagenet"):
+    with pytest.raises(
+        KdbenchError, match="unknown dataset 'cifar1000'.*cifar100, imagenet, stl10, synthetic, tinyimagenet"
+    ):
         load_dataset("cifar1000")
     with pytest.raises(KdbenchError, match="no option.*colour"):
         load_dataset("synthetic", colour=True)

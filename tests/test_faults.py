@@ -120,7 +120,7 @@ BAD_INPUT = [
     ("unknown-student", ["run", "--methods", "kd", "--pairs", "resnet14:resnt8"], None, "did you mean resnet8"),
     (
         "unknown-dataset",
-        ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "imagenet"],
+        ["run", "--methods", "kd", "--pairs", "resnet14:resnet8", "--dataset", "imagenet21k"],
         None,
         "unknown dataset",
     ),

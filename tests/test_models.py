@@ -45,10 +45,19 @@ EXPECTED: dict[str, tuple[int, int]] = {
     "mobilenetv2": (812_836, 320),
     "shufflenetv1": (949_258, 296),
     "shufflenetv2": (1_355_528, 338),
+    # ImageNet models (kdbench.models.imagenet), counted on torchvision's definitions with 100 classes;
+    # test_imagenet_models_match_torchvision checks them against torchvision directly.
+    "tv_resnet18": (11_227_812, 122),
+    "tv_resnet34": (21_335_972, 218),
+    "tv_resnet50": (23_712_932, 320),
+    "mobilenetv1": (3_309_476, 164),
 }
 
 # Shell pattern -> state-dict keys that the matching reference models have (first match wins per list).
 REFERENCE_KEYS: dict[str, tuple[str, ...]] = {
+    "tv_resnet50": ("conv1.weight", "layer1.0.downsample.0.weight", "layer4.2.bn3.running_var", "fc.weight"),
+    "tv_resnet*": ("conv1.weight", "layer2.0.downsample.1.running_mean", "layer4.1.bn2.weight", "fc.bias"),
+    "mobilenetv1": ("conv1.weight", "bn1.running_var", "blocks.0.dw.weight", "blocks.12.bn2.bias", "fc.weight"),
     "resnet*x4": (
         "conv1.weight",
         "layer1.0.downsample.0.weight",
@@ -118,6 +127,7 @@ REFERENCE_KEYS: dict[str, tuple[str, ...]] = {
 }
 # Keys the reference does NOT have: an identity shortcut adds no module there.
 ABSENT_KEYS: dict[str, tuple[str, ...]] = {
+    "tv_resnet*": ("layer2.1.downsample.0.weight",),
     "resnet*x4": (),
     "resnet50": ("layer1.1.shortcut.0.weight",),
     "resnet*": ("layer1.0.downsample.0.weight",),
@@ -294,3 +304,31 @@ def test_list_models_filters() -> None:
     assert "wrn_40_2" not in resnets
     assert list_models("wrn_*") == ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
     assert list_models("no_such_model*") == []
+
+
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_resnet34", "tv_resnet50"])
+def test_imagenet_models_match_torchvision(name: str) -> None:
+    """torchvision's own definition is the reference: same parameter count at 1000 classes, and its state dict
+    loads with strict=True and gives the same logits (so its published weights are these models' weights)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name.removeprefix("tv_"))(num_classes=1000).eval()
+    model = create_model(name, num_classes=1000).eval()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x), rtol=0, atol=0)
+
+
+def test_mobilenetv1_parameter_count() -> None:
+    """MobileNetV1 (Howard et al. 2017, 1000 classes): the count from its layer table, 4,231,976 (the paper's 4.2M),
+    computed here from the block list written out independently of the model's code."""
+    blocks = [(32, 64)] + [(64, 128), (128, 128), (128, 256), (256, 256), (256, 512)] + [(512, 512)] * 5
+    blocks += [(512, 1024), (1024, 1024)]
+    count = 3 * 32 * 9 + 2 * 32  # stem conv + BN
+    count += sum(i * 9 + 2 * i + i * o + 2 * o for i, o in blocks)  # depthwise + BN, pointwise + BN
+    count += 1024 * 1000 + 1000
+    assert count == 4_231_976
+    assert sum(p.numel() for p in create_model("mobilenetv1", num_classes=1000).parameters()) == count

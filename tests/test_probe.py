@@ -172,8 +172,8 @@ def test_cli_probe(tiny_run):
     assert "kd resnet14:resnet8 -> synthetic: top-1 last" in res.stdout
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0 and "already probed" in res.stdout
-    res = CliRunner().invoke(cli, [*args[:4], "--dataset", "imagenet"])
-    assert res.exit_code != 0 and "unknown dataset 'imagenet'" in str(res.exception)
+    res = CliRunner().invoke(cli, [*args[:4], "--dataset", "imagenet21k"])
+    assert res.exit_code != 0 and "unknown dataset 'imagenet21k'" in str(res.exception)
 
 
 # ---------------------------------------------------------------------------------------------- STL-10

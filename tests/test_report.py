@@ -274,7 +274,9 @@ def test_reference_is_not_applied_to_other_data(tmp_path):
     tables = build_tables(collect(ResultStore(tmp_path)), "top1_last", reference="crd2020")
     (table,) = tables.values()
     assert table.reference is None and "not shown for synthetic" in table.notes[0]
-    assert "Note: published numbers (crd2020) are CIFAR-100 results: not shown for synthetic." in render(tables, "md")
+    assert "Note: published numbers (crd2020) are CIFAR-100 and ImageNet results: not shown for synthetic." in render(
+        tables, "md"
+    )
 
 
 def test_cli_table_names_the_half_written_file_and_goes_on():

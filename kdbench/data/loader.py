@@ -124,17 +124,22 @@ class GPULoader:
         order, top, left, flips = (t.to(self.device) if t is not None else None for t in self.plan(e))
         n, bs = self.num_samples, self.batch_size
         stop = (n // bs) * bs if self.drop_last else n
+        # In a distributed run each rank takes rows rank, rank + W, ... of every global batch (kdbench.distributed).
+        from kdbench import distributed
+
+        r, w = (distributed.rank(), distributed.world_size()) if self.train else (0, 1)
         for s in range(0, stop, bs):
-            idx = order[s : s + bs]
+            pos = slice(s + r, min(s + bs, stop), w)
+            idx = order[pos]
             x = self.images[idx]
             if top is not None or flips is not None:
                 k = idx.shape[0]
                 zeros = torch.zeros(k, dtype=torch.int64, device=self.device)
                 x = crop_flip(
                     x,
-                    top[s : s + bs] if top is not None else zeros,
-                    left[s : s + bs] if left is not None else zeros,
-                    flips[s : s + bs] if flips is not None else None,
+                    top[pos] if top is not None else zeros,
+                    left[pos] if left is not None else zeros,
+                    flips[pos] if flips is not None else None,
                     self.pad,
                 )
             yield Batch(self.normalize(x), self.labels[idx], idx)

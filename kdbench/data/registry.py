@@ -10,6 +10,7 @@ from typing import Any
 
 from kdbench.data.cifar100 import _load_cifar100
 from kdbench.data.dataset import Dataset, default_data_root
+from kdbench.data.imagenet import _load_imagenet
 from kdbench.data.stl10 import _load_stl10
 from kdbench.data.synthetic import _load_synthetic, make_synthetic
 from kdbench.data.tinyimagenet import _load_tinyimagenet
@@ -55,6 +56,12 @@ DATASETS: dict[str, DatasetSpec] = {
         "(image_size=96 keeps them); for the transfer probe",
         _load_stl10,
     ),
+    "imagenet": DatasetSpec(
+        "imagenet",
+        "ImageNet folders train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, decoded and augmented in DataLoader workers "
+        "(RandomResizedCrop 224 + flip; resize 256 + center crop 224); options resize_size, num_workers",
+        _load_imagenet,
+    ),
     "synthetic": DatasetSpec(
         "synthetic",
         "deterministic class-conditional colour patterns of any size and class count, for tests and smoke runs",
@@ -84,7 +91,7 @@ def load_dataset(
     ``download`` fetches missing files there. Decoded caches go into ``cache_dir`` when it is given, else next to
     the data, or into ``~/.cache/kdbench`` (``$KDBENCH_CACHE_DIR``) when the data's folder is read-only.
     ``options`` are the dataset's own (synthetic: num_classes, train_size, test_size, seed, noise, grid,
-    superclasses, label_noise; tinyimagenet: progress, num_workers, cache).
+    superclasses, label_noise; tinyimagenet: progress, num_workers, cache; imagenet: resize_size, num_workers).
     """
     spec = DATASETS.get(name)
     if spec is None:

@@ -6,7 +6,7 @@ imports them, as timm's ``timm.models`` does, so importing anything of ``kdbench
 """
 
 # Importing the families registers their constructors (in any order: base imports none of them).
-from kdbench.models import mobilenetv2, resnet, resnetv2, shufflenet, vgg, wrn  # noqa: F401
+from kdbench.models import imagenet, mobilenetv2, resnet, resnetv2, shufflenet, vgg, wrn  # noqa: F401
 from kdbench.models.base import (
     FeatureInfo,
     ModelOutput,
