@@ -900,6 +900,13 @@ def _probe_all(results, dataset, protocol, data_root, image_size, download, seed
         else:
             todo.append((path, obj))
     dev = _device(device)
+    # the probe data, loaded once per image size before any probe: a bad --data-root is one line, not N skips
+    from kdbench.data import load_dataset
+    from kdbench.probe import MissingWeights, probe_image_size
+
+    datasets = {}
+    for size in sorted({probe_image_size(obj, image_size) for _p, obj in todo}):
+        datasets[size] = load_dataset(dataset, data_root, image_size=size, download=download)
     done = 0
     for k, (path, obj) in enumerate(todo, 1):
         spec = obj["spec"]
@@ -916,10 +923,9 @@ def _probe_all(results, dataset, protocol, data_root, image_size, download, seed
                 device=dev,
                 seed=seed,
                 run_file=path,
+                data=datasets[probe_image_size(obj, image_size)],
             )
-        except KdbenchError as exc:
-            if "not found" not in str(exc) and "records no weights" not in str(exc):
-                raise
+        except MissingWeights as exc:
             skipped.append(f"{path.name}: {exc}")
             err_console.print(f"[{k}/{len(todo)}] {what}: skipped ({exc})", soft_wrap=True)
             continue

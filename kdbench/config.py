@@ -457,7 +457,14 @@ def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list[Any]]:
         parts = split_top_level(text)
         if len(parts) > 1 and any(not p.strip() for p in parts):
             raise KdbenchError(f"--set {item!r}: an empty value in the list; write e.g. {key}=1,2,4")
-        values = list(dict.fromkeys(parse_value(p) for p in parts)) if len(parts) > 1 else [parse_value(text)]
+        values = [parse_value(p) for p in parts] if len(parts) > 1 else [parse_value(text)]
+        # repeated values run once (compared as JSON: a value may be a list, which cannot be hashed)
+        values = list({json.dumps(v, sort_keys=True): v for v in values}.values())
+        if len(values) > 1 and key.startswith("protocol."):
+            raise KdbenchError(
+                f"--set {key}: a list of values (a grid) is accepted for methods.NAME.KEY only; a protocol is one "
+                "table group, so run one protocol value per results folder (or per command)"
+            )
         if key in out:
             raise KdbenchError(f"--set {key} is given twice; give one list instead, e.g. {key}=1,2")
         out[key] = values

@@ -37,6 +37,17 @@ NEEDS = frozenset({"logits", "feats", "preact", "pooled", "index"})
 ID_WHEN_SET = {"id": "when_set"}
 
 
+def absent_means(value: Any) -> dict[str, Any]:
+    """Field metadata of a setting added with a new default: a run recorded before the field existed (its spec has
+    no such key) ran with ``value``. Tables then show such a run as a run of that setting, not of the new default."""
+    return {"absent": value}
+
+
+def absent_values(cfg_cls: type) -> dict[str, Any]:
+    """{field: value} for the Config's fields declared with ``absent_means``."""
+    return {f.name: f.metadata["absent"] for f in dataclasses.fields(cfg_cls) if "absent" in f.metadata}
+
+
 @dataclass
 class MethodConfig:
     """Loss weights shared by every method: loss = ce_weight*CE + kd_weight*KD + the method's own terms.

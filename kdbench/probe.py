@@ -88,22 +88,31 @@ def resolve_run(run: str, results: str | Path | None = None) -> tuple[Path, dict
     return hits[0], load_run(hits[0]), store.root
 
 
+class MissingWeights(KdbenchError):
+    """A run that has no weights to probe (not finished, none recorded, or the file is gone)."""
+
+
+def probe_image_size(run: dict[str, Any], image_size: int | None = None) -> int:
+    """The image size a run is probed at: the one asked for, else the run's own, else 32."""
+    return image_size or (run.get("data") or {}).get("image_size") or 32
+
+
 def load_student(run: dict[str, Any], root: Path, device: torch.device) -> nn.Module:
     """The run's trained student, frozen: eval mode and requires_grad False on every parameter."""
     from kdbench.models import create_model, freeze
     from kdbench.teachers import load_weights_into
 
     if run["status"] != "done":
-        raise KdbenchError(f"run {run['run_id']} is {run['status']}: only a finished run has weights to probe")
+        raise MissingWeights(f"run {run['run_id']} is {run['status']}: only a finished run has weights to probe")
     rel = run.get("weights")
     if not rel:
-        raise KdbenchError(f"run {run['run_id']} records no weights file")
+        raise MissingWeights(f"run {run['run_id']} records no weights file")
     store = ResultStore(root)
     weights = store.inside(rel, f"weights of run {run['run_id']}")
     if not weights.is_file():
         weights = _teacher_weights(store, run) or weights
     if not weights.is_file():
-        raise KdbenchError(f"weights of run {run['run_id']} not found at {weights}")
+        raise MissingWeights(f"weights of run {run['run_id']} not found at {weights}")
     num_classes = (run.get("data") or {}).get("num_classes")
     if not isinstance(num_classes, int):
         raise KdbenchError(f"run {run['run_id']} does not record its class count (data.num_classes)")
@@ -240,8 +249,11 @@ def run_probe(
     run_file: Path | None = None,
     save: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    data: Any = None,
 ) -> dict[str, Any]:
-    """Train and evaluate the linear probe of one finished run; returns (and by default saves) its record."""
+    """Train and evaluate the linear probe of one finished run; returns (and by default saves) its record.
+
+    ``data``: the probe data set already loaded (at the run's probe image size), e.g. once for many runs."""
     from kdbench.data import Dataset, load_dataset
     from kdbench.seeds import derive_seed
     from kdbench.tables import PAPER_NAMES, load_transfer_reference
@@ -251,8 +263,9 @@ def run_probe(
         raise KdbenchError(f"unknown probe protocol {protocol!r}; valid: {', '.join(PROBE_PROTOCOLS)}")
     device = torch.device(device)
     model = load_student(run, root, device)
-    size = image_size or (run.get("data") or {}).get("image_size") or 32
-    data = load_dataset(dataset, data_root, image_size=size, download=download, **(dataset_options or {}))
+    size = probe_image_size(run, image_size)
+    if data is None:
+        data = load_dataset(dataset, data_root, image_size=size, download=download, **(dataset_options or {}))
     train_x, train_y, test_x, test_y = data.train_images, data.train_labels, data.test_images, data.test_labels
     if (idx := _subset(len(train_y), proto.max_train, derive_seed(seed, "probe-train-subset"))) is not None:
         train_x, train_y = train_x[idx], train_y[idx]

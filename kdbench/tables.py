@@ -26,7 +26,7 @@ from kdbench.catalog import PAPER_NAMES
 from kdbench.catalog import method_order as default_order
 from kdbench.errors import KdbenchError
 from kdbench.results import ResultStore, card_run_id, load_run
-from kdbench.variants import base_method, pair_defaults, row_name, setting_diff, setting_label
+from kdbench.variants import base_method, method_absent_values, pair_defaults, row_name, setting_diff, setting_label
 
 # Metrics with a teacher row (the teacher card records them).
 METRICS = ("top1_last", "top1_best", "top5_last", "top5_best")
@@ -168,8 +168,9 @@ def collect(store: ResultStore) -> Collected:
             return r["method"], f"{r['teacher'] or '-'}:{r['student']}"
 
         defaults = pair_defaults([key(r) for r in rows])
+        absent = method_absent_values([r["method"] for r in rows])
         for r in rows:
-            diff = setting_diff(configs.get(r["run_id"]) or {}, defaults[key(r)])
+            diff = setting_diff(configs.get(r["run_id"]) or {}, defaults[key(r)], absent[r["method"]])
             if diff:
                 settings[r["run_id"]] = diff
                 r["setting"] = setting_label(diff)

@@ -103,39 +103,40 @@ def _title(rec: dict[str, Any], source: str) -> str:
 
 
 def build_transfer(col: Collected, probes: list[dict[str, Any]], metric: str = "top1_last") -> list[TransferTable]:
-    """The transfer tables of a results folder (see the module docstring)."""
+    """The transfer tables of a results folder (see the module docstring).
+
+    Students' probes are grouped by probe (data, protocol, seed) and by the students' own group (data and training
+    protocol), so runs of different protocols are never merged. A teacher's own training run (its own, longer
+    protocol) is the Teacher row of every table of the same probe and source data whose pairs it teaches; a probed
+    teacher with no such table gets a table of its own."""
     runs = col.runs.set_index("run_id", drop=False) if not col.runs.empty else pd.DataFrame()
     groups: dict[str, list[tuple[dict[str, Any], pd.Series]]] = {}
-    skipped: dict[str, list[str]] = {}
+    teacher_probes: list[tuple[dict[str, Any], pd.Series]] = []
+    skipped: list[str] = []
     for rec in probes:
         if rec["run_id"] not in runs.index:
-            skipped.setdefault("", []).append(f"{rec['_file']}: its run {rec['run_id']} is not in runs/")
+            skipped.append(f"{rec['_file']}: its run {rec['run_id']} is not in runs/")
             continue
         run = runs.loc[rec["run_id"]]
-        if isinstance(run, pd.DataFrame):  # the same run id in two files: take the first
+        if isinstance(run, pd.DataFrame):  # the same run id in two files (tables name both): take the first
             run = run.iloc[0]
-        source = f"{run['data']}" + (f" ({run['group'].split(' / ')[0]})" if run["group"] else "")
-        groups.setdefault(_title(rec, source), []).append((rec, run))
-    out = []
+        if run["run_id"] in col.teacher_runs:
+            teacher_probes.append((rec, run))
+        else:
+            groups.setdefault(_title(rec, str(run["group"])), []).append((rec, run))
+    out: list[TransferTable] = []
+    used_teachers: set[str] = set()
     for title, items in groups.items():
         cells: dict[tuple[str, str], tuple[Stat, Stat]] = {}
-        teachers: dict[str, tuple[Stat, Stat]] = {}
         pairs: list[str] = []
+        problems: list[str] = []
         for rec, run in items:
-            seed = int(run["seed"])
-            src = float(run[metric]) if metric in run and _is_number(run[metric]) else math.nan
-            if run["run_id"] in col.teacher_runs:
-                s, t = teachers.setdefault(str(run["student"]), (Stat(), Stat()))
-            else:
-                t_arch = run["teacher"] if isinstance(run["teacher"], str) else "-"
-                pair = f"{t_arch}:{run['student']}"
-                row = STUDENT if run["method"] == "ce" else str(run["method"])
-                if pair not in pairs and row != STUDENT:
-                    pairs.append(pair)
-                s, t = cells.setdefault((pair, row), (Stat(), Stat()))
-            if not math.isnan(src):
-                s.values[seed] = src
-            t.values[seed] = float(rec["top1_last"])
+            t_arch = run["teacher"] if isinstance(run["teacher"], str) else "-"
+            pair = f"{t_arch}:{run['student']}"
+            row = STUDENT if run["method"] == "ce" else str(run["method"])
+            if pair not in pairs and row != STUDENT:
+                pairs.append(pair)
+            _add(cells.setdefault((pair, row), (Stat(), Stat())), rec, run, metric, problems)
         # a vanilla student (no teacher) belongs to every pair of its student
         for (pair, row), st in list(cells.items()):
             if row == STUDENT and pair.startswith("-:"):
@@ -146,6 +147,13 @@ def build_transfer(col: Collected, probes: list[dict[str, Any]], metric: str = "
                     cells[(p, STUDENT)] = st
                     if p not in pairs:
                         pairs.append(p)
+        source_data = str(items[0][1]["group"]).split(" / ")[0]
+        teachers: dict[str, tuple[Stat, Stat]] = {}
+        for rec, run in teacher_probes:
+            same = _title(rec, "") == _title(items[0][0], "") and str(run["group"]).split(" / ")[0] == source_data
+            if same and any(p.split(":")[0] == run["student"] for p in pairs):
+                _add(teachers.setdefault(str(run["student"]), (Stat(), Stat())), rec, run, metric, problems)
+                used_teachers.add(rec["_file"])
         rows: list[TransferRow] = []
         for pair in pairs:
             t_arch = pair.split(":")[0]
@@ -160,8 +168,35 @@ def build_transfer(col: Collected, probes: list[dict[str, Any]], metric: str = "
                 if base is not None:
                     gain.values = {k: v - base[1].values[k] for k, v in t.values.items() if k in base[1].values}
                 rows.append(TransferRow(pair, row, s, t, gain))
-        out.append(TransferTable(title, rows, skipped.get("", [])))
+        out.append(TransferTable(title, rows, problems))
+    # probed teachers that teach no probed student: a table of their own
+    alone: dict[str, list[tuple[dict[str, Any], pd.Series]]] = {}
+    for rec, run in teacher_probes:
+        if rec["_file"] not in used_teachers:
+            alone.setdefault(_title(rec, str(run["group"])), []).append((rec, run))
+    for title, items in alone.items():
+        teachers = {}
+        problems = []
+        for rec, run in items:
+            _add(teachers.setdefault(str(run["student"]), (Stat(), Stat())), rec, run, metric, problems)
+        rows = [TransferRow(f"{arch}:-", TEACHER, s, t, Stat()) for arch, (s, t) in teachers.items()]
+        out.append(TransferTable(title, rows, problems))
+    if out and skipped:
+        out[0].skipped[:0] = skipped
     return out
+
+
+def _add(cell: tuple[Stat, Stat], rec: dict[str, Any], run: pd.Series, metric: str, problems: list[str]) -> None:
+    """One probed run into a (source, target) cell; a second run of the same seed in one cell is named, not
+    averaged in silently (the first stays)."""
+    seed = int(run["seed"])
+    source, target = cell
+    if seed in target.values:
+        problems.append(f"{rec['_file']}: a second probe of {run['method']} seed {seed} in one cell: left out")
+        return
+    if metric in run and _is_number(run[metric]):
+        source.values[seed] = float(run[metric])
+    target.values[seed] = float(rec["top1_last"])
 
 
 def render_transfer_md(tables: list[TransferTable], metric: str = "top1_last") -> str:

@@ -33,14 +33,17 @@ def format_value(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def setting_diff(config: dict[str, Any], default: dict[str, Any] | None) -> dict[str, Any]:
+def setting_diff(
+    config: dict[str, Any], default: dict[str, Any] | None, absent: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The keys of a run's method config that differ from the method's default (none when the default is unknown).
 
-    A key the run does not record is taken to be at its default (a field added after the run was trained)."""
+    A key the run does not record is taken to be at its default (a field added after the run was trained, or left
+    out of the run id at its default), except where ``absent`` says what an absent key meant (``absent_means``)."""
     if default is None or not isinstance(config, dict):
         return {}
     default = _plain(default)
-    config = _plain(config)
+    config = {**_plain(absent or {}), **_plain(config)}
     return {k: v for k, v in sorted(config.items()) if k not in default or default[k] != v}
 
 
@@ -81,6 +84,21 @@ def method_defaults(names: list[str], pair: str | None = None) -> dict[str, dict
             out[name] = None
         except Exception:  # a plugin whose Config cannot be built with its own defaults: the same
             out[name] = None
+    return out
+
+
+def method_absent_values(names: list[str]) -> dict[str, dict[str, Any]]:
+    """What each method's runs recorded without a key meant (``kdbench.method.absent_means``); {} where unknown."""
+    from kdbench.errors import KdbenchError
+    from kdbench.method import absent_values, discover, resolve
+
+    registry = discover()
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(names):
+        try:
+            out[name] = absent_values(resolve(name, registry).cls.Config)
+        except (KdbenchError, AttributeError, TypeError):
+            out[name] = {}
     return out
 
 

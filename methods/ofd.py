@@ -4,13 +4,13 @@ teacher's BN statistics, and a partial L2 distance that ignores what the teacher
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress
+from kdbench.method import Batch, Method, MethodConfig, MethodContext, Progress, absent_means
 from kdbench.models.base import ModelOutput
 
 
@@ -22,7 +22,8 @@ class OFDConfig(MethodConfig):
     kernel_size: int = 1  # connector conv (mdistiller OFD.CONNECTOR.KERNEL_SIZE)
     # The teacher's BN during training: "batch" statistics, as mdistiller's OFD (its train() leaves the teacher in
     # train mode) and the original OFD code; "eval" uses its running statistics (kdbench's shared frozen teacher).
-    teacher_bn: str = "batch"
+    # OFD runs recorded before this setting existed used the running statistics: they are runs of "eval"
+    teacher_bn: str = field(default="batch", metadata=absent_means("eval"))
 
     RANGES = {**MethodConfig.RANGES, "teacher_bn": ("batch", "eval")}
 

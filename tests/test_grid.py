@@ -168,3 +168,24 @@ def test_best_of_grid_and_the_sensitivity_figure(tmp_path):
     assert ax.get_title() == "kd: temperature (3 seeds)" and ax.get_xscale() == "log"  # 2..8 spans 4x
     xs = sorted(ax.lines[0].get_xdata())
     assert xs == [2.0, 4.0, 8.0]
+
+
+def test_a_protocol_grid_is_refused_and_list_values_make_a_grid():
+    with pytest.raises(KdbenchError, match="accepted for methods.NAME.KEY only"):
+        parse_grid(["protocol.lr=0.05,0.1"])
+    # values that are lists (unhashable) are de-duplicated too; a single protocol value is fine
+    assert parse_grid(["methods.x.y=[1, 2],[1, 2],[3]"]) == {"methods.x.y": [[1, 2], [3]]}
+    assert parse_grid(["protocol.milestones=[1, 2]"]) == {"protocol.milestones": [[1, 2]]}
+
+
+def test_a_run_recorded_before_a_new_default_is_a_row_of_its_old_setting(tmp_path):
+    """OFD's teacher_bn arrived with default "batch"; runs recorded without the key used the running statistics."""
+    from kdbench.variants import method_absent_values, setting_diff
+
+    absent = method_absent_values(["ofd"])["ofd"]
+    assert absent == {"teacher_bn": "eval"}
+    spec = _expand(["ofd"], [])[0]
+    default = dict(spec.method_config)
+    old = {k: v for k, v in default.items() if k != "teacher_bn"}
+    assert setting_diff(old, default, absent) == {"teacher_bn": "eval"}
+    assert setting_diff(default, default, absent) == {}

@@ -288,3 +288,51 @@ def test_probe_all_and_the_transfer_table(tiny_sweep):
     assert isinstance(bad.exception, KdbenchError) and "give one RUN" in str(bad.exception)
     bad = CliRunner().invoke(cli, ["table", "--results", str(root), "--transfer", "--vs", "kd"])
     assert isinstance(bad.exception, KdbenchError) and "--transfer" in str(bad.exception)
+
+
+def test_probe_all_with_a_bad_data_root_is_one_error(tiny_sweep, tmp_path):
+    """The probe data is loaded once before any run: a missing data set stops at once (not one skip per run)."""
+    from kdbench.cli import cli
+
+    root, _ = tiny_sweep
+    res = CliRunner().invoke(
+        cli, ["probe", "--all", "--results", str(root), "--dataset", "stl10", "--data-root", str(tmp_path / "none")]
+    )
+    assert isinstance(res.exception, KdbenchError) and "STL-10 not found" in str(res.exception)
+
+
+def test_transfer_tables_keep_training_protocols_apart():
+    """Two probes of kd seed 0 trained under two protocols are two tables, never one averaged cell; a second probe of
+    the same seed in one cell is named and left out; a probed teacher that teaches no probed student has a table."""
+    import pandas as pd
+
+    from kdbench.tables import Collected
+    from kdbench.transfer import build_transfer
+
+    def run(run_id, method, group, seed=0, teacher="resnet14", student="resnet8"):
+        return {"run_id": run_id, "method": method, "group": group, "seed": seed, "teacher": teacher,
+                "student": student, "data": "synthetic", "top1_last": 50.0}  # fmt: skip
+
+    runs = pd.DataFrame(
+        [
+            run("a", "kd", "synthetic@16 / fast"),
+            run("b", "kd", "synthetic@16 / paper"),
+            run("c", "kd", "synthetic@16 / paper"),
+            run("t", "ce", "synthetic@16 / teacher", teacher=None, student="resnet32"),
+        ]
+    )
+    col = Collected(runs, pd.DataFrame(), teacher_runs={"t"})
+
+    def probe(run_id, top1, name):
+        data, proto = {"name": "synthetic", "num_classes": 5}, {"name": "smoke", "epochs": 2}
+        return {"run_id": run_id, "top1_last": top1, "_file": name, "probe_seed": 0, "dataset": data, "protocol": proto}
+
+    tables = build_transfer(
+        col, [probe("a", 30.0, "a"), probe("b", 40.0, "b"), probe("c", 45.0, "c"), probe("t", 9, "t")]
+    )
+    by_title = {t.title.split(" -> ")[0]: t for t in tables}
+    assert set(by_title) == {"synthetic@16 / fast", "synthetic@16 / paper", "synthetic@16 / teacher"}
+    assert by_title["synthetic@16 / fast"].rows[0].target.values == {0: 30.0}
+    paper = by_title["synthetic@16 / paper"]
+    assert paper.rows[0].target.values == {0: 40.0} and any("second probe of kd seed 0" in s for s in paper.skipped)
+    assert by_title["synthetic@16 / teacher"].rows[0].row == "Teacher"
