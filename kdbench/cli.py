@@ -248,6 +248,7 @@ def _prepare(
     if results is not None and not results.strip():
         raise KdbenchError("--results '': give a folder, e.g. --results results")
     store = ResultStore(results or bench.results)
+    store.check_layout()  # runs/ (or another sub-folder) that is a file: refused before any work, dry run too
     req = Request(
         list(methods),
         list(pairs),
@@ -490,7 +491,7 @@ def _collect(results: str):
     store = _store_with_runs(results)
     col = collect(store)
     for problem in col.problems:
-        err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}", soft_wrap=True)
+        err_console.print(f"[yellow]skipped or worth a look:[/yellow] {escape(problem)}", soft_wrap=True)
     if col.runs.empty:
         raise KdbenchError(f"no readable runs in {store.runs_dir}")
     return col
@@ -611,11 +612,18 @@ def _compute_text(results: str) -> str:
     from kdbench.compute import render_compute_md
 
     store = _store_with_runs(results)
+    from kdbench.export import duplicate_line
+
     runs = []
+    first: dict[str, Path] = {}
     for path, run, error in store.iter_runs():
         if run is None:
-            err_console.print(f"[yellow]skipped:[/yellow] {error}", soft_wrap=True)
+            err_console.print(f"[yellow]skipped:[/yellow] {escape(str(error))}", soft_wrap=True)
+        elif run["run_id"] in first:  # a copied file: its compute is counted once
+            line = duplicate_line(run["run_id"], first[run["run_id"]], path)
+            err_console.print(f"[yellow]skipped:[/yellow] {escape(line)}", soft_wrap=True)
         else:
+            first[run["run_id"]] = path
             runs.append((path, run))
     if not any(r.get("status") in ("done", "failed") for _p, r in runs):
         raise KdbenchError(f"no finished runs in {store.runs_dir}")
@@ -701,7 +709,6 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
     """Linear probe of a finished run's frozen student on another data set (CRD transfer protocol).
 
     RUN is a run JSON file or a prefix of a run id in RESULTS/runs/. The result goes to RESULTS/probes/."""
-    import json
 
     from kdbench.data import DATASETS
     from kdbench.probe import PROBE_PROTOCOLS, probe_label, resolve_run, run_probe
@@ -712,7 +719,11 @@ def probe(run, dataset, protocol, data_root, image_size, download, results, seed
     path, obj, root = resolve_run(run, results)
     target = ResultStore(root).probe_path(probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed))
     if target.is_file() and not force:
-        rec = json.loads(target.read_text())
+        from kdbench.guard import is_number, read_json
+
+        rec = read_json(target, root)
+        if not isinstance(rec, dict) or not all(is_number(rec.get(k)) for k in ("top1_last", "top1_best")):
+            raise KdbenchError(f"probe result {target} is malformed: --force to train the probe again")
         console.print(
             f"already probed: top-1 last {rec['top1_last']:.2f}, best {rec['top1_best']:.2f} -> {target} "
             "(--force to train it again)"
@@ -861,7 +872,7 @@ def teachers_list(results: str) -> None:
         table.add_column(col)
     for c in TeacherStore(ResultStore(results)).list():
         if "error" in c:
-            table.add_row(c["label"], "", "", "", "", f"[red]{c['error']}[/red]", "")
+            table.add_row(escape(c["label"]), "", "", "", "", f"[red]{escape(c['error'])}[/red]", "")
             continue
         top1 = c.get("top1")
         table.add_row(
@@ -880,8 +891,15 @@ def teachers_list(results: str) -> None:
 @_with_options(_run_options)
 def teachers_train(download, device, **selection) -> None:
     """Train (or reuse) the teachers that the given pairs need."""
+    from kdbench.config import parse_sets
     from kdbench.sweep import Sweep
 
+    method_keys = [k for k in parse_sets(selection["sets"]) if not k.startswith("protocol.")]
+    if method_keys:  # a teacher is the vanilla ce run: no method setting applies to it
+        raise KdbenchError(
+            f"--set {method_keys[0]}: teachers train takes protocol.KEY=V settings only (teachers are trained by the "
+            "vanilla ce run, no method)"
+        )
     _, store, specs = _prepare(["kd"], **selection)
     store.ensure_writable()
     dev = _device(device)

@@ -56,16 +56,17 @@ __all__ = [
 
 
 def _probe_rows(root: Path) -> list[dict[str, Any]]:
-    import json
+    from kdbench.errors import KdbenchError
+    from kdbench.guard import is_number, read_json
 
     out = []
     for path in sorted(ResultStore(root).probes_dir.glob("*.json")):
         try:
-            obj = json.loads(path.read_text())
-            if isinstance(obj, dict) and "top1_last" in obj:
-                out.append(obj)
-        except (OSError, ValueError, RecursionError):
+            obj = read_json(path, root)  # regular files inside the folder only, with a size cap
+        except KdbenchError:
             continue
+        if isinstance(obj, dict) and is_number(obj.get("top1_last")):
+            out.append(obj)
     return out
 
 

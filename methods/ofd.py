@@ -21,6 +21,8 @@ class OFDConfig(MethodConfig):
     weight: float = 1e-3  # mdistiller OFD.LOSS.FEAT_WEIGHT
     kernel_size: int = 1  # connector conv (mdistiller OFD.CONNECTOR.KERNEL_SIZE)
 
+    RANGES = {**MethodConfig.RANGES, "kernel_size": ">=1"}
+
 
 def margin_from_bn(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Per channel, E[x | x < 0] for x ~ N(beta, gamma^2) (the BN's bias and weight): with s = |gamma|,
