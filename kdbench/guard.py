@@ -95,14 +95,10 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def _finite_only(text: str) -> float:
-    raise ValueError(f"{text} is not valid JSON")
-
-
 def read_json(path: str | Path, root: str | Path | None = None, limit: int = MAX_JSON_BYTES) -> Any:
     """Parse a JSON file that kdbench wrote, refusing (KdbenchError naming the file and why) what is not one: a
     path outside ``root`` (after following links), anything but a regular file (a FIFO, a device, a folder), a
-    file over ``limit`` bytes, an integer over 64 digits, NaN or Infinity, nesting too deep."""
+    file over ``limit`` bytes, an integer over 64 digits, nesting too deep. NaN is read (the caller judges it)."""
     path = Path(path)
     try:
         real = path.resolve()
@@ -131,7 +127,7 @@ def read_json(path: str | Path, root: str | Path | None = None, limit: int = MAX
     except OSError as exc:
         raise KdbenchError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
     try:
-        return json.loads(data.decode("utf-8"), parse_int=_bounded_int, parse_constant=_finite_only)
+        return json.loads(data.decode("utf-8"), parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise KdbenchError(f"{path}: unreadable JSON ({str(exc) or type(exc).__name__})") from None
 

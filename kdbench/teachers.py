@@ -132,18 +132,21 @@ class TeacherStore:
             raise KdbenchError(
                 f"teacher weights {weights} are unreadable ({exc.strerror or exc}); check its permissions and the disk"
             ) from None
+        try:
+            state = load_file(str(weights))
+        except OSError as exc:
+            raise KdbenchError(f"teacher weights {weights} are unreadable ({exc.strerror or exc})") from None
+        except (SafetensorError, ValueError) as exc:
+            raise KdbenchError(
+                f"teacher weights {weights} are corrupt or truncated ({exc}); delete them and their card "
+                f"{self.card_path(label).name}, then train or import the teacher again"
+            ) from None
         if card.get("weights_sha256") != digest:
             redo = "import it again" if card.get("source") == "imported" else "train it again (kdbench teachers train)"
             raise KdbenchError(
                 f"teacher weights {weights} do not match weights_sha256 of their card {self.card_path(label).name} "
                 f"(the file was replaced or damaged): delete both and {redo}"
             )
-        try:
-            state = load_file(str(weights))
-        except OSError as exc:
-            raise KdbenchError(f"teacher weights {weights} are unreadable ({exc.strerror or exc})") from None
-        except (SafetensorError, ValueError) as exc:
-            raise KdbenchError(f"teacher weights {weights} are corrupt ({exc}); delete them and the card") from None
         broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if broken:
             raise KdbenchError(
