@@ -410,6 +410,7 @@ def _dry_run_table(store, specs) -> None:
     from kdbench.progress import estimate_seconds, hms
     from kdbench.sweep import Sweep, teacher_run
 
+    Sweep(store, torch.device("cpu")).check_teachers(specs)  # a swapped or broken teacher: refused as the run does
     table = Table(title=f"{len(specs)} runs")
     for col in ("pair", "method", "seed", "protocol", "state", "estimate"):
         table.add_column(col)
@@ -576,9 +577,12 @@ def table(
     if long_ and fmt != "csv":
         raise KdbenchError("--long writes the per-epoch curves as CSV: use it with --format csv")
     if long_:
-        from kdbench.export import curves_long_csv
+        from kdbench.export import curves_long_csv, without_curves
 
-        click.echo(curves_long_csv(_collect(results)), nl=False)
+        col = _collect(results)
+        for line in without_curves(col):
+            err_console.print(f"[yellow]skipped:[/yellow] {escape(line)}", soft_wrap=True)
+        click.echo(curves_long_csv(col), nl=False)
         return
     if rank_corr is not None:
         if not reference or "," in reference:
@@ -941,6 +945,8 @@ def teachers_import(file, arch, dataset, image_size, num_classes, results) -> No
 def main() -> None:
     """Entry point: KdbenchError and usage errors -> one line on stderr, exit code 2, no traceback."""
     try:
+        if any("\x00" in arg for arg in sys.argv[1:]):  # the OS cannot take it in a path or a name
+            raise KdbenchError("an argument holds a NUL byte: no name, path or value may")
         cli.main(standalone_mode=False)
     except KdbenchError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -49,6 +49,14 @@ def curve_problem(curve: Any) -> str | None:
     return None
 
 
+def without_curves(col: Any) -> list[str]:
+    """The files of the runs that --long leaves out because they hold no usable curve (n/a runs never have one)."""
+    if col.runs.empty:
+        return []
+    rows = col.runs[col.runs["status"] != "n/a"]
+    return [f"{col.paths[r]}: no curve (left out of --long)" for r in rows["run_id"] if not col.curves.get(r)]
+
+
 def _rows(curve: dict[str, Any]) -> list[tuple[int, str, float]]:
     """(epoch, quantity, value) of one run's curve: lr, loss_<term>, test_top1, test_top5, init_loss."""
     out: list[tuple[int, str, float]] = []

@@ -73,7 +73,7 @@ def check_bench_names(src: str, raw: dict[str, Any]) -> None:
     methods = raw.get("methods")
     if isinstance(methods, dict):
         for name in methods:
-            check_name("method", name, f"{src}: [methods.{name}]")
+            check_name("method", name, f"{src}: [methods.*]")
 
 
 def check_inside(root: str | Path, path: str | Path, what: str = "file") -> Path:
@@ -101,7 +101,10 @@ def read_json(path: str | Path, root: str | Path | None = None, limit: int = MAX
     file over ``limit`` bytes, an integer over 64 digits, nesting too deep. NaN is read (the caller judges it)."""
     path = Path(path)
     try:
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except RuntimeError:  # a link loop (an OSError from Python 3.13 on)
+            raise KdbenchError(f"{path}: a link that loops: not read") from None
         if root is not None:
             base = Path(root).resolve()
             if not real.is_relative_to(base) or real == base:
@@ -186,3 +189,28 @@ def check_card(card: Any, path: str | Path) -> dict[str, Any]:
     if "weights" in card:
         check_name("weights file", card["weights"], f"teacher card {path}")
     return card
+
+
+def probe_record_ok(obj: Any) -> bool:
+    """A probe result as ``kdbench probe`` writes it, as far as the report reads it: accuracies are numbers, the
+    names are strings, ``published`` a number or null."""
+    if not isinstance(obj, dict):
+        return False
+    numbers = all(is_number(obj.get(k)) for k in ("top1_last", "top1_best"))
+    published = obj.get("published") is None or is_number(obj.get("published"))
+    names = all(
+        isinstance(obj.get(k, ""), (str, int)) and not isinstance(obj.get(k), bool) for k in ("pair", "method", "seed")
+    )
+    nested = all(isinstance(obj.get(k, {}), dict) for k in ("dataset", "protocol"))
+    return numbers and published and names and nested
+
+
+def check_run_names(spec: dict[str, Any], name: str) -> None:
+    """The names a run JSON's spec gives (they become table rows and columns, and file names when rerun)."""
+    check_name("student", spec.get("student"), f"{name}: spec.student")
+    check_name("method", spec.get("method"), f"{name}: spec.method")
+    if isinstance(spec.get("teacher"), dict):
+        check_name("teacher", spec["teacher"].get("arch"), f"{name}: spec.teacher.arch")
+    for key in ("data", "protocol"):
+        if isinstance(spec.get(key), dict):
+            check_name(key, spec[key].get("name"), f"{name}: spec.{key}.name")

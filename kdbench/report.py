@@ -57,7 +57,7 @@ __all__ = [
 
 def _probe_rows(root: Path) -> list[dict[str, Any]]:
     from kdbench.errors import KdbenchError
-    from kdbench.guard import is_number, read_json
+    from kdbench.guard import probe_record_ok, read_json
 
     out = []
     for path in sorted(ResultStore(root).probes_dir.glob("*.json")):
@@ -65,7 +65,7 @@ def _probe_rows(root: Path) -> list[dict[str, Any]]:
             obj = read_json(path, root)  # regular files inside the folder only, with a size cap
         except KdbenchError:
             continue
-        if isinstance(obj, dict) and is_number(obj.get("top1_last")):
+        if probe_record_ok(obj):
             out.append(obj)
     return out
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from kdbench.errors import KdbenchError
 from kdbench.files import atomic_write_json
-from kdbench.guard import check_inside, read_json
+from kdbench.guard import check_card, check_inside, check_run_names, read_json
 
 SCHEMA_VERSION = 1
 STATUSES = ("done", "failed", "n/a")
@@ -65,11 +65,18 @@ def validate_run(obj: Any, name: str) -> dict[str, Any]:
         raise KdbenchError(f"{name}: spec.protocol.name must be a string")
     if spec["teacher"] is not None and not isinstance(spec["teacher"].get("arch"), str):
         raise KdbenchError(f"{name}: spec.teacher.arch must be a string")
+    check_run_names(spec, name)
+    if obj.get("teacher") is not None:  # the teacher's card (its accuracy is the Teacher row), or null
+        if not isinstance(obj["teacher"], dict):
+            raise KdbenchError(f"{name}: 'teacher' must be an object or null, got {type(obj['teacher']).__name__}")
+        check_card(obj["teacher"], f"in {name}")
     if obj["status"] == "done":
         for key in ("top1_last", "top1_best"):
             val = obj["metrics"].get(key)
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
                 raise KdbenchError(f"{name}: metrics.{key} must be a finite number, got {val!r}")
+            if not 0 <= val <= 100:  # a percentage
+                raise KdbenchError(f"{name}: metrics.{key} must be a percentage in [0, 100], got {val!r}")
     return obj
 
 

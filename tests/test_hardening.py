@@ -434,11 +434,19 @@ def test_live_owner_heartbeat_keeps_the_lock_fresh(tmp_path):
     path = tmp_path / "x.lock"
     lock = Lock(path, heartbeat_s=0.05)
     assert lock.acquire()
-    first = json.loads(path.read_text())["time"]
+
+    def beat() -> float | None:
+        try:  # the owner rewrites the file in place: a read may land between its truncate and its write
+            return json.loads(path.read_text())["time"]
+        except ValueError:
+            return None
+
     end = time.monotonic() + 120  # polls until the beat lands: a bound on the wait, not a race with the clock
-    while json.loads(path.read_text())["time"] == first and time.monotonic() < end:
+    while (first := beat()) is None and time.monotonic() < end:
+        time.sleep(0.01)
+    while (now := beat()) in (None, first) and time.monotonic() < end:
         time.sleep(0.05)
-    assert json.loads(path.read_text())["time"] > first
+    assert first is not None and now is not None and now > first
     lock.release()
 
 

@@ -148,7 +148,8 @@ def _teacher_files(ws: Path) -> tuple[Path, Path]:
     return weights, weights.with_suffix(".json")
 
 
-def test_swapped_teacher_weights_are_refused_before_training(workspace, monkeypatch, capsys):  # noqa: F811
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
+def test_swapped_teacher_weights_are_refused_before_training(dry, workspace, monkeypatch, capsys):  # noqa: F811
     from safetensors.torch import load_file
 
     from kdbench.teachers import save_weights
@@ -159,7 +160,7 @@ def test_swapped_teacher_weights_are_refused_before_training(workspace, monkeypa
     state[first] = state[first] + 0.01  # same architecture, other numbers: only the checksum tells
     save_weights(weights, state)
     before = _files(workspace)
-    code, out, err = _cli(monkeypatch, capsys, RUN, workspace)
+    code, out, err = _cli(monkeypatch, capsys, RUN + (["--dry-run"] if dry else []), workspace)
     _one_line_exit_2(code, out, err, weights.name, "weights_sha256", "delete")
     assert _files(workspace) == before
 
@@ -344,3 +345,62 @@ def test_a_worker_rechecks_done_under_the_lock(tmp_path, tiny_toml, monkeypatch)
     report = Sweep(store, CPU).run([spec])
     assert spec.label not in built and spec.label not in report.trained and spec.label in report.skipped, report
     assert json.loads(store.run_path(spec.label).read_text()) == json.loads(json.dumps(finished))
+
+
+# ---------------------------------------------------------------------------------------------- adversarial pass
+
+
+def _edit_run(ws: Path, edit) -> Path:
+    path, run = _a_done_run(ws)
+    edit(run)
+    path.write_text(json.dumps(run))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda r: r["spec"].update(student="../x"), "spec.student"),
+        (lambda r: r["spec"].update(method="a\nb"), "spec.method"),
+        (lambda r: r["spec"]["data"].update(name="x/y"), "spec.data.name"),
+        (lambda r: r["metrics"].update(top1_last=-5), "percentage"),
+        (lambda r: r["metrics"].update(top1_best=1000), "percentage"),
+        (lambda r: r.update(teacher="resnet14"), "'teacher' must be an object"),
+    ],
+)
+def test_run_json_that_lies_about_names_or_accuracy_is_skipped_by_name(edit, words, workspace, monkeypatch, capsys):  # noqa: F811
+    path = _edit_run(workspace, edit)
+    for args in (["table"], ["table", "--format", "csv", "--long"], ["table", "--compute"]):
+        code, out, err = _cli(monkeypatch, capsys, args, workspace)
+        assert code == 0 and "Traceback" not in err, err
+        assert path.name in err and words in err, (args, err)
+
+
+def test_long_csv_names_a_run_without_a_curve(workspace, monkeypatch, capsys):  # noqa: F811
+    path = _edit_run(workspace, lambda r: r.pop("curve"))
+    code, out, err = _cli(monkeypatch, capsys, ["table", "--format", "csv", "--long"], workspace)
+    assert code == 0 and f"{path.name}: no curve" in err, err
+
+
+def test_a_run_json_link_that_loops_is_skipped(workspace, monkeypatch, capsys):  # noqa: F811
+    loop = workspace / "results" / "runs" / "loop.json"
+    loop.symlink_to(loop)
+    code, out, err = _cli(monkeypatch, capsys, ["table"], workspace)
+    assert code == 0 and "loop.json" in err and "Traceback" not in err, err
+
+
+def test_a_nul_byte_in_an_argument_is_one_line(workspace, monkeypatch, capsys):  # noqa: F811
+    before = _files(workspace)
+    code, out, err = _cli(monkeypatch, capsys, RUN + ["--results", "res\x00x"], workspace)
+    _one_line_exit_2(code, out, err, "NUL")
+    assert _files(workspace) == before
+
+
+def test_report_skips_probe_results_of_the_wrong_types(workspace, monkeypatch, capsys):  # noqa: F811
+    probes = workspace / "results" / "probes"
+    probes.mkdir()
+    (probes / "p.json").write_text(json.dumps({"top1_last": 5.0, "top1_best": None, "pair": [], "dataset": {}}))
+    (probes / "q.json").symlink_to("/dev/zero")
+    code, out, err = _cli(monkeypatch, capsys, ["report", "--out", "rep"], workspace)
+    assert code == 0 and "Traceback" not in err, err
+    assert "Transfer" not in (workspace / "rep" / "report.md").read_text()
