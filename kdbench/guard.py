@@ -108,7 +108,7 @@ def read_json(path: str | Path, root: str | Path | None = None, limit: int = MAX
         if root is not None:
             base = Path(root).resolve()
             if not real.is_relative_to(base) or real == base:
-                raise KdbenchError(f"{path}: a link to {real}, outside the results folder {root}: not read")
+                raise KdbenchError(f"{path}: a link to {real}, outside {root}: not read")
         # O_NONBLOCK: opening a FIFO never waits for a writer; fstat then says what was opened.
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
         try:

@@ -355,7 +355,7 @@ class ResultStore:
         if not path.is_file():
             return None
         try:
-            return load_run(path, self.root)
+            return load_run(path, self.runs_dir)
         except KdbenchError:
             return None
 
@@ -377,7 +377,7 @@ class ResultStore:
         folder = self.teachers_dir
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
-                run_id = card_run_id(read_json(path, self.root))
+                run_id = card_run_id(read_json(path, self.teachers_dir))
             except KdbenchError:
                 continue
             if run_id:
@@ -393,7 +393,7 @@ class ResultStore:
         found: list[tuple[Path, dict[str, Any] | None, str | None]] = []
         for path in sorted(self.runs_dir.glob("*.json")):
             try:
-                found.append((path, load_run(path, self.root), None))
+                found.append((path, load_run(path, self.runs_dir), None))
             except KdbenchError as exc:
                 found.append((path, None, str(exc)))
         own = [e for e in found if e[1] is not None and e[0].stem.endswith(f"__{e[1]['run_id']}")]

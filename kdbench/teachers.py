@@ -117,7 +117,7 @@ class TeacherStore:
         """A card read with a size cap and checked field by field: a card of the wrong types is refused here,
         never carried into the students' JSON."""
         try:
-            card = read_json(path, self.store.root)
+            card = read_json(path, self.dir)
         except KdbenchError as exc:
             raise KdbenchError(f"teacher card {exc}; delete it and train or import again") from None
         return check_card(card, path)
