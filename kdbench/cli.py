@@ -289,6 +289,7 @@ def _prepare(
     if results is not None and not results.strip():
         raise KdbenchError("--results '': give a folder, e.g. --results results")
     store = ResultStore(results or bench.results)
+    store.check_layout()  # runs/ (or another sub-folder) that is a file: refused before any work, dry run too
     req = Request(
         list(methods),
         list(pairs),
@@ -484,6 +485,7 @@ def _dry_run_table(store, specs) -> None:
     from kdbench.sweep import Sweep, teacher_run
     from kdbench.variants import pair_defaults, setting_diff, setting_label
 
+    Sweep(store, torch.device("cpu")).check_teachers(specs)  # a swapped or broken teacher: refused as the run does
     # a run at a setting other than its method's default (a --set value or grid point) says which
     defaults = pair_defaults([(s.method, s.pair) for s in specs])
     settings = [setting_label(setting_diff(s.method_config, defaults[(s.method, s.pair)])) for s in specs]
@@ -569,7 +571,7 @@ def _collect(results: str):
     store = _store_with_runs(results)
     col = collect(store)
     for problem in col.problems:
-        err_console.print(f"[yellow]skipped or worth a look:[/yellow] {problem}", soft_wrap=True)
+        err_console.print(f"[yellow]skipped or worth a look:[/yellow] {escape(problem)}", soft_wrap=True)
     if col.runs.empty:
         raise KdbenchError(f"no readable runs in {store.runs_dir}")
     return col
@@ -678,9 +680,12 @@ def table(
     if long_ and fmt != "csv":
         raise KdbenchError("--long writes the per-epoch curves as CSV: use it with --format csv")
     if long_:
-        from kdbench.export import curves_long_csv
+        from kdbench.export import curves_long_csv, without_curves
 
-        click.echo(curves_long_csv(_collect(results)), nl=False)
+        col = _collect(results)
+        for line in without_curves(col):
+            err_console.print(f"[yellow]skipped:[/yellow] {escape(line)}", soft_wrap=True)
+        click.echo(curves_long_csv(col), nl=False)
         return
     if rank_corr is not None:
         if not reference or "," in reference:
@@ -733,11 +738,18 @@ def _compute_text(results: str) -> str:
     from kdbench.compute import render_compute_md
 
     store = _store_with_runs(results)
+    from kdbench.export import duplicate_line
+
     runs = []
+    first: dict[str, Path] = {}
     for path, run, error in store.iter_runs():
         if run is None:
-            err_console.print(f"[yellow]skipped:[/yellow] {error}", soft_wrap=True)
+            err_console.print(f"[yellow]skipped:[/yellow] {escape(str(error))}", soft_wrap=True)
+        elif run["run_id"] in first:  # a copied file: its compute is counted once
+            line = duplicate_line(run["run_id"], first[run["run_id"]], path)
+            err_console.print(f"[yellow]skipped:[/yellow] {escape(line)}", soft_wrap=True)
         else:
+            first[run["run_id"]] = path
             runs.append((path, run))
     if not any(r.get("status") in ("done", "failed") for _p, r in runs):
         raise KdbenchError(f"no finished runs in {store.runs_dir}")
@@ -830,7 +842,6 @@ def probe(run, all_runs, dataset, protocol, data_root, image_size, download, res
 
     RUN is a run JSON file or a prefix of a run id in RESULTS/runs/; --all probes every finished run of RESULTS.
     Results go to RESULTS/probes/."""
-    import json
 
     from kdbench.data import DATASETS
     from kdbench.probe import PROBE_PROTOCOLS, probe_label, resolve_run, run_probe
@@ -846,7 +857,11 @@ def probe(run, all_runs, dataset, protocol, data_root, image_size, download, res
     path, obj, root = resolve_run(run, results)
     target = ResultStore(root).probe_path(probe_label(path.stem, dataset, PROBE_PROTOCOLS[protocol].name, seed))
     if target.is_file() and not force:
-        rec = json.loads(target.read_text())
+        from kdbench.guard import is_number, read_json
+
+        rec = read_json(target, root)
+        if not isinstance(rec, dict) or not all(is_number(rec.get(k)) for k in ("top1_last", "top1_best")):
+            raise KdbenchError(f"probe result {target} is malformed: --force to train the probe again")
         console.print(
             f"already probed: top-1 last {rec['top1_last']:.2f}, best {rec['top1_best']:.2f} -> {target} "
             "(--force to train it again)"
@@ -1058,7 +1073,7 @@ def teachers_list(results: str) -> None:
         table.add_column(col)
     for c in TeacherStore(ResultStore(results)).list():
         if "error" in c:
-            table.add_row(c["label"], "", "", "", "", f"[red]{c['error']}[/red]", "")
+            table.add_row(escape(c["label"]), "", "", "", "", f"[red]{escape(c['error'])}[/red]", "")
             continue
         top1 = c.get("top1")
         table.add_row(
@@ -1077,8 +1092,15 @@ def teachers_list(results: str) -> None:
 @_with_options(_run_options)
 def teachers_train(download, device, **selection) -> None:
     """Train (or reuse) the teachers that the given pairs need."""
+    from kdbench.config import parse_sets
     from kdbench.sweep import Sweep
 
+    method_keys = [k for k in parse_sets(selection["sets"]) if not k.startswith("protocol.")]
+    if method_keys:  # a teacher is the vanilla ce run: no method setting applies to it
+        raise KdbenchError(
+            f"--set {method_keys[0]}: teachers train takes protocol.KEY=V settings only (teachers are trained by the "
+            "vanilla ce run, no method)"
+        )
     _, store, specs = _prepare(["kd"], **selection)
     store.ensure_writable()
     dev = _device(device)
@@ -1132,6 +1154,8 @@ def teachers_import(file, arch, dataset, image_size, num_classes, results, downl
 def main() -> None:
     """Entry point: KdbenchError and usage errors -> one line on stderr, exit code 2, no traceback."""
     try:
+        if any("\x00" in arg for arg in sys.argv[1:]):  # the OS cannot take it in a path or a name
+            raise KdbenchError("an argument holds a NUL byte: no name, path or value may")
         cli.main(standalone_mode=False)
     except KdbenchError as exc:
         click.echo(f"error: {exc}", err=True)

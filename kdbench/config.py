@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.errors import KdbenchError
+from kdbench.guard import check_bench_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -268,8 +269,13 @@ def _protocol(src: str, name: str, raw: dict[str, Any]) -> Protocol:
     for k in ("lr", "lr_small"):
         if vals[k] <= 0:
             raise _bad(src, f"protocols.{name}.{k} must be > 0, got {vals[k]}")
-    if vals["weight_decay"] < 0 or not 0 <= vals["momentum"] < 1 or not 0 < vals["lr_decay"] <= 1:
-        raise _bad(src, f"protocols.{name}: need weight_decay >= 0, 0 <= momentum < 1, 0 < lr_decay <= 1")
+    for k, ok, words in (
+        ("weight_decay", vals["weight_decay"] >= 0, ">= 0"),
+        ("momentum", 0 <= vals["momentum"] < 1, "in [0, 1)"),
+        ("lr_decay", 0 < vals["lr_decay"] <= 1, "in (0, 1]"),
+    ):
+        if not ok:
+            raise _bad(src, f"protocols.{name}.{k} must be {words}, got {vals[k]!r}")
     ms = vals["milestones"]
     if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in ms) or list(ms) != sorted(ms):
         raise _bad(src, f"protocols.{name}.milestones must be increasing positive integers, got {ms}")
@@ -332,6 +338,7 @@ class SlurmSettings:
 def parse_bench(raw: dict[str, Any], src: str = "bench.toml", base_dir: Path | None = None) -> Bench:
     """Validate a parsed bench.toml and build the Bench. Relative data_root paths are resolved from base_dir."""
     _check_keys(src, "top level", raw, _TOP_KEYS)
+    check_bench_names(src, raw)  # names that become file names, and seeds, before anything else
     defaults = raw.get("defaults", {})
     _check_keys(src, "defaults", defaults, _DEFAULT_KEYS)
     for k, v in defaults.items():

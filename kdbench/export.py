@@ -22,6 +22,41 @@ LONG_COLUMNS = [
 ]
 
 
+def duplicate_line(run_id: str, first: Any, again: Any) -> str:
+    """The one warning of a run id found in two files (a copy): the second is left out."""
+    return f"run id {run_id} is in both {first} and {again}: counted once (from {first.name}); remove the copy"
+
+
+def curve_problem(curve: Any) -> str | None:
+    """Why a run's ``curve`` is not what kdbench writes (None when it is, or when there is none): lists of numbers
+    or nulls under epoch, lr, eval_epoch, test_top1, test_top5, init_loss, and an object of such lists under loss."""
+    if curve is None:
+        return None
+    if not isinstance(curve, dict):
+        return f"curve is {type(curve).__name__}, not an object"
+
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and all(
+            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v
+        )
+
+    for key in ("epoch", "lr", "eval_epoch", "test_top1", "test_top5", "init_loss"):
+        if curve.get(key) is not None and not numbers(curve[key]):
+            return f"curve.{key} is not a list of numbers"
+    loss = curve.get("loss")
+    if loss is not None and (not isinstance(loss, dict) or not all(numbers(v) for v in loss.values())):
+        return "curve.loss is not an object of lists of numbers"
+    return None
+
+
+def without_curves(col: Any) -> list[str]:
+    """The files of the runs that --long leaves out because they hold no usable curve (n/a runs never have one)."""
+    if col.runs.empty:
+        return []
+    rows = col.runs[col.runs["status"] != "n/a"]
+    return [f"{col.paths[r]}: no curve (left out of --long)" for r in rows["run_id"] if not col.curves.get(r)]
+
+
 def _rows(curve: dict[str, Any]) -> list[tuple[int, str, float]]:
     """(epoch, quantity, value) of one run's curve: lr, loss_<term>, test_top1, test_top5, init_loss."""
     out: list[tuple[int, str, float]] = []

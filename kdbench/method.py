@@ -296,7 +296,7 @@ def resolve(name: str, registry: dict[str, MethodEntry] | None = None) -> Method
     """A method by name. ``X+kd`` for any registered X that has no variant of its own adds KD (weight 1)."""
     registry = discover() if registry is None else registry
     entry = registry.get(name)
-    if entry is None and name.endswith("+kd") and name[:-3] in registry:
+    if entry is None and name.endswith("+kd") and name[:-3] in registry and not name[:-3].endswith("+kd"):
         base = registry[name[:-3]]
         entry = dataclasses.replace(base, name=name, overrides={**base.overrides, "kd_weight": 1.0})
     if entry is None:

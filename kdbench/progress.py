@@ -151,7 +151,9 @@ class RunLogs:
         self.quiet = False  # a rank other than 0 of a distributed run writes nothing
 
     def log_path(self, label: str) -> Path:
-        return self.runs_dir / f"{label}.log"
+        from kdbench.guard import check_inside
+
+        return check_inside(self.runs_dir, self.runs_dir / f"{label}.log", "run log")
 
     def write(self, label: str, line: str) -> None:
         if self.quiet:
@@ -212,6 +214,9 @@ def _measured_speeds(runs_dir: Path) -> dict[tuple[str, str], list[float]]:
     """(architecture, data identity) -> seconds per member-epoch of every finished run in ``runs_dir``."""
     import json
 
+    from kdbench.errors import KdbenchError
+    from kdbench.guard import read_json
+
     try:
         key = (str(runs_dir.resolve()), runs_dir.stat().st_mtime)
     except OSError:
@@ -221,7 +226,7 @@ def _measured_speeds(runs_dir: Path) -> dict[tuple[str, str], list[float]]:
     out: dict[tuple[str, str], list[float]] = {}
     for path in sorted(runs_dir.glob("*.json")):
         try:
-            r = json.loads(path.read_text())
+            r = read_json(path, runs_dir)
             t = r.get("timings") or {}
             secs = [float(x) for x in t.get("epoch_seconds") or []]
             steady = secs[1:] or secs
@@ -230,7 +235,7 @@ def _measured_speeds(runs_dir: Path) -> dict[tuple[str, str], list[float]]:
             per = statistics.fmean(steady) / max(int(t.get("cohort_size") or 1), 1)
             ident = json.dumps(r["spec"]["data"], sort_keys=True)
             out.setdefault((r["spec"]["student"], ident), []).append(per)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (KdbenchError, OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     _SPEEDS.clear()
     _SPEEDS[key] = out

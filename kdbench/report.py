@@ -57,16 +57,17 @@ __all__ = [
 
 
 def _probe_rows(root: Path) -> list[dict[str, Any]]:
-    import json
+    from kdbench.errors import KdbenchError
+    from kdbench.guard import probe_record_ok, read_json
 
     out = []
     for path in sorted(ResultStore(root).probes_dir.glob("*.json")):
         try:
-            obj = json.loads(path.read_text())
-            if isinstance(obj, dict) and "top1_last" in obj:
-                out.append(obj)
-        except (OSError, ValueError, RecursionError):
+            obj = read_json(path, root)  # regular files inside the folder only, with a size cap
+        except KdbenchError:
             continue
+        if probe_record_ok(obj):
+            out.append(obj)
     return out
 
 

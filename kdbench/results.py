@@ -25,6 +25,7 @@ from typing import Any
 
 from kdbench.errors import KdbenchError
 from kdbench.files import atomic_write_json
+from kdbench.guard import check_card, check_inside, check_run_names, read_json
 
 SCHEMA_VERSION = 1
 STATUSES = ("done", "failed", "n/a")
@@ -64,11 +65,18 @@ def validate_run(obj: Any, name: str) -> dict[str, Any]:
         raise KdbenchError(f"{name}: spec.protocol.name must be a string")
     if spec["teacher"] is not None and not isinstance(spec["teacher"].get("arch"), str):
         raise KdbenchError(f"{name}: spec.teacher.arch must be a string")
+    check_run_names(spec, name)
+    if obj.get("teacher") is not None:  # the teacher's card (its accuracy is the Teacher row), or null
+        if not isinstance(obj["teacher"], dict):
+            raise KdbenchError(f"{name}: 'teacher' must be an object or null, got {type(obj['teacher']).__name__}")
+        check_card(obj["teacher"], f"in {name}")
     if obj["status"] == "done":
         for key in ("top1_last", "top1_best"):
             val = obj["metrics"].get(key)
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
                 raise KdbenchError(f"{name}: metrics.{key} must be a finite number, got {val!r}")
+            if not 0 <= val <= 100:  # a percentage
+                raise KdbenchError(f"{name}: metrics.{key} must be a percentage in [0, 100], got {val!r}")
     return obj
 
 
@@ -90,12 +98,9 @@ def without_non_finite(obj: Any, path: str = "", found: list[str] | None = None)
     return obj
 
 
-def load_run(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise KdbenchError(f"{path}: unreadable JSON ({str(exc) or type(exc).__name__})") from None
-    return validate_run(obj, str(path))
+def load_run(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """A run JSON, read with a size cap and only when it is a regular file (inside ``root`` when given)."""
+    return validate_run(read_json(path, root), str(path))
 
 
 class Lock:
@@ -294,11 +299,24 @@ class ResultStore:
         """submitit's folder; ``%j`` in it stands for the job id."""
         return self.root / "slurm" / "%j"
 
+    def own(self, path: Path, what: str = "file") -> Path:
+        """The second wall: a path this store writes, refused unless it lies inside the results folder."""
+        return check_inside(self.root, path, what)
+
+    def check_layout(self) -> None:
+        """The folder and its sub-folders are folders where they exist (checked before any work, dry run too)."""
+        for folder in (self.root, self.runs_dir, self.teachers_dir, self.root / "weights", self.root / "checkpoints"):
+            if folder.exists() and not folder.is_dir():
+                raise KdbenchError(f"{folder} should be a folder but is a file: remove it or pass another --results")
+        locks = self.root / "locks"
+        if locks.exists() and not locks.is_dir():
+            raise KdbenchError(f"{locks} should be a folder but is a file: remove it or pass another --results")
+
     def weights_path(self, label: str) -> Path:
-        return self.root / "weights" / f"{label}.safetensors"
+        return self.own(self.root / "weights" / f"{label}.safetensors", "weights")
 
     def probe_path(self, label: str) -> Path:
-        return self.probes_dir / f"{label}.json"
+        return self.own(self.probes_dir / f"{label}.json", "probe result")
 
     def ensure_writable(self) -> None:
         try:
@@ -323,13 +341,13 @@ class ResultStore:
         return path
 
     def run_path(self, label: str) -> Path:
-        return self.runs_dir / f"{label}.json"
+        return self.own(self.runs_dir / f"{label}.json", "run JSON")
 
     def checkpoint_path(self, label: str) -> Path:
-        return self.root / "checkpoints" / f"{label}.pt"
+        return self.own(self.root / "checkpoints" / f"{label}.pt", "checkpoint")
 
     def lock(self, label: str) -> Lock:
-        return Lock(self.root / "locks" / f"{label}.lock")
+        return Lock(self.own(self.root / "locks" / f"{label}.lock", "lock"))
 
     def finished(self, label: str) -> dict[str, Any] | None:
         """The run's JSON when it is there and valid (a malformed one counts as not finished)."""
@@ -337,7 +355,7 @@ class ResultStore:
         if not path.is_file():
             return None
         try:
-            return load_run(path)
+            return load_run(path, self.runs_dir)
         except KdbenchError:
             return None
 
@@ -359,19 +377,25 @@ class ResultStore:
         folder = self.teachers_dir
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
-                run_id = card_run_id(json.loads(path.read_text()))
-            except (OSError, ValueError):
+                run_id = card_run_id(read_json(path, self.teachers_dir))
+            except KdbenchError:
                 continue
             if run_id:
                 ids.add(run_id)
         return ids
 
     def iter_runs(self) -> Iterator[tuple[Path, dict[str, Any] | None, str | None]]:
-        """(path, run, error) for every JSON in runs/: a malformed file yields its error instead of a run."""
+        """(path, run, error) for every JSON in runs/: a malformed file yields its error instead of a run. Files
+        named as kdbench names them (ending in their run id) come first, so a copy under another name is the one a
+        reader that counts each run id once leaves out."""
         if not self.runs_dir.is_dir():
             return
+        found: list[tuple[Path, dict[str, Any] | None, str | None]] = []
         for path in sorted(self.runs_dir.glob("*.json")):
             try:
-                yield path, load_run(path), None
+                found.append((path, load_run(path, self.runs_dir), None))
             except KdbenchError as exc:
-                yield path, None, str(exc)
+                found.append((path, None, str(exc)))
+        own = [e for e in found if e[1] is not None and e[0].stem.endswith(f"__{e[1]['run_id']}")]
+        mine = {id(e) for e in own}
+        yield from own + [e for e in found if id(e) not in mine]

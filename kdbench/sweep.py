@@ -30,6 +30,7 @@ from kdbench.config import (
 )
 from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
+from kdbench.guard import check_seed
 from kdbench.method import MethodEntry, config_identity, discover, make_config, resolve
 from kdbench.models.base import check_model_name
 from kdbench.pair_settings import config_fields, resolve_values
@@ -132,6 +133,8 @@ def expand(bench: Bench, req: Request, store: ResultStore | None = None) -> list
     seeds = list(req.seeds) if req.seeds is not None else list(bench.seeds)
     if not seeds or any(s < 0 for s in seeds):
         raise KdbenchError("--seeds must be non-negative integers, e.g. --seeds 0,1,2")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
 
     from kdbench.data import DATASETS
 
@@ -161,6 +164,8 @@ def _expand_one(
     teachers: TeacherStore | None,
 ) -> list[RunSpec]:
     """The runs of one point of the --set grid (names already checked by `expand`)."""
+    from kdbench.data import DATASETS
+
     per_method = method_sets(sets)
     # (pair set, data, pair, student protocol, teacher protocol)
     groups: list[tuple[str, DataSpec, str, Protocol, Protocol]] = []
@@ -181,6 +186,10 @@ def _expand_one(
             raise KdbenchError(f"unknown pair set {pname!r} ({hint}); or name a pair as teacher:student")
         ps = bench.pair_sets[pname]
         data = ps.data
+        if data.name not in DATASETS:  # checked here, so that --dry-run refuses it as the run does
+            raise KdbenchError(
+                f"{bench.source}: pairs.{pname}.dataset {data.name!r} is unknown; datasets: {', '.join(DATASETS)}"
+            )
         if req.data_root:
             data = dataclasses.replace(data, data_root=req.data_root)
         if req.image_size:
@@ -304,8 +313,10 @@ class Sweep:
         self.logs.quiet = not main
 
     def preload(self, specs: list[RunSpec]) -> None:
-        """Load every dataset the unfinished runs need (bad data roots fail here, before any file is written)."""
+        """Load every dataset the unfinished runs need and check every stored teacher they use (bad data roots,
+        swapped or broken teacher weights fail here, before any file is written or any run trains)."""
         self._check_paths(specs)
+        self.check_teachers(specs)
         for spec in {s.data: s for s in self.pending(specs)}.values():
             self.data.get(spec.data)
         for s in self.pending(specs):  # an epoch without a step would "finish" an untrained run
@@ -315,6 +326,23 @@ class Sweep:
                     f"protocol {s.protocol.name}: batch_size {s.protocol.batch_size} with drop_last "
                     f"leaves no batch of the {n} training images of {s.data.name}"
                 )
+
+    def check_teachers(self, specs: list[RunSpec]) -> None:
+        """Every stored or imported teacher that an unfinished run needs: its card is well formed and its weights
+        are the ones the card names (weights_sha256), with finite numbers. Teachers still to train are skipped."""
+        seen: set[str] = set()
+        for s in self.pending(specs):
+            t = s.teacher
+            if t is None or t.label in seen:
+                continue
+            seen.add(t.label)
+            if t.imported:
+                card = self.teachers.imported_card(t.arch, t.data)
+                label = self.teachers.imported_label(t.arch, t.data)
+            else:
+                card, label = self.teachers.card(t), t.label
+            if card is not None:
+                self.teachers.verify(label, card, t.arch)
 
     def _check_paths(self, specs: list[RunSpec]) -> None:
         for s in specs:
@@ -484,6 +512,11 @@ class Sweep:
                     continue
                 if distributed.is_main():
                     locks.append(lock)
+                if teacher_for is None and distributed.agree(self.store.finished(spec.label)) is not None:
+                    # Finished by another process (or worker) between our first look and our lock: not again.
+                    report.skipped.append(spec.label)
+                    self.logs.meter.run_done(spec.label)
+                    continue
                 try:
                     m = build_member(spec, data, teacher, self.device, compile=self.compile)
                 except KdbenchError:

@@ -25,6 +25,7 @@ import pandas as pd
 from kdbench.catalog import PAPER_NAMES
 from kdbench.catalog import method_order as default_order
 from kdbench.errors import KdbenchError
+from kdbench.export import curve_problem, duplicate_line
 from kdbench.results import ResultStore, card_run_id, load_run
 from kdbench.variants import base_method, method_absent_values, pair_defaults, row_name, setting_diff, setting_label
 
@@ -112,6 +113,11 @@ def collect(store: ResultStore) -> Collected:
         if run is None:
             problems.append(error or str(path))
             continue
+        if run["run_id"] in paths:  # a copied file: counted once, never averaged in
+            problems.append(duplicate_line(run["run_id"], paths[run["run_id"]], path))
+            continue
+        if (bad_curve := curve_problem(run.get("curve"))) is not None:
+            problems.append(f"{path}: {bad_curve} (left out of --long and the report's curves)")
         spec = run["spec"]
         teacher = spec.get("teacher")
         row = {
@@ -143,13 +149,13 @@ def collect(store: ResultStore) -> Collected:
                 problems.append(f"{path}: metrics {', '.join(bad)} not a finite number (left out of the tables)")
         rows.append(row)
         configs[run["run_id"]] = spec.get("method_config")
-        if isinstance(run.get("curve"), dict):
+        if bad_curve is None and isinstance(run.get("curve"), dict):
             curves[run["run_id"]] = run["curve"]
         paths[run["run_id"]] = path
         card = run.get("teacher")
         if teacher and (trained_by := card_run_id(card)):
             teacher_runs.add(trained_by)
-        if teacher and isinstance(card, dict) and card.get("top1") is not None:
+        if teacher and isinstance(card, dict) and _is_number(card.get("top1")):
             key = (row["group"], teacher["arch"], card.get("weights_sha256"))
             teachers[key] = {
                 "group": row["group"],

@@ -8,7 +8,6 @@ An imported teacher (a published RepDistiller / mdistiller checkpoint) takes pre
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from kdbench.config import DataSpec, TeacherSpec
 from kdbench.errors import KdbenchError
 from kdbench.files import atomic_path, atomic_write_json
+from kdbench.guard import check_card, read_json
 from kdbench.models import create_model, freeze
 from kdbench.results import ResultStore
 
@@ -47,7 +47,11 @@ def load_weights_into(model: nn.Module, path: Path, what: str, prefix: str = "")
     student + projector + teacher classifier, whose run JSON names the prefix under model.student_prefix)."""
     try:
         state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except OSError as exc:  # the file is there but cannot be read (permissions, I/O): not a reason to delete it
+        raise KdbenchError(
+            f"{what} {path} is unreadable ({exc.strerror or exc}); check its permissions and the disk"
+        ) from None
+    except (SafetensorError, ValueError) as exc:
         raise KdbenchError(
             f"{what} {path} is corrupt or truncated ({exc}); delete it and train or import it again"
         ) from None
@@ -90,10 +94,10 @@ class TeacherStore:
         self.dir = store.teachers_dir
 
     def card_path(self, label: str) -> Path:
-        return self.dir / f"{label}.json"
+        return self.store.own(self.dir / f"{label}.json", "teacher card")
 
     def weights_path(self, label: str) -> Path:
-        return self.dir / f"{label}.safetensors"
+        return self.store.own(self.dir / f"{label}.safetensors", "teacher weights")
 
     @staticmethod
     def imported_label(arch: str, data: DataSpec) -> str:
@@ -110,15 +114,45 @@ class TeacherStore:
         return self._read_card(path)
 
     def _read_card(self, path: Path) -> dict[str, Any]:
+        """A card read with a size cap and checked field by field: a card of the wrong types is refused here,
+        never carried into the students' JSON."""
         try:
-            card = json.loads(path.read_text())
-            if not isinstance(card, dict) or "arch" not in card:
-                raise ValueError("not a teacher card")
-            return card
-        except (OSError, ValueError, RecursionError) as exc:
+            card = read_json(path, self.dir)
+        except KdbenchError as exc:
+            raise KdbenchError(f"teacher card {exc}; delete it and train or import again") from None
+        return check_card(card, path)
+
+    def verify(self, label: str, card: dict[str, Any], arch: str) -> None:
+        """Before a teacher is used: its weights file is the one its card names (weights_sha256) and holds only
+        finite numbers. Each problem is one line saying which file to delete or re-import."""
+        weights = self.weights_path(label)
+        try:
+            digest = sha256_file(weights)
+        except OSError as exc:
             raise KdbenchError(
-                f"teacher card {path} is malformed ({exc}); delete it and train or import again"
+                f"teacher weights {weights} are unreadable ({exc.strerror or exc}); check its permissions and the disk"
             ) from None
+        try:
+            state = load_file(str(weights))
+        except OSError as exc:
+            raise KdbenchError(f"teacher weights {weights} are unreadable ({exc.strerror or exc})") from None
+        except (SafetensorError, ValueError) as exc:
+            raise KdbenchError(
+                f"teacher weights {weights} are corrupt or truncated ({exc}); delete them and their card "
+                f"{self.card_path(label).name}, then train or import the teacher again"
+            ) from None
+        if card.get("weights_sha256") != digest:
+            redo = "import it again" if card.get("source") == "imported" else "train it again (kdbench teachers train)"
+            raise KdbenchError(
+                f"teacher weights {weights} do not match weights_sha256 of their card {self.card_path(label).name} "
+                f"(the file was replaced or damaged): delete both and {redo}"
+            )
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise KdbenchError(
+                f"teacher {arch} ({weights}) holds NaN or infinite values in {len(broken)} tensors (e.g. {broken[0]}): "
+                "delete its weights and card and train or import it again"
+            )
 
     def save(self, spec: TeacherSpec, model: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
         weights = self.weights_path(spec.label)
@@ -131,6 +165,7 @@ class TeacherStore:
         card = self.card(spec)
         if card is None:
             raise KdbenchError(f"no teacher {spec.arch} for {spec.data.name} in {self.dir}")
+        self.verify(spec.label, card, spec.arch)
         return self._frozen(spec.arch, spec.label, num_classes, device), card
 
     def _frozen(self, arch: str, label: str, num_classes: int, device: torch.device) -> nn.Module:
@@ -195,6 +230,9 @@ class TeacherStore:
 
     def load_imported(self, arch: str, data: DataSpec, num_classes: int, device: torch.device):
         card = self.imported_card(arch, data)
+        if card is None:
+            raise KdbenchError(f"no imported teacher {arch} for {data.name} in {self.dir}")
+        self.verify(self.imported_label(arch, data), card, arch)
         return self._frozen(arch, self.imported_label(arch, data), num_classes, device), card
 
 

@@ -23,7 +23,7 @@ class ATConfig(MethodConfig):
     attention_power: float = 2.0
     mode: str = field(default="code", metadata=ID_WHEN_SET)  # "code": RepDistiller's squared form; "paper"
 
-    RANGES = {**MethodConfig.RANGES, "attention_power": ">0"}
+    RANGES = {**MethodConfig.RANGES, "attention_power": ">0", "mode": MODES}
 
 
 def attention_map(f: torch.Tensor, power: float) -> torch.Tensor:

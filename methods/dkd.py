@@ -69,6 +69,8 @@ class DKDConfig(MethodConfig):
     warmup_reference_epochs: int = 240  # 0: warmup is in this protocol's epochs, unscaled
     logit_stand: bool = False  # z-score both networks' logits first (Sun et al. 2024)
 
+    RANGES = {**MethodConfig.RANGES, "warmup_reference_epochs": ">=0"}
+
 
 @dataclass
 class DKDLSConfig(DKDConfig):

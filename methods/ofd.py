@@ -27,6 +27,8 @@ class OFDConfig(MethodConfig):
 
     RANGES = {**MethodConfig.RANGES, "teacher_bn": ("batch", "eval")}
 
+    RANGES = {**MethodConfig.RANGES, "kernel_size": ">=1"}
+
 
 def margin_from_bn(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Per channel, E[x | x < 0] for x ~ N(beta, gamma^2) (the BN's bias and weight): with s = |gamma|,

@@ -65,6 +65,8 @@ class ReviewKDConfig(MethodConfig):
     warmup_reference_epochs: int = 240
     max_mid_channels: int = 512
 
+    RANGES = {**MethodConfig.RANGES, "warmup_reference_epochs": ">=0", "max_mid_channels": ">=1"}
+
 
 class ReviewKD(Method):
     """ReviewKD: loss = 1 CE + 5 * min(e / W, 1) * sum_l HCL(ABF_l(s_l, fused_{l+1}), t_l), W 20 epochs (of 240).

@@ -20,6 +20,8 @@ class SimKDConfig(MethodConfig):
     weight: float = 1.0
     factor: int = 2  # bottleneck width of the projector: teacher channels / factor
 
+    RANGES = {**MethodConfig.RANGES, "factor": ">=1"}
+
 
 def projector(s_channels: int, t_channels: int, factor: int) -> nn.Sequential:
     """1x1 conv to t/f channels, BN, ReLU, 3x3 conv, BN, ReLU, 1x1 conv to t channels, BN, ReLU (no conv bias)."""

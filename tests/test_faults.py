@@ -168,7 +168,8 @@ BAD_INPUT = [
     ),
     ("results-not-writable", RUN + ["--results", "a_file/results"], None, "not writable"),
     ("teacher-truncated", RUN + ["--results", "results"], ("teacher", "truncate"), "corrupt or truncated"),
-    ("teacher-wrong-arch", RUN + ["--results", "results"], ("teacher", "arch"), "does not match architecture"),
+    # (checked against the card's weights_sha256 before any training: issue 24)
+    ("teacher-wrong-arch", RUN + ["--results", "results"], ("teacher", "arch"), "do not match weights_sha256"),
     (
         "import-malicious",
         ["teachers", "import", "evil.pth", "--arch", "resnet8", "--dataset", "cifar100", "--results", "imp"],

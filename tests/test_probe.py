@@ -219,7 +219,7 @@ def test_stl10_missing_says_where_it_looked(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TINY_IMAGENET.is_dir(), reason="no Tiny-ImageNet-100 copy at /work/shared/data")
+@pytest.mark.skipif(not TINY_IMAGENET.is_dir(), reason=f"no Tiny-ImageNet-100 copy at {TINY_IMAGENET}")
 def test_probe_on_tiny_imagenet(tiny_run):
     """The smoke protocol on real Tiny-ImageNet-100 (2,000 train / 1,000 test images at 32x32); decoding the data
     takes about a minute the first time, then it comes from the ~/.cache/kdbench cache."""
