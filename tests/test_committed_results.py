@@ -27,3 +27,24 @@ def test_the_readme_gives_that_command():
         "kdbench table --results results/tinyimagenet100 --metric top1_last --metric top1_best > "
         "results/tinyimagenet100/table.md" in readme
     )
+
+
+def test_transfer_md_is_what_kdbench_table_transfer_prints():
+    command = ["table", "--results", str(RESULTS), "--transfer"]
+    res = CliRunner().invoke(cli, command)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == (RESULTS / "transfer.md").read_text(), (
+        "regenerate it: kdbench table --results results/tinyimagenet100 --transfer > "
+        "results/tinyimagenet100/transfer.md"
+    )
+
+
+def test_noise_md_is_what_its_script_prints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("noise_floor", RESULTS / "noise" / "noise_floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main() == (RESULTS / "noise" / "noise.md").read_text(), (
+        "regenerate it: python results/tinyimagenet100/noise/noise_floor.py > results/tinyimagenet100/noise/noise.md"
+    )
