@@ -734,8 +734,9 @@ def result_record(
             "precision": m.spec.precision,
             "channels_last": m.spec.channels_last,
             "compile": m.compiled,
-            # one run on several processes (DDP): not part of the run id, since the student's BatchNorms are
-            # synchronised and every rank sees its share of the same global batches (kdbench.distributed)
+            # one run on several processes (DDP): not part of the run id, since the student's and the method's
+            # BatchNorms are synchronised, every rank sees its share of the same global batches (a partial one
+            # weighted by its share) and methods whose loss couples the batch are refused (kdbench.distributed)
             **({"processes": distributed.world_size(), "sync_batchnorm": True} if distributed.active() else {}),
         },
     )
