@@ -386,6 +386,7 @@ def run(
     # selection: the options that choose the runs (pairs, seeds, protocol, --set, data, results, config, precision,
     # channels_last), handed to _prepare by name.
     bench, store, specs = _prepare(methods, **selection)
+    _check_processes(specs, nproc_per_node * (slurm_nodes or 1) if executor == "slurm" else nproc_per_node)
     slurm = None
     if executor == "slurm":
         from kdbench.config import SlurmSettings
@@ -465,6 +466,16 @@ def run(
         err_console.print(f"[red]failed[/red] {line}")
     for line in report.busy:
         err_console.print(f"[yellow]skipped[/yellow] {line}")
+
+
+def _check_processes(specs, processes: int) -> None:
+    """Several processes per run: refuse, before anything is written (also in --dry-run), a method whose loss couples
+    the samples of a batch and a batch size that does not split evenly over the processes."""
+    from kdbench import distributed
+
+    distributed.refuse_coupled([s.method for s in specs], processes)
+    for batch_size in dict.fromkeys(s.protocol.batch_size for s in specs):
+        distributed.check_batch(batch_size, processes)
 
 
 def _dry_run(store, specs, slurm, cohort: bool) -> None:

@@ -10,8 +10,16 @@ Every rank runs the same code; this module holds the few things that differ:
   size), as torch's ``DistributedSampler`` shards an epoch; ``gather_rows`` puts the ranks' rows back in that
   order, so a method that needs the whole batch (a memory-bank update, CRD's negatives) sees exactly what it sees
   on one device, and ``local_rows`` takes a rank's rows out of a global tensor.
-- Under DDP the student's BatchNorms are synchronised (``sync_batchnorm``): batch statistics over the global batch,
-  so two ranks train the same numbers as one device with the same global batch (tests/test_distributed.py).
+- Under DDP the BatchNorms of the student and of the method's own modules (FitNet's regressor, ReviewKD's ABF,
+  SimKD's projector...) are synchronised (``sync_batchnorm``): batch statistics over the global batch, so two ranks
+  train the same numbers as one device with the same global batch (tests/test_distributed.py).
+- The batch must split evenly over the ranks (``check_batch``). An epoch's last, partial batch (``drop_last``
+  false) gives the ranks unequal shares (16 rows over 3 ranks: 6, 5, 5); DDP averages the ranks' gradients with
+  equal weights, so each rank's loss terms are scaled by ``share_weight`` (W x its rows / the global batch's rows)
+  and every step's gradient is the one-device gradient of the mean over the global batch.
+- A method whose loss couples the samples of a batch (``Method.couples_batch``: SP's similarity matrix, RKD's
+  distances, ...) computes on each rank a different loss than one device computes on the global batch; such
+  methods are refused on more than one process (``refuse_coupled``), before anything trains.
 """
 
 from __future__ import annotations
@@ -68,6 +76,49 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
+
+
+def share_weight(local: int, global_rows: int | None) -> float | None:
+    """The factor for one rank's per-row-mean loss terms that makes DDP's equal-weight mean over the ranks the mean
+    over the global batch: W * local / global (1 for equal shares; None when nothing needs scaling)."""
+    if not active() or global_rows is None or world_size() * local == global_rows:
+        return None
+    return world_size() * local / global_rows
+
+
+def check_batch(batch_size: int, processes: int, num_samples: int | None = None, drop_last: bool = False) -> None:
+    """Refuse a global batch that does not split evenly over ``processes``, or an epoch whose last, partial batch
+    has fewer rows than processes (a rank would hold none)."""
+    if processes <= 1:
+        return
+    if batch_size % processes:
+        raise KdbenchError(
+            f"batch size {batch_size} does not split evenly over {processes} processes: choose a batch size that "
+            f"is a multiple of {processes} (the protocol's batch_size in bench.toml) or another process count"
+        )
+    last = num_samples % batch_size if num_samples is not None and not drop_last else 0
+    if 0 < last < processes:
+        raise KdbenchError(
+            f"the last batch of each epoch has {last} rows ({num_samples} samples, batch {batch_size}), fewer than "
+            f"the {processes} processes: use drop_last = true in the protocol or another batch size"
+        )
+
+
+def refuse_coupled(methods: list[str], processes: int) -> None:
+    """One line naming the first method whose loss couples the samples of a batch, when more than one process
+    would train it (the run would not be the single-device run its id names)."""
+    if processes <= 1:
+        return
+    from kdbench.method import resolve
+
+    for name in dict.fromkeys(methods):
+        cls = resolve(name).cls
+        if cls is not None and cls.couples_batch:
+            why = f" ({cls.couples_batch_why})" if cls.couples_batch_why else ""
+            raise KdbenchError(
+                f"method {name!r} cannot run on {processes} processes: its loss couples the samples of a batch{why}, "
+                "so each rank's loss on its share differs from the loss on the global batch; run it with one process"
+            )
 
 
 def local_rows(t: torch.Tensor) -> torch.Tensor:
@@ -267,6 +318,7 @@ __all__ = [
     "agree",
     "all_mean",
     "barrier",
+    "check_batch",
     "gather_rows",
     "gather_split",
     "init_from_env",
@@ -274,6 +326,8 @@ __all__ = [
     "launch",
     "local_rows",
     "rank",
+    "refuse_coupled",
+    "share_weight",
     "shutdown",
     "sync_batchnorm",
     "world_size",

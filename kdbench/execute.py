@@ -122,6 +122,10 @@ def execute(
     dev = torch.device("cpu") if executor == "slurm" else resolve_device(device)
     if executor == "local" and nproc > 1 and dev.type == "cuda" and nproc > torch.cuda.device_count():
         raise KdbenchError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPUs are visible")
+    processes = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    distributed.refuse_coupled([s.method for s in specs], processes)  # before any rank trains
+    for batch_size in dict.fromkeys(s.protocol.batch_size for s in specs):
+        distributed.check_batch(batch_size, processes)
     if executor == "local" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a torchrun launch
         dev = distributed.init_from_env(dev)
     sweep = Sweep(store, dev, cohort=cohort, download=download, progress=progress, log=log, compile=compile, echo=echo)

@@ -173,7 +173,16 @@ class Method(nn.Module):
     Class attributes: ``name`` (the entry-point name), ``paper``, ``Config`` (a ``MethodConfig`` dataclass),
     ``needs`` (what ``loss`` reads, from ``NEEDS``: declare it exactly, the models compute ``preact`` only when
     a member of the cohort needs it), ``requires_teacher`` (False only for a method that never reads the
-    teacher; the harness records a run without one as n/a).
+    teacher; the harness records a run without one as n/a), ``couples_batch`` (below).
+
+    ``couples_batch``: True when ``loss`` is not a mean of per-sample terms, so that it couples the samples of a
+    batch (SP's batch similarity matrix, RKD's pairwise distances and angles, PKT's batch kernel, CC's pairs of
+    rows, DIST's intra-class Pearson correlation over the batch, OFD's teacher forward on the batch's BN statistics). On
+    several processes (DDP) each rank would compute it on its own share of the global batch, which is not the
+    run one device trains, so kdbench refuses such a method on more than one process before anything trains
+    (``couples_batch_why`` adds a few words to that message). A method that gathers what it needs from every rank
+    (CRD, CRCD and RRD gather the global batch for their banks and queue) leaves it False. Default False: a plugin
+    whose loss couples the batch must set it.
     """
 
     name: ClassVar[str] = ""
@@ -181,6 +190,8 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     requires_teacher: ClassVar[bool] = True
+    couples_batch: ClassVar[bool] = False
+    couples_batch_why: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext):
         super().__init__()

@@ -27,7 +27,7 @@ else:  # pragma: no cover
 PAIR_SETTINGS_FILE = Path(__file__).resolve().parent / "reference" / "pair_settings.toml"
 # Where a value came from, in the order in which they are applied (a later one wins).
 ORIGINS = ("default", "pair", "bench.toml", "--set")
-_META = {"from", "confirmed", "note"}
+_META = {"from", "confirmed", "note", "reference"}  # reference: a pair's own, when not the method table's
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def parse_pair_settings(raw: dict[str, Any], src: str) -> dict[tuple[str, str], 
                 method,
                 pair,
                 values,
-                table.get("reference"),
+                entry.get("reference", table.get("reference")),
                 f"{repo} @ {commit}: {entry['from']}",
                 bool(entry.get("confirmed", True)),
                 str(entry.get("note", "")),

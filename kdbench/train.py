@@ -82,7 +82,7 @@ def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def _batch_for(batch: Batch, channels_last: bool) -> Batch:
-    return Batch(prepare_input(batch.images, True), batch.labels, batch.index) if channels_last else batch
+    return dataclasses.replace(batch, images=prepare_input(batch.images, True)) if channels_last else batch
 
 
 @dataclass
@@ -185,6 +185,9 @@ def build_member(
     student = distributed.sync_batchnorm(student, device)
     prepare_model(student, channels_last=spec.channels_last, compile=compile)
     method.to(device)
+    # ...and so do the method's own BatchNorms (FitNet's regressor, AB's connectors, FT's paraphraser, OFD's
+    # connector, ReviewKD's ABF, SimKD's projector), which otherwise normalise each rank's share on its own.
+    method = distributed.sync_batchnorm(method, device)
     method.rng = new_generator(device)
     method.rng.manual_seed(derive_seed(spec.seed, spec.method, "rng"))
     base_lr = spec.protocol.base_lr(spec.student)
@@ -388,9 +391,18 @@ def ddp_step(
         )
 
 
+def shared_terms(terms: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+    """The loss terms of this rank's share of a global batch, scaled so that DDP's equal-weight mean over the ranks
+    is the mean over the global batch's rows (``distributed.share_weight``; unscaled on one process and whenever the
+    shares are equal, i.e. every full batch): an epoch's last, partial batch gets the one-device gradient."""
+    factor = distributed.share_weight(int(batch.labels.shape[0]), batch.global_rows)
+    return terms if factor is None else {k: v * factor for k, v in terms.items()}
+
+
 def epoch_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
     """Per-term means over an epoch's steps, averaged over the ranks (each rank's terms are means over its rows,
-    so with equal shares this is the mean one process computes over the global batches)."""
+    scaled by ``shared_terms`` where the shares are unequal, so this is the mean one process computes over the
+    global batches)."""
     return {k: float(distributed.all_mean(v)) / steps for k, v in sums.items()}
 
 
@@ -470,7 +482,7 @@ def run_init_stage(
             sums: dict[str, torch.Tensor] = {}
             for batch in loader.epoch(m.init_done):
                 batch = _batch_for(batch, m.spec.channels_last)
-                optimizer_step(opt, step(batch), sums)
+                optimizer_step(opt, shared_terms(step(batch), batch), sums)
                 if on_batch:
                     on_batch()
             means = epoch_means(sums, len(loader))
@@ -562,7 +574,8 @@ def train_cohort(
                     continue
                 try:
                     t_for = t_batch if m.method.teacher_batch_stats else t_out
-                    optimizer_step(m.optimizer, steps_of[id(m)](batch.images, t_for, batch, where), sums[id(m)])
+                    terms = shared_terms(steps_of[id(m)](batch.images, t_for, batch, where), batch)
+                    optimizer_step(m.optimizer, terms, sums[id(m)])
                 except Exception as exc:  # one member's error must not cost its cohort-mates their results
                     if distributed.active():  # ...except under DDP: the other ranks wait in a collective
                         raise
@@ -721,8 +734,9 @@ def result_record(
             "precision": m.spec.precision,
             "channels_last": m.spec.channels_last,
             "compile": m.compiled,
-            # one run on several processes (DDP): not part of the run id, since the student's BatchNorms are
-            # synchronised and every rank sees its share of the same global batches (kdbench.distributed)
+            # one run on several processes (DDP): not part of the run id, since the student's and the method's
+            # BatchNorms are synchronised, every rank sees its share of the same global batches (a partial one
+            # weighted by its share) and methods whose loss couples the batch are refused (kdbench.distributed)
             **({"processes": distributed.world_size(), "sync_batchnorm": True} if distributed.active() else {}),
         },
     )

@@ -50,6 +50,8 @@ class CC(Method):
     paper = "Peng, Jin, Liu, Li, Wu, Liu, Zhou & Zhang. Correlation Congruence for Knowledge Distillation. ICCV 2019"
     Config = CCConfig
     needs = frozenset({"pooled"})
+    couples_batch = True
+    couples_batch_why = "its correlation congruence is over pairs of rows of the batch"
 
     def __init__(self, cfg: CCConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)

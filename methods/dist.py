@@ -60,6 +60,8 @@ class DIST(Method):
     paper = "Huang, You, Wang, Qian & Xu. Knowledge Distillation from A Stronger Teacher. NeurIPS 2022"
     Config = DISTConfig
     needs = frozenset({"logits"})
+    couples_batch = True
+    couples_batch_why = "its intra-class term is a Pearson correlation over the rows of the batch"
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress

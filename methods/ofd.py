@@ -99,6 +99,8 @@ class OFD(Method):
     paper = "Heo, Kim, Yun, Park, Kwak & Choi. A Comprehensive Overhaul of Feature Distillation. ICCV 2019"
     Config = OFDConfig
     needs = frozenset({"preact"})
+    couples_batch = True
+    couples_batch_why = "its teacher forward normalises with each batch's BN statistics"
 
     @staticmethod
     def _taps(ctx: MethodContext) -> list[tuple[int, int]]:

@@ -46,6 +46,8 @@ class PKT(Method):
     paper = "Passalis & Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018"
     Config = PKTConfig
     needs = frozenset({"pooled"})
+    couples_batch = True
+    couples_batch_why = "its kernel densities are over the rows of the batch"
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress

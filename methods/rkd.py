@@ -60,6 +60,8 @@ class RKD(Method):
     paper = "Park, Kim, Lu & Cho. Relational Knowledge Distillation. CVPR 2019"
     Config = RKDConfig
     needs = frozenset({"pooled"})
+    couples_batch = True
+    couples_batch_why = "its distances and angles are between the rows of the batch"
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress

@@ -38,6 +38,8 @@ class SP(Method):
     paper = "Tung & Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019"
     Config = SPConfig
     needs = frozenset({"feats"})
+    couples_batch = True
+    couples_batch_why = "its similarity matrix is over the rows of the batch"
 
     def loss(
         self, student: ModelOutput, teacher: ModelOutput, batch: Batch, progress: Progress

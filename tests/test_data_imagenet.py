@@ -156,3 +156,36 @@ def test_torchvision_teacher_by_name_only_with_download_or_cached(tmp_path: Path
     )
     assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
     assert card["arch"] == "tv_resnet18"
+
+
+def test_ranks_share_an_epoch_without_repeating_a_sample(folder: Path, monkeypatch) -> None:
+    """32 images in global batches of 12 over 3 ranks: torch's DistributedSampler(drop_last=False) would pad the
+    epoch to 33 by repeating a sample; kdbench's order is its permutation unpadded, every sample once, and the
+    last batch's 8 rows split 3 / 3 / 2 (each batch says how many rows its global batch has)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from kdbench import distributed
+
+    data = load_dataset("imagenet", str(folder), image_size=16, num_workers=0)
+    one = data.train_loader(12, seed=5)
+    reference = DistributedSampler(data.train_split, num_replicas=1, rank=0, shuffle=True, seed=5)
+    reference.set_epoch(2)
+    assert list(one._sampler(2)) == list(reference)  # one process: DistributedSampler's order, bitwise as before
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shards, rows = [], []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        loader = data.train_loader(12, seed=5)
+        shards.append(list(loader._sampler(2)))
+        batches = list(loader.epoch(2))
+        assert len(batches) == len(loader) == 3
+        rows.append([(b.labels.numel(), getattr(b, "global_rows", None)) for b in batches])
+    assert sorted(i for s in shards for i in s) == list(range(32))
+    order = list(reference)
+    assert [order[r::3] for r in range(3)] == shards
+    assert rows == [[(4, 12), (4, 12), (3, 8)], [(4, 12), (4, 12), (3, 8)], [(4, 12), (4, 12), (2, 8)]]
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    with pytest.raises(KdbenchError, match="batch size 8 does not split evenly over 3 processes"):
+        data.train_loader(8)
+    cut = data.train_loader(12, seed=5, drop_last=True)  # whole global batches only: 24 samples, 8 per rank
+    assert len(cut) == 2 and len(list(cut._sampler(2))) == 8

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,17 +85,20 @@ def _teacher() -> torch.nn.Module:
     return freeze(create_model(PAIR.split(":")[0], num_classes=4))
 
 
-def _train(root: str, out: str, kind: str = "imagenet") -> None:
+def _train(
+    root: str, out: str, kind: str = "imagenet", methods: tuple[str, ...] = METHODS, train_size: int = 32
+) -> None:
     """The methods trained as one cohort for one epoch (4 steps) by this process, alone or as one rank (init stages
     first, as the sweep does); every rank saves what it holds (losses, student and method state) to out/rank<r>.pt."""
     device = distributed.init_from_env(torch.device("cpu"))
     if kind == "imagenet":
         data = load_dataset("imagenet", root, image_size=SIZE, num_workers=0)
     else:  # the device-resident loader of CIFAR / Tiny-ImageNet, on synthetic images of the same counts
-        data = load_dataset("synthetic", num_classes=4, image_size=16, train_size=32, test_size=8, seed=0)
+        data = load_dataset("synthetic", num_classes=4, image_size=16, train_size=train_size, test_size=8, seed=0)
     teacher = _teacher()
     saved = {}
-    members = [build_member(spec, data, teacher, device) for spec in _specs(Path(root), Path(out) / "x", METHODS, SETS)]
+    sets = [s for s in SETS if s.split(".")[1] in methods]
+    members = [build_member(spec, data, teacher, device) for spec in _specs(Path(root), Path(out) / "x", methods, sets)]
     for m in members:
         run_init_stage(m, data, teacher, device, save=False)
     train_cohort(members, data, teacher, device, save=False)
@@ -118,9 +122,31 @@ def test_two_ranks_train_what_one_process_trains(folder: Path, tmp_path: Path, k
     two.mkdir()
     _train(str(folder), str(one), kind)
     distributed.launch(2, _train, str(folder), str(two), kind)
+    _same_as_one_process(one, two, METHODS)
+    ref = torch.load(one / "rank0.pt", weights_only=True)
+    assert ref["crd"]["method"]["nce_z"].min() > 0  # Z was set (from the global batch on two ranks)
+    assert int(ref["rrd"]["method"]["queue_filled"]) > 0
+
+
+def test_a_partial_last_batch_and_the_methods_batchnorms_train_what_one_process_trains(
+    folder: Path, tmp_path: Path
+) -> None:
+    """11 samples in global batches of 8: the last batch's 3 rows split 2 / 1 over two ranks, and DDP's equal-weight
+    mean of the ranks' gradients must still be the one-device gradient (the loss terms weighted by each rank's
+    share). FitNet's regressor has a BatchNorm of its own, which must see the global batch like the student's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    methods = ("kd", "fitnet")
+    _train(str(folder), str(one), "synthetic", methods, 11)
+    distributed.launch(2, _train, str(folder), str(two), "synthetic", methods, 11)
+    _same_as_one_process(one, two, methods)
+
+
+def _same_as_one_process(one: Path, two: Path, methods: tuple[str, ...]) -> None:
     ref = torch.load(one / "rank0.pt", weights_only=True)
     ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    for method in METHODS:
+    for method in methods:
         for got in ranks:
             r = got[method]
             for term, values in ref[method]["loss"].items():
@@ -138,8 +164,6 @@ def test_two_ranks_train_what_one_process_trains(folder: Path, tmp_path: Path, k
                     torch.testing.assert_close(r[part][key], value, rtol=rtol, atol=atol, msg=f"{method} {key}")
         for key, value in ranks[0][method]["method"].items():  # the ranks hold identical banks
             assert torch.equal(value, ranks[1][method]["method"][key]), (method, key)
-    assert ref["crd"]["method"]["nce_z"].min() > 0  # Z was set (from the global batch on two ranks)
-    assert int(ref["rrd"]["method"]["queue_filled"]) > 0
 
 
 # ---------------------------------------------------------------------------------------------- kill and resume
@@ -223,3 +247,93 @@ def test_killed_rank_resumes_to_identical_metrics_and_only_rank0_writes(folder: 
     assert a["execution"]["processes"] == 2
     log = next((killed / "runs").glob("*__kd__*.log")).read_text()
     assert "resumed at epoch 1/2" in log
+
+
+# ---------------------------------------------------------------------------------------------- refused up front
+
+COUPLED = {"sp", "rkd", "pkt", "cc", "dist", "ofd"}
+
+
+def _kdbench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from kdbench.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _smoke(results: Path, methods: str) -> list[str]:
+    return ["run", "-m", methods, "-p", "resnet20:resnet8", "--dataset", "synthetic", "--protocol", "smoke"] + [
+        "--results",
+        str(results),
+        "--device",
+        "cpu",
+    ]
+
+
+def test_the_methods_whose_loss_couples_the_batch_say_so() -> None:
+    from kdbench.method import discover
+
+    declared = {name for name, e in discover().items() if e.builtin and e.ok and e.cls.couples_batch}
+    assert declared == COUPLED
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--nproc-per-node", "2", "--dry-run"], "method 'sp' cannot run on 2 processes"),
+        (["--nproc-per-node", "2"], "method 'sp' cannot run on 2 processes"),
+        (["--executor", "slurm", "--nproc-per-node", "2", "--slurm-nodes", "2", "--dry-run"], "on 4 processes"),
+    ],
+)
+def test_a_method_that_couples_the_batch_is_refused_before_anything_trains(tmp_path: Path, args, words) -> None:
+    results = tmp_path / "r"
+    res = _kdbench(*_smoke(results, "kd,sp"), *args)
+    assert res.returncode == 2, res.stderr
+    assert words in res.stderr and "couples the samples of a batch" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not results.exists()
+
+
+def test_a_torchrun_rank_refuses_it_too(tmp_path: Path, monkeypatch) -> None:
+    """torchrun starts `kdbench run` on every rank (WORLD_SIZE > 1): refused before the process group is joined."""
+    from kdbench.errors import KdbenchError
+    from kdbench.execute import execute
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    specs = _specs(tmp_path, tmp_path / "r", ("pkt",), [])
+    with pytest.raises(KdbenchError, match="method 'pkt' cannot run on 2 processes"):
+        execute(ResultStore(tmp_path / "r"), specs, device="cpu")
+    assert not distributed.active()
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path: Path) -> None:
+    results = tmp_path / "r"
+    res = _kdbench(*_smoke(results, "kd"), "--nproc-per-node", "3", "--dry-run")  # smoke: batch 64
+    assert res.returncode == 2, res.stderr
+    assert "batch size 64 does not split evenly over 3 processes" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert _kdbench(*_smoke(results, "kd"), "--nproc-per-node", "2", "--dry-run").returncode == 0
+
+
+def test_the_device_resident_loader_checks_the_split(monkeypatch) -> None:
+    """The in-memory loader refuses what the command line refuses, and an epoch whose last batch has fewer rows
+    than processes (a rank would hold none)."""
+    from kdbench.data.loader import GPULoader
+    from kdbench.errors import KdbenchError
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    images, labels = torch.zeros(51, 3, 4, 4, dtype=torch.uint8), torch.zeros(51, dtype=torch.long)
+
+    def loader(n: int, bs: int, drop_last: bool = False) -> GPULoader:
+        return GPULoader(
+            images[:n], labels[:n], batch_size=bs, train=True, mean=(0,) * 3, std=(1,) * 3, drop_last=drop_last
+        )
+
+    with pytest.raises(KdbenchError, match="batch size 8 does not split evenly over 3 processes"):
+        loader(48, 8)
+    with pytest.raises(KdbenchError, match="last batch of each epoch has 2 rows"):
+        loader(50, 6)
+    loader(50, 6, drop_last=True)
+    loader(51, 6)  # a last batch of 3 rows: one per rank

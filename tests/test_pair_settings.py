@@ -95,7 +95,8 @@ def test_sources_md_cites_every_per_pair_value():
 
 def test_the_values_the_issue_lists_to_be_confirmed():
     s = {k: dict(v.values) for k, v in load_pair_settings().items()}
-    assert {p: v["beta"] for (m, p), v in s.items() if m == "dkd" and v["beta"] != 8.0} == {
+    cifar = {(m, p): v for (m, p), v in s.items() if not p.startswith("tv_")}  # ImageNet: a test of its own
+    assert {p: v["beta"] for (m, p), v in cifar.items() if m == "dkd" and v["beta"] != 8.0} == {
         "resnet56:resnet20": 2.0,
         "resnet110:resnet32": 2.0,
         "vgg13:vgg8": 6.0,
@@ -300,3 +301,52 @@ def test_resolve_is_unchanged_for_methods_without_per_pair_settings():
     s = _spec(Request(["kd"], ["resnet56:resnet20"]))
     assert s.settings.kind == "default" and s.settings.pair is None
     assert s.method_config == {k: v for k, v in make_config(resolve("kd")).__dict__.items()}
+
+
+def test_imagenet_kd_and_dkd_get_mdistillers_settings_and_the_table_marks_only_other_settings(tmp_path):
+    """mdistiller's ImageNet KD and DKD (configs/imagenet/*/kd.yaml, dkd.yaml) are not its CIFAR defaults: every
+    published ImageNet cell has a cited setting, the runs get it, and `--reference mdistiller-imagenet` marks ≠ a
+    run at another setting (--uniform-settings) but not one at the published setting."""
+    from kdbench.results import ResultStore
+    from kdbench.tables import build_tables, collect
+
+    s = {k: dict(v.values) for k, v in load_pair_settings().items()}
+    for pair in ("tv_resnet34:tv_resnet18", "tv_resnet50:mobilenetv1"):
+        assert s[("kd", pair)] == {"ce_weight": 0.5, "kd_weight": 0.5, "temperature": 1.0}
+        assert load_pair_settings()[("kd", pair)].reference == "mdistiller-imagenet"
+        assert load_pair_settings()[("dkd", pair)].reference == "mdistiller-imagenet"
+    dkd = {
+        p: (v["beta"], v.get("temperature"), v.get("warmup"), v.get("warmup_reference_epochs"))
+        for (m, p), v in s.items()
+        if m == "dkd"
+    }
+    assert dkd["tv_resnet34:tv_resnet18"] == (0.5, 1.0, 1.0, 100) and dkd["tv_resnet50:mobilenetv1"][0] == 2.0
+    with open(REFERENCE_DIR / "imagenet_top1.csv", newline="") as fh:
+        cells = [(r["method"].lower(), f"{r['teacher']}:{r['student']}") for r in csv.DictReader(fh)]
+    assert len(cells) == 4 and [c for c in cells if c not in s] == []
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    bench = load_bench(ROOT / "bench.toml")
+    published = expand(bench, Request(["kd", "dkd"], ["imagenet"], data_root=str(tmp_path)))
+    uniform = expand(bench, Request(["kd"], ["imagenet"], data_root=str(tmp_path), uniform_settings=True))
+    for spec in published + uniform[:1]:
+        rec = {
+            "schema": 1,
+            "run_id": spec.run_id,
+            "status": "done",
+            "spec": spec.to_dict(),
+            "pair": spec.pair,
+            "method": {"name": spec.method, "config": spec.method_config},
+            "settings": spec.settings.to_dict(),
+            "teacher": None,
+            "metrics": {"top1_last": 70.0, "top1_best": 70.0},
+        }
+        (runs / f"{spec.label}.json").write_text(json.dumps(rec))
+    assert {sp.method_config["temperature"] for sp in published} == {1.0}
+    (table,) = build_tables(collect(ResultStore(tmp_path)), reference="mdistiller-imagenet").values()
+    marks = table.setting_marks
+    for pair in ("tv_resnet34:tv_resnet18", "tv_resnet50:mobilenetv1"):
+        assert marks[("kd", pair)] == ["pair"] and marks[("dkd", pair)] == ["pair"]
+    other = [row for row in table.rows if row.startswith("kd (")]
+    assert len(other) == 1 and "differs" in marks[(other[0], "tv_resnet34:tv_resnet18")]

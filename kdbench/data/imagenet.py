@@ -9,9 +9,10 @@ mean and std, as torchvision's reference recipe. Workers return uint8 crops; nor
 training device (a quarter of the bytes through shared memory and over PCIe).
 
 Batches are the same ``Batch`` (images, labels, sample indices) as the device-resident loader's. The order of an
-epoch is torch's ``DistributedSampler`` (seed, ``set_epoch``), and each sample's crop and flip are drawn from its
-own generator seeded from (seed, epoch, index): whichever worker or rank decodes a sample, it gets the same
-pixels, so N ranks see exactly the global batches one process sees (``kdbench.distributed``'s convention).
+epoch is the permutation torch's ``DistributedSampler`` draws (seed + epoch; without its padding, ``_Shuffled``),
+and each sample's crop and flip are drawn from its own generator seeded from (seed, epoch, index): whichever
+worker or rank decodes a sample, it gets the same pixels, so N ranks see exactly the global batches one process
+sees (``kdbench.distributed``'s convention).
 """
 
 from __future__ import annotations
@@ -109,6 +110,30 @@ class _Strided(torch.utils.data.Sampler):
         return len(range(distributed.rank(), self.n, distributed.world_size()))
 
 
+class _Shuffled(torch.utils.data.Sampler):
+    """Training order of one rank: the permutation torch's ``DistributedSampler`` draws (``randperm`` from a
+    generator seeded with seed + epoch), cut to whole batches with ``drop_last``, and rank r's samples r, r + W, ...
+    of it. Unlike ``DistributedSampler(drop_last=False)`` it never pads: when the epoch's samples do not divide
+    by W, the last global batch is split unequally (16 rows over 3 ranks: 6, 5, 5; the loss terms are weighted by
+    each rank's share, ``kdbench.train.shared_terms``) instead of repeating samples, so every sample is trained
+    once per epoch, as on one process. On one process it is exactly DistributedSampler's order."""
+
+    def __init__(self, n: int, seed: int, epoch: int, batch_size: int, drop_last: bool):
+        self.n, self.seed, self.epoch = n, seed, epoch
+        self.stop = (n // batch_size) * batch_size if drop_last else n
+
+    def _order(self) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()[: self.stop]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[distributed.rank() :: distributed.world_size()])
+
+    def __len__(self) -> int:
+        return len(range(distributed.rank(), self.stop, distributed.world_size()))
+
+
 class FolderLoader:
     """Batches of a FolderSplit from DataLoader workers, normalised on ``device``.
 
@@ -128,8 +153,8 @@ class FolderLoader:
         drop_last: bool = False,
     ):
         w = distributed.world_size()
-        if train and batch_size % w:
-            raise KdbenchError(f"the global batch size {batch_size} does not split over {w} processes")
+        if train:
+            distributed.check_batch(batch_size, w, len(split), bool(drop_last))
         self.split = split
         self.train = train
         self.device = torch.device(device)
@@ -145,26 +170,18 @@ class FolderLoader:
     def _sampler(self, epoch: int) -> torch.utils.data.Sampler:
         if not self.train:
             return _Strided(len(self.split))
-        from torch.utils.data.distributed import DistributedSampler
-
-        s = DistributedSampler(
-            self.split,
-            num_replicas=distributed.world_size(),
-            rank=distributed.rank(),
-            shuffle=True,
-            seed=self.seed,
-            drop_last=False,
-        )
-        s.set_epoch(epoch)
-        return s
+        return _Shuffled(len(self.split), self.seed, epoch, self.batch_size, self.drop_last)
 
     @property
     def num_samples(self) -> int:
         return len(self.split)
 
     def __len__(self) -> int:
-        n = len(self._sampler(0))
-        return n // self.local_batch if self.drop_last else -(-n // self.local_batch)
+        """Steps per epoch, the same on every rank: global batches (the last one partial unless ``drop_last``)."""
+        n, bs = len(self.split), self.batch_size
+        if not self.train:
+            return -(-len(self._sampler(0)) // bs)
+        return n // bs if self.drop_last else -(-n // bs)
 
     def epoch(self, e: int = 0) -> Iterator[Batch]:
         self.split.epoch = e
@@ -175,12 +192,14 @@ class FolderLoader:
             sampler=self._sampler(e),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=self.drop_last,
+            drop_last=False,  # the sampler already cut the epoch to whole global batches with drop_last
             persistent_workers=False,
         )
-        for images, labels, index in loader:
+        n, bs, w = len(self.split), self.batch_size, distributed.world_size()
+        for step, (images, labels, index) in enumerate(loader):
             x = images.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
-            yield Batch(x, labels.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+            rows = min(bs, n - step * bs) if self.train and w > 1 else None
+            yield Batch(x, labels.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True), rows)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

@@ -16,11 +16,15 @@ from kdbench.seeds import epoch_seed
 
 @dataclass
 class Batch:
-    """One training or test batch: normalised images, labels, and the sample indices in the split."""
+    """One training or test batch: normalised images, labels, and the sample indices in the split.
+
+    ``global_rows``: on several processes, the rows of the whole global batch this rank holds a share of (an
+    epoch's last batch may be partial and split unequally; ``kdbench.distributed.share_weight``); None on one."""
 
     images: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
+    global_rows: int | None = None
 
 
 def crop_flip(
@@ -90,6 +94,10 @@ class GPULoader:
         self.flip = bool(flip)
         self.mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        if self.train:
+            from kdbench import distributed
+
+            distributed.check_batch(batch_size, distributed.world_size(), self.num_samples, self.drop_last)
 
     @property
     def num_samples(self) -> int:
@@ -129,6 +137,7 @@ class GPULoader:
 
         r, w = (distributed.rank(), distributed.world_size()) if self.train else (0, 1)
         for s in range(0, stop, bs):
+            rows = min(s + bs, stop) - s if w > 1 else None
             pos = slice(s + r, min(s + bs, stop), w)
             idx = order[pos]
             x = self.images[idx]
@@ -142,7 +151,7 @@ class GPULoader:
                     flips[pos] if flips is not None else None,
                     self.pad,
                 )
-            yield Batch(self.normalize(x), self.labels[idx], idx)
+            yield Batch(self.normalize(x), self.labels[idx], idx, rows)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.train:
