@@ -29,12 +29,18 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 REFERENCE_KD = [34.18, 33.68, 33.50]
 
 
-def _runs(folder: Path) -> dict[tuple[str, int], dict]:
+def _teacher_runs() -> set[str]:
+    """The run ids of the teachers' own training runs (their cards in ../teachers/ name them)."""
+    return {json.loads(p.read_text())["run_id"] for p in (HERE.parent / "teachers").glob("*.json")}
+
+
+def _runs(folder: Path) -> dict[tuple[str, int, str], dict]:
     out = {}
+    teachers = _teacher_runs()
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
         spec = run["spec"]
-        if run.get("status") != "done" or spec.get("teacher") is None:
+        if run.get("status") != "done" or run["run_id"] in teachers:
             continue
         if any(k in spec for k in ("precision", "channels_last")):
             continue
@@ -52,6 +58,11 @@ def _at(run: dict, where: str) -> float:
     if where == "last":
         return float(run["metrics"]["top1_last"])
     return float(run["curve"]["test_top1"][_lr_phase_end(run)])
+
+
+def _setting(run: dict) -> tuple[str, str]:
+    """A method at one setting (a grid point is another setting)."""
+    return run["spec"]["method"], json.dumps(run["spec"]["method_config"], sort_keys=True)
 
 
 def _sd(values: list[float]) -> float:
@@ -115,27 +126,34 @@ def main() -> str:
         out.append("| " + " | ".join(row) + " |")
 
     # the smallest difference 3 seeds resolve: two-sided t-test of two methods' means at 5%, with the pooled
-    # per-run sd of these methods (at the last epoch)
-    pooled_var, dof = 0.0, 0
-    for m in methods:
-        seeds = [(s, r) for (mm, s, r) in main_runs if mm == m]
-        values = [_at(main_runs[(m, s, r)], "last") for s, r in seeds]
-        if len(values) > 1:
-            pooled_var += statistics.variance(values) * (len(values) - 1)
-            dof += len(values) - 1
-    sigma = math.sqrt(pooled_var / dof) if dof else float("nan")
+    # per-run sd (at the last epoch) of these methods, and of every method setting of the table with 2 seeds or more
+    def pooled(keys: list[tuple[str, str]]) -> tuple[float, int]:
+        var, dof = 0.0, 0
+        for key in keys:
+            values = [_at(r, "last") for r in main_runs.values() if _setting(r) == key]
+            if len(values) > 1:
+                var += statistics.variance(values) * (len(values) - 1)
+                dof += len(values) - 1
+        return (math.sqrt(var / dof) if dof else float("nan")), dof
+
+    mine = sorted({_setting(r) for r in main_runs.values() if r["spec"]["method"] in methods})
+    table = sorted({_setting(r) for r in main_runs.values()})
+    sigma, dof = pooled(mine)
+    sigma_all, dof_all = pooled(table)
     n = 3
-    mdd = T975[2 * n - 2] * sigma * math.sqrt(2 / n)
     out += [
         "",
         "## The smallest difference 3 seeds resolve",
         "",
-        f"Pooled per-run standard deviation at the last epoch over these methods' seeds: **{sigma:.2f} points** "
-        f"({dof} degrees of freedom). Two methods with 3 seeds each differ significantly (two-sided t-test, 5%) "
-        f"when their means differ by more than t(0.975, {2 * n - 2}) x sd x sqrt(2/3) = **{mdd:.2f} points**; a "
-        f"difference of that size is detected only half the time, and one of "
-        f"{(T975[2 * n - 2] + 0.941) * sigma * math.sqrt(2 / n):.2f} points 80% of the time "
-        "(t(0.80, 4) = 0.941).",
+        f"Pooled per-run standard deviation at the last epoch: **{sigma:.2f} points** over these "
+        f"{len(methods)} methods' seeds ({dof} degrees of freedom), **{sigma_all:.2f}** over every method of the table "
+        f"with 2 seeds or more ({dof_all} degrees of freedom). Two methods with 3 seeds each differ significantly "
+        f"(two-sided t-test, 5%) when their means differ by more than t(0.975, {2 * n - 2}) x sd x sqrt(2/3): "
+        f"**{T975[2 * n - 2] * sigma * math.sqrt(2 / n):.2f} points** with the first, "
+        f"**{T975[2 * n - 2] * sigma_all * math.sqrt(2 / n):.2f}** with the second. A difference of exactly that size "
+        "is found significant only half the time; for 80% of the time it takes (t(0.975, 4) + t(0.80, 4)) x sd x "
+        f"sqrt(2/3) = {(T975[2 * n - 2] + 0.941) * sigma * math.sqrt(2 / n):.2f} and "
+        f"{(T975[2 * n - 2] + 0.941) * sigma_all * math.sqrt(2 / n):.2f} points.",
     ]
     kd = sorted((s, _at(r, "last")) for (m, s, _rid), r in main_runs.items() if m == "kd")
     if len(kd) >= 2:
