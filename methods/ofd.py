@@ -25,9 +25,7 @@ class OFDConfig(MethodConfig):
     # OFD runs recorded before this setting existed used the running statistics: they are runs of "eval"
     teacher_bn: str = field(default="batch", metadata=absent_means("eval"))
 
-    RANGES = {**MethodConfig.RANGES, "teacher_bn": ("batch", "eval")}
-
-    RANGES = {**MethodConfig.RANGES, "kernel_size": ">=1"}
+    RANGES = {**MethodConfig.RANGES, "teacher_bn": ("batch", "eval"), "kernel_size": ">=1"}
 
 
 def margin_from_bn(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

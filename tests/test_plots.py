@@ -168,10 +168,12 @@ def many(tmp_path_factory):
     """The fixture's runs with 25 methods on each pair (its kd runs copied under every built-in name and extra
     ones, with shifted numbers): the crowded case of a full report."""
     import copy
+    import hashlib
     import json
     import math
 
     from kdbench.sweep import BUILTIN_ORDER
+    from kdbench.variants import method_defaults
 
     names = [m for m in BUILTIN_ORDER if m != "ce"]
     names += [f"extra{i}" for i in range(25 - len(names))]
@@ -189,7 +191,10 @@ def many(tmp_path_factory):
         for i, m in enumerate(names[1:], 1):
             q = copy.deepcopy(r)
             q["spec"]["method"] = q["method"]["name"] = m
-            q["run_id"] = f"{i:02d}{r['run_id'][2:]}"
+            # each copy at its method's default setting on its pair (else it would be a row of another setting)
+            pair = f"{r['spec']['teacher']['arch']}:{r['spec']['student']}"
+            q["spec"]["method_config"] = method_defaults([m], pair)[m] or {}
+            q["run_id"] = hashlib.sha256(f"{r['run_id']}-{m}".encode()).hexdigest()[:16]  # never an existing id
             d = 1.5 * math.sin(1.7 * i)
             for k in ("top1_last", "top1_best"):
                 q["metrics"][k] += d
