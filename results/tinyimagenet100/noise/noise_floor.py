@@ -8,7 +8,7 @@ Both are compared at the last epoch and at the end of the lr 0.05 phase (the las
 
     python results/tinyimagenet100/noise/noise_floor.py > results/tinyimagenet100/noise/noise.md
 
-Reads the run JSON only (no torch); the output is Markdown.
+Reads the run JSON (and kdbench's method registry, to name the rows as `kdbench table` does); the output is Markdown.
 """
 
 from __future__ import annotations
@@ -63,6 +63,23 @@ def _at(run: dict, where: str) -> float:
 def _setting(run: dict) -> tuple[str, str]:
     """A method at one setting (a grid point is another setting)."""
     return run["spec"]["method"], json.dumps(run["spec"]["method_config"], sort_keys=True)
+
+
+def _default_kd(runs: dict) -> tuple[str, str] | None:
+    """KD at its default setting (as `kdbench table` names rows: kdbench.variants)."""
+    keys = {_setting(r) for r in runs.values() if r["spec"]["method"] == "kd"}
+    return next((k for k in keys if _row_name(k, runs) == "kd"), None)
+
+
+def _row_name(key: tuple[str, str], runs: dict) -> str:
+    """The row `kdbench table` gives this setting: the method, with the keys where it differs from the default."""
+    from kdbench.variants import method_defaults, row_name, setting_diff
+
+    method, config = key
+    run = next(r for r in runs.values() if _setting(r) == key)
+    pair = f"{(run['spec'].get('teacher') or {}).get('arch', '-')}:{run['spec']['student']}"
+    name = row_name(method, setting_diff(json.loads(config), method_defaults([method], pair)[method]))
+    return name.replace("ce", "vanilla student (ce)", 1) if method == "ce" else name
 
 
 def _sd(values: list[float]) -> float:
@@ -155,6 +172,33 @@ def main() -> str:
         f"sqrt(2/3) = {(T975[2 * n - 2] + 0.941) * sigma * math.sqrt(2 / n):.2f} and "
         f"{(T975[2 * n - 2] + 0.941) * sigma_all * math.sqrt(2 / n):.2f} points.",
     ]
+    # which rows of the table differ from KD by more than that floor (pooled sd of the table, each row's seed count)
+    kd_values = [_at(r, "last") for r in main_runs.values() if _setting(r) == _default_kd(main_runs)]
+    if kd_values:
+        out += [
+            "",
+            f"### The table's rows against KD at this floor (pooled sd {sigma_all:.2f})",
+            "",
+            f"Each row's mean minus KD's ({statistics.mean(kd_values):.2f}, {len(kd_values)} seeds), and the smallest "
+            "difference its seed count resolves against KD's: t(0.975, n + n_KD - 2) x sd x sqrt(1/n + 1/n_KD).",
+            "",
+            "| row | seeds | top-1 last | - KD | resolvable | beyond the floor |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        rows = []
+        for key in table:
+            if key == _default_kd(main_runs):
+                continue
+            values = [_at(r, "last") for r in main_runs.values() if _setting(r) == key]
+            n, nk = len(values), len(kd_values)
+            if n < 2:
+                continue
+            diff = statistics.mean(values) - statistics.mean(kd_values)
+            floor = T975[min(10, n + nk - 2)] * sigma_all * math.sqrt(1 / n + 1 / nk)
+            rows.append((diff, _row_name(key, main_runs), n, statistics.mean(values), floor))
+        for diff, name, n, mean, floor in sorted(rows, reverse=True):
+            beyond = "yes" if abs(diff) > floor else "no"
+            out.append(f"| {name} | {n} | {mean:.2f} | {diff:+.2f} | {floor:.2f} | {beyond} |")
     kd = sorted((s, _at(r, "last")) for (m, s, _rid), r in main_runs.items() if m == "kd")
     if len(kd) >= 2:
         ours = [v for _, v in kd]
