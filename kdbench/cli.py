@@ -472,8 +472,9 @@ def _check_processes(specs, processes: int) -> None:
     """Several processes per run: refuse, before anything is written (also in --dry-run), a method whose loss couples
     the samples of a batch and a batch size that does not split evenly over the processes."""
     from kdbench import distributed
+    from kdbench.method import refuse_coupled
 
-    distributed.refuse_coupled([s.method for s in specs], processes)
+    refuse_coupled([s.method for s in specs], processes)
     for batch_size in dict.fromkeys(s.protocol.batch_size for s in specs):
         distributed.check_batch(batch_size, processes)
 

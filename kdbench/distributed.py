@@ -19,7 +19,7 @@ Every rank runs the same code; this module holds the few things that differ:
   and every step's gradient is the one-device gradient of the mean over the global batch.
 - A method whose loss couples the samples of a batch (``Method.couples_batch``: SP's similarity matrix, RKD's
   distances, ...) computes on each rank a different loss than one device computes on the global batch; such
-  methods are refused on more than one process (``refuse_coupled``), before anything trains.
+  methods are refused on more than one process (``kdbench.method.refuse_coupled``), before anything trains.
 """
 
 from __future__ import annotations
@@ -102,23 +102,6 @@ def check_batch(batch_size: int, processes: int, num_samples: int | None = None,
             f"the last batch of each epoch has {last} rows ({num_samples} samples, batch {batch_size}), fewer than "
             f"the {processes} processes: use drop_last = true in the protocol or another batch size"
         )
-
-
-def refuse_coupled(methods: list[str], processes: int) -> None:
-    """One line naming the first method whose loss couples the samples of a batch, when more than one process
-    would train it (the run would not be the single-device run its id names)."""
-    if processes <= 1:
-        return
-    from kdbench.method import resolve
-
-    for name in dict.fromkeys(methods):
-        cls = resolve(name).cls
-        if cls is not None and cls.couples_batch:
-            why = f" ({cls.couples_batch_why})" if cls.couples_batch_why else ""
-            raise KdbenchError(
-                f"method {name!r} cannot run on {processes} processes: its loss couples the samples of a batch{why}, "
-                "so each rank's loss on its share differs from the loss on the global batch; run it with one process"
-            )
 
 
 def local_rows(t: torch.Tensor) -> torch.Tensor:
@@ -326,7 +309,6 @@ __all__ = [
     "launch",
     "local_rows",
     "rank",
-    "refuse_coupled",
     "share_weight",
     "shutdown",
     "sync_batchnorm",

@@ -123,7 +123,9 @@ def execute(
     if executor == "local" and nproc > 1 and dev.type == "cuda" and nproc > torch.cuda.device_count():
         raise KdbenchError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPUs are visible")
     processes = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
-    distributed.refuse_coupled([s.method for s in specs], processes)  # before any rank trains
+    from kdbench.method import refuse_coupled
+
+    refuse_coupled([s.method for s in specs], processes)  # before any rank trains
     for batch_size in dict.fromkeys(s.protocol.batch_size for s in specs):
         distributed.check_batch(batch_size, processes)
     if executor == "local" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a torchrun launch

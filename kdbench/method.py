@@ -372,3 +372,18 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
     except (TypeError, ValueError):
         pass
     raise KdbenchError(f"{where} must be {t}, got {value!r}")
+
+
+def refuse_coupled(methods: list[str], processes: int) -> None:
+    """One line naming the first method whose loss couples the samples of a batch, when more than one process
+    would train it (the run would not be the single-device run its id names)."""
+    if processes <= 1:
+        return
+    for name in dict.fromkeys(methods):
+        cls = resolve(name).cls
+        if cls is not None and cls.couples_batch:
+            why = f" ({cls.couples_batch_why})" if cls.couples_batch_why else ""
+            raise KdbenchError(
+                f"method {name!r} cannot run on {processes} processes: its loss couples the samples of a batch{why}, "
+                "so each rank's loss on its share differs from the loss on the global batch; run it with one process"
+            )
