@@ -46,18 +46,10 @@ def _rank_worker(
     """One rank of a distributed run (started by ``kdbench.distributed.launch``): joins the process group, trains
     the runs with every other rank, and rank 0 hands its report back through ``box``."""
     from kdbench import distributed
-    from kdbench.sweep import _stderr_line
+    from kdbench.sweep import worker_sweep
 
     dev = distributed.init_from_env(resolve_device(device))
-    report = Sweep(
-        ResultStore(root),
-        dev,
-        cohort=cohort,
-        download=download,
-        compile=compile,
-        log=_stderr_line,
-        echo=_stderr_line if echo else None,
-    ).run(specs)
+    report = worker_sweep(root, dev, cohort, download, compile, echo).run(specs)
     if distributed.is_main() and box is not None:
         box.put(dataclasses.asdict(report))
 

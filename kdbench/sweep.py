@@ -670,15 +670,22 @@ def _worker(
 ) -> SweepReport:
     if threads:
         torch.set_num_threads(threads)
+    return worker_sweep(root, torch.device(device), cohort, download, compile, echo).run(specs)
+
+
+def worker_sweep(
+    root: str, device: torch.device, cohort: bool, download: bool, compile: bool | str, echo: bool
+) -> Sweep:
+    """The Sweep of a worker process (a local worker, or one rank of a distributed run): its lines go to stderr."""
     return Sweep(
         ResultStore(root),
-        torch.device(device),
+        device,
         cohort=cohort,
         download=download,
         compile=compile,
         log=_stderr_line,
         echo=_stderr_line if echo else None,
-    ).run(specs)
+    )
 
 
 def _die_with_parent(parent: int) -> None:
