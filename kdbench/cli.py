@@ -619,8 +619,10 @@ def _collect(results: str):
     "rank_corr",
     default=None,
     metavar="TEACHER:STUDENT",
-    help="With --reference (one name) and --format md: Kendall tau between each pair's ranking of the "
-    "methods and the published ranking of this pair (e.g. the closest published pair).",
+    help="With --reference and --format md: Kendall tau between each pair's ranking of the methods and the "
+    "published ranking of this pair (e.g. the closest published pair). Several references make one ranking "
+    "of their rows (e.g. CRD's table and the modern methods' own papers, which use its teachers and protocol); "
+    "two that publish different numbers for one method of the pair are refused.",
 )
 @click.option(
     "--compute",
@@ -700,8 +702,8 @@ def table(
         click.echo(curves_long_csv(col), nl=False)
         return
     if rank_corr is not None:
-        if not reference or "," in reference:
-            raise KdbenchError("--rank-corr needs exactly one --reference, e.g. --reference crd2020")
+        if not reference or not reference.strip(", "):
+            raise KdbenchError("--rank-corr needs a --reference, e.g. --reference crd2020")
         if fmt != "md":
             raise KdbenchError("--rank-corr is written in Markdown: use --format md")
         if rank_corr.count(":") != 1:
@@ -772,12 +774,25 @@ def _rank_corr_text(tables, reference: str, published_pair: str) -> str:
     from kdbench.rankcorr import rank_agreement, render_agreement_md
     from kdbench.tables import PAPER_NAMES, STUDENT, TEACHER, load_reference
 
-    published, _ = load_reference(reference)
     t_arch, s_arch = published_pair.split(":")
-    pub = {row: published.get((t_arch, s_arch, PAPER_NAMES.get(row, row))) for row in PAPER_NAMES}
-    pub[STUDENT] = published.get((t_arch, s_arch, "Student"))
-    if not any(v is not None for v in pub.values()):
+    _, names = load_reference(reference)
+    pub: dict[str, float | None] = {}
+    source: dict[str, str] = {}
+    for name in names:  # one ranking from several sources: refused where two disagree on a method of the pair
+        published, _ = load_reference(name)
+        for row in [*PAPER_NAMES, STUDENT]:
+            value = published.get((t_arch, s_arch, "Student" if row == STUDENT else PAPER_NAMES.get(row, row)))
+            if value is None:
+                continue
+            if pub.get(row) is not None and pub[row] != value:
+                raise KdbenchError(
+                    f"--rank-corr {published_pair}: {source[row]} and {name} publish different numbers for "
+                    f"{row} ({pub[row]} and {value}); name one of them"
+                )
+            pub[row], source[row] = value, name
+    if not pub:
         raise KdbenchError(f"--rank-corr {published_pair}: {reference} has no numbers for that pair")
+    reference = ", ".join(names)
     lines = []
     for t in tables.values():
         for pair in t.pairs:

@@ -86,11 +86,44 @@ def test_table_rank_corr_on_the_known_fixture():
     ) in res.output
 
 
+def test_table_rank_corr_over_several_references_is_one_ranking():
+    # CRD's table and RRD's README on resnet32x4:resnet8x4: crd 75.51 > rrd 74.48 > fitnet 73.50 > kd 73.33 >
+    # fsp 72.62 > Student 72.50; ours crd 75.5 > kd 74.6 = rrd 74.6 > fitnet 73.25 > Student 73.0 > fsp 72.6.
+    # 12 concordant, 2 discordant (Student-fsp, kd-fitnet), 1 tied in ours only (kd-rrd): tau-b = 10 / sqrt(15 * 14).
+    res = CliRunner().invoke(
+        cli,
+        ["table", "--results", str(FIXTURE), "--reference", "crd2020,rrd2024", "--rank-corr", "resnet32x4:resnet8x4"],
+    )
+    assert res.exit_code == 0, res.output
+    assert (
+        "Rank agreement of resnet32x4:resnet8x4 with the published ranking of the same pair (crd2020, rrd2024): "
+        "Kendall tau-b = 0.690, two-sided p = 0.0558 (normal), over the 6 rows both have: Student, kd, fitnet, fsp, "
+        "crd, rrd."
+    ) in res.output
+    assert f"{10 / (15 * 14) ** 0.5:.3f}" == "0.690"
+
+
+def test_table_rank_corr_refuses_two_references_that_disagree(monkeypatch):
+    import kdbench.tables as tables
+
+    rows = tables._reference_rows()
+    extra = dict(rows[0], source="RRD (Giakoumoglou & Stathaki 2024; a test row)", teacher="resnet32x4")
+    extra.update(student="resnet8x4", method="KD", top1="70.00")  # CRD's table says 73.33
+    monkeypatch.setattr(tables, "_reference_rows", lambda: [*rows, extra])
+    res = CliRunner().invoke(
+        cli,
+        ["table", "--results", str(FIXTURE), "--reference", "crd2020,rrd2024", "--rank-corr", "resnet32x4:resnet8x4"],
+    )
+    assert isinstance(res.exception, KdbenchError)
+    assert "crd2020 and rrd2024 publish different numbers for kd (73.33 and 70.0)" in str(res.exception)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rank-corr", "resnet32x4:resnet8x4"], "needs exactly one --reference"),
-        (["--reference", "crd2020,rrd2024", "--rank-corr", "resnet32x4:resnet8x4"], "needs exactly one --reference"),
+        (["--rank-corr", "resnet32x4:resnet8x4"], "needs a --reference"),
+        (["--reference", ",", "--rank-corr", "resnet32x4:resnet8x4"], "needs a --reference"),
+        (["--reference", "crd2020,nope", "--rank-corr", "resnet32x4:resnet8x4"], "unknown reference 'nope'"),
         (["--reference", "crd2020", "--rank-corr", "resnet32x4"], "expected TEACHER:STUDENT"),
         (["--reference", "crd2020", "--rank-corr", "resnet32x4:resnet8x4", "--format", "csv"], "use --format md"),
         (["--reference", "crd2020", "--rank-corr", "resnet32x4:resnet8x4", "--metric", "cka"], "top1"),
