@@ -48,8 +48,8 @@ def render_best_of_grid_md(table: Table) -> str:
             "|---|---:|---:|---|---:|",
         ]
 
-        def fmt(c: Cell) -> str:
-            return f"{c.mean:.{d}f} ± {c.std:.{d}f}" if c.n > 1 else f"{c.mean:.{d}f}"
+        def fmt(c: Cell) -> str:  # each setting's mean is over its own seeds: their number is shown
+            return (f"{c.mean:.{d}f} ± {c.std:.{d}f}" if c.n > 1 else f"{c.mean:.{d}f}") + f" (n={c.n})"
 
         for m, (row, dc, bc) in best.items():
             setting = row[len(m) + 2 : -1] if row != m else "default"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from click.testing import CliRunner
 
 from kdbench.cli import cli
@@ -48,3 +50,30 @@ def test_noise_md_is_what_its_script_prints():
     assert module.main() == (RESULTS / "noise" / "noise.md").read_text(), (
         "regenerate it: python results/tinyimagenet100/noise/noise_floor.py > results/tinyimagenet100/noise/noise.md"
     )
+
+
+# Every derived file that results/tinyimagenet100/regenerate.sh writes with `kdbench table`, and its arguments.
+DERIVED = {
+    "vs_kd.md": ["--vs", "kd"],
+    "vs_ce.md": ["--vs", "ce"],
+    "rank_crd2020.md": ["--reference", "crd2020", "--rank-corr", "resnet56:resnet20"],
+    "rank_published.md": ["--reference", "crd2020,rrd2024,dkd2022,dist2022,ls2024", "--rank-corr", "resnet56:resnet20"],
+    "best_of_grid.md": ["--best-of-grid"],
+    "compute.md": ["--compute"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DERIVED))
+def test_derived_file_is_what_its_command_prints(name):
+    args = DERIVED[name]
+    res = CliRunner().invoke(cli, ["table", "--results", str(RESULTS), *args])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == (RESULTS / name).read_text(), "regenerate: bash results/tinyimagenet100/regenerate.sh"
+
+
+def test_regenerate_sh_writes_each_derived_file_with_its_command():
+    script = (RESULTS / "regenerate.sh").read_text().replace("\\\n  ", "")
+    for name, args in DERIVED.items():
+        line = f"kdbench table --results $R {' '.join(args)} > $R/{name}"
+        assert line in script, line
+    assert "> $R/table.md" in script and "--transfer > $R/transfer.md" in script

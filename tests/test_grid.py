@@ -160,7 +160,7 @@ def test_best_of_grid_and_the_sensitivity_figure(tmp_path):
     assert got["kd"][0] == "kd (temperature=2)" and got["kd"][2].mean == 90.5
     assert got["crd"][0] == "crd"  # no grid: its own best
     text = render_best_of_grid_md(table)
-    assert "| kd | 74.60 ± 0.50 | 90.50 ± 0.71 | temperature=2 | +15.90 |" in text
+    assert "| kd | 74.60 ± 0.50 (n=3) | 90.50 ± 0.71 (n=2) | temperature=2 | +15.90 |" in text
     assert "Kendall tau-b between the ranking of the 5 methods" in text and "optimistic" in text
     fig = sensitivity_figure(col, table.group, pair)
     assert fig is not None
