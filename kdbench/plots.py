@@ -72,14 +72,18 @@ def styles_for(methods: list[str]) -> dict[str, Style]:
     return out
 
 
-def _suptitle(fig: Figure, text: str) -> None:
-    """The figure's title, wrapped to its width so that a narrow figure does not clip it."""
+def _wrapped(text: str, width_in: float, size: Any) -> str:
+    """`text` wrapped to lines of about `width_in` inches at font size `size` (points)."""
     import textwrap
 
-    size = matplotlib.rcParams["figure.titlesize"]
     size = size if isinstance(size, (int, float)) else 12
-    chars = max(20, int(fig.get_figwidth() * 72 / (0.56 * size)))
-    fig.suptitle("\n".join(textwrap.wrap(text, chars)) if len(text) > chars else text)
+    chars = max(20, int(width_in * 72 / (0.56 * size)))
+    return "\n".join(textwrap.wrap(text, chars)) if len(text) > chars else text
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped to its width so that a narrow figure does not clip it."""
+    fig.suptitle(_wrapped(text, fig.get_figwidth(), matplotlib.rcParams["figure.titlesize"]))
 
 
 def _legend_cols(n: int, rows: int) -> int:
@@ -646,7 +650,10 @@ def alignment_figure(
                 label="mean of a method",
             )
         )
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, title="method", ncols=ncols)
+        # Beside the last panel, below the title (a figure legend at the upper right shares the title's height).
+        axes[-1].legend(
+            handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title="method", ncols=ncols
+        )
         _suptitle(fig, f"Accuracy vs alignment with the teacher — small: one run, large: a method's mean ({group})")
     return fig
 
@@ -780,7 +787,9 @@ def transfer_figure(table: Any, styles: dict[str, Style] | None = None) -> Figur
             )
         ax.set_xlabel("top-1 on the run's own data, last epoch (%)")
         ax.set_ylabel("linear-probe top-1 on the probe data (%)")
-        fig.legend(loc="outside right upper", frameon=False, ncols=ncols, title="method")
+        # The legend beside the axes, below the title (a figure legend at the upper right would share the title's
+        # height, and the long title runs into it).
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, ncols=ncols, title="method")
         _suptitle(fig, f"Transfer: {table.title}")
     return fig
 

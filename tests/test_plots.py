@@ -242,12 +242,13 @@ def test_every_figure_kind_with_25_methods(many, tmp_path):
         assert len(lines) == len(labels)  # every entry looks different
         figs += [bar, curves, plots.losses_figure(many, GROUP, pair, styles), plots.corr_diff_figure(many, GROUP, pair)]
     align = plots.alignment_figure(many, GROUP, "top1_last", styles)
-    for h in align.legends[0].legend_handles[:-1]:
+    for h in align.axes[-1].get_legend().legend_handles[:-1]:
         assert h.get_marker() == styles[h.get_label()][2]  # the marker tells the method, as everywhere
     figs += [plots.gain_figure(table), align]
     for fig in figs:
         check_figure(fig)
         check_nothing_clipped(fig)
+        check_title_clear_of_legends(fig)
         check_png(plots.save(fig, tmp_path / f"{len(list(tmp_path.iterdir()))}.png"), fig.get_suptitle())
 
 
@@ -307,3 +308,35 @@ def test_report_on_a_real_run(tiny_results, tmp_path):
     assert {name.split("-")[0] for name in links} == {"gain", "alignment", "top1", "curves", "losses", "corrdiff"}
     for name in links:
         check_png(report.parent / name)
+
+
+def check_title_clear_of_legends(fig) -> None:
+    """The figure's title overlaps no legend (a figure legend at the upper right shares the title's height)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    for legend in legends:
+        assert not title.overlaps(legend.get_window_extent(renderer)), (fig.get_suptitle(), legend.get_title())
+
+
+def test_transfer_figure_with_27_rows_keeps_title_and_legend_apart(tmp_path):
+    from kdbench.transfer import Stat, TransferRow, TransferTable
+
+    rows = [TransferRow("resnet20:resnet8", TEACHER, Stat({0: 40.3}), Stat({0: 28.7}), Stat())]
+    for i, name in enumerate([STUDENT, *[f"method-{k}" for k in range(26)]]):
+        rows.append(
+            TransferRow("resnet20:resnet8", name, Stat({0: 30 + i / 5, 1: 30.5 + i / 5}), Stat({0: 25 + i / 9}), Stat())
+        )
+    title = (
+        "tinyimagenet@16 / cpu -> tinyimagenet (100 classes, 20000 train / 5000 test images @16px, data 371f5c80), "
+        "probe fast (20 epochs), probe seed 0"
+    )
+    fig = plots.transfer_figure(TransferTable(title, rows))
+    check_figure(fig)
+    check_nothing_clipped(fig)
+    check_title_clear_of_legends(fig)
+    check_png(plots.save(fig, tmp_path / "transfer.png"), fig.get_suptitle())
