@@ -56,7 +56,7 @@ DERIVED = {
     "vs_kd.md": ["--vs", "kd"],
     "vs_ce.md": ["--vs", "ce"],
     "rank_crd2020.md": ["--reference", "crd2020", "--rank-corr", "resnet56:resnet20"],
-    "rank_published.md": ["--reference", "crd2020,rrd2024,dkd2022,dist2022,ls2024", "--rank-corr", "resnet56:resnet20"],
+    "rank_published.md": ["--reference", "crd2020,rrd2024,dkd2022,ls2024", "--rank-corr", "resnet56:resnet20"],
     "best_of_grid.md": ["--best-of-grid"],
     "compute.md": ["--compute"],
 }

@@ -8,7 +8,7 @@ kdbench table --results $R --transfer > $R/transfer.md
 kdbench table --results $R --vs kd > $R/vs_kd.md
 kdbench table --results $R --vs ce > $R/vs_ce.md
 kdbench table --results $R --reference crd2020 --rank-corr resnet56:resnet20 > $R/rank_crd2020.md
-kdbench table --results $R --reference crd2020,rrd2024,dkd2022,dist2022,ls2024 --rank-corr resnet56:resnet20 \
+kdbench table --results $R --reference crd2020,rrd2024,dkd2022,ls2024 --rank-corr resnet56:resnet20 \
   > $R/rank_published.md
 kdbench table --results $R --best-of-grid > $R/best_of_grid.md
 kdbench table --results $R --compute > $R/compute.md
