@@ -776,23 +776,26 @@ def _rank_corr_text(tables, reference: str, published_pair: str) -> str:
 
     t_arch, s_arch = published_pair.split(":")
     _, names = load_reference(reference)
-    pub: dict[str, float | None] = {}
+    names = list(dict.fromkeys(names))
+    rows = {STUDENT: "Student", **{r: paper for r, paper in PAPER_NAMES.items() if paper != "Student"}}
+    pub: dict[str, float | None] = {}  # None: the paper reports the method as not applicable to the pair
     source: dict[str, str] = {}
     for name in names:  # one ranking from several sources: refused where two disagree on a method of the pair
         published, _ = load_reference(name)
-        for row in [*PAPER_NAMES, STUDENT]:
-            value = published.get((t_arch, s_arch, "Student" if row == STUDENT else PAPER_NAMES.get(row, row)))
-            if value is None:
+        for row, paper in rows.items():
+            if (t_arch, s_arch, paper) not in published:
                 continue
-            if pub.get(row) is not None and pub[row] != value:
+            value = published[(t_arch, s_arch, paper)]
+            if row in pub and pub[row] != value:
+                a, b = ("not applicable" if v is None else f"{v:.2f}" for v in (pub[row], value))
                 raise KdbenchError(
                     f"--rank-corr {published_pair}: {source[row]} and {name} publish different numbers for "
-                    f"{row} ({pub[row]} and {value}); name one of them"
+                    f"{row} ({a} and {b}); name one of them"
                 )
             pub[row], source[row] = value, name
     if not pub:
-        raise KdbenchError(f"--rank-corr {published_pair}: {reference} has no numbers for that pair")
-    reference = ", ".join(names)
+        raise KdbenchError(f"--rank-corr {published_pair}: {', '.join(names)} has no numbers for that pair")
+    reference = ", ".join(dict.fromkeys(source.values()))  # the sources that gave this pair's numbers
     lines = []
     for t in tables.values():
         for pair in t.pairs:

@@ -115,7 +115,49 @@ def test_table_rank_corr_refuses_two_references_that_disagree(monkeypatch):
         ["table", "--results", str(FIXTURE), "--reference", "crd2020,rrd2024", "--rank-corr", "resnet32x4:resnet8x4"],
     )
     assert isinstance(res.exception, KdbenchError)
-    assert "crd2020 and rrd2024 publish different numbers for kd (73.33 and 70.0)" in str(res.exception)
+    assert "crd2020 and rrd2024 publish different numbers for kd (73.33 and 70.00)" in str(res.exception)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # CRD's table leaves FSP empty on wrn_40_2:wrn_40_1 (not applicable): a number elsewhere is a disagreement
+        (
+            {"teacher": "wrn_40_2", "student": "wrn_40_1", "method": "FSP", "top1": "70.00"},
+            "fsp (not applicable and 70.00)",
+        ),
+        # the vanilla student is named as the table names it
+        (
+            {"teacher": "resnet32x4", "student": "resnet8x4", "method": "Student", "top1": "60.00"},
+            "for Student (72.50 and 60.00)",
+        ),
+    ],
+)
+def test_table_rank_corr_refuses_not_applicable_against_a_number(monkeypatch, extra, message):
+    import kdbench.tables as tables
+
+    rows = tables._reference_rows()
+    monkeypatch.setattr(
+        tables, "_reference_rows", lambda: [*rows, dict(rows[0], source="RRD (Giakoumoglou: a test row)", **extra)]
+    )
+    pair = f"{extra['teacher']}:{extra['student']}"
+    res = CliRunner().invoke(
+        cli, ["table", "--results", str(FIXTURE), "--reference", "crd2020,rrd2024", "--rank-corr", pair]
+    )
+    assert isinstance(res.exception, KdbenchError)
+    assert message in str(res.exception)
+
+
+def test_table_rank_corr_names_each_source_once_and_only_those_with_numbers():
+    res = CliRunner().invoke(
+        cli,
+        [
+            "table", "--results", str(FIXTURE), "--reference", "crd2020,crd2020,simkd2022,rrd2024",
+            "--rank-corr", "wrn_40_2:wrn_16_2",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "of the same pair (crd2020, rrd2024): Kendall" in res.output  # simkd2022 has no number for this pair
 
 
 @pytest.mark.parametrize(

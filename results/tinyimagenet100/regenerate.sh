@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates every derived file of results/tinyimagenet100 from its committed JSON (run from the repository root).
+# Regenerates every derived table of results/tinyimagenet100 from its committed JSON (run from the repository root;
+# the report is `kdbench report`, and investigation/ holds its own scripts).
 # tests/test_committed_results.py checks that each committed file is exactly what its command prints.
 set -euo pipefail
 R=results/tinyimagenet100

@@ -52,6 +52,8 @@ def main(results: str, data_root: str) -> str:
     ]
     for probe_file in sorted((root / "probes").glob("*.json")):
         probe = json.loads(probe_file.read_text())
+        if probe["dataset"]["checksum"] != data.checksum or probe["dataset"]["image_size"] != 16:
+            continue  # a probe of other data (or another size): not comparable with the ridge probe here
         run_file = next((root / "runs").glob(f"*__{probe['run_id']}.json"), None)
         if run_file is None:
             continue
@@ -74,5 +76,7 @@ def main(results: str, data_root: str) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python results/tinyimagenet100/investigation/probe_scale.py RESULTS PROBE_DATA_ROOT")
     torch.manual_seed(0)
     print(main(sys.argv[1], sys.argv[2]), end="")
