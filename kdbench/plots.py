@@ -220,8 +220,7 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
         ax.set_xticks(x, names, rotation=40, ha="right")
         ax.set_xlabel("method")
         ax.set_ylabel(_metric_label(table.metric))
-        n = table.common_n()
-        ax.set_title(f"error bars: std over {n} seeds" if n and n > 1 else "one seed per method", fontsize=9)
+        ax.set_title(_error_bar_note(common, [table.cell(r, pair).n for r in rows]), fontsize=9)
         handles, _ = ax.get_legend_handles_labels()
         hatched = [r for r in rows if _style(styles, r, table.rows)[1]]
         if hatched:  # past nine methods colours come back with a hatch: every hatched bar gets a legend entry
@@ -240,6 +239,16 @@ def bar_figure(table: Table, pair: str, styles: dict[str, Style] | None = None) 
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
         _suptitle(fig, f"{pair} — {table.metric} per method ({table.group})")
     return fig
+
+
+def _error_bar_note(common: int | None, ns: list[int]) -> str:
+    """What the error bars of a bar chart are, where the bars may rest on different numbers of seeds."""
+    mixed = len({k for k in ns if k}) > 1
+    if not mixed:
+        return f"error bars: std over {common} seeds" if common and common > 1 else "one seed per method"
+    if common and common > 1:
+        return f"error bars: std over {common} seeds, or over n where a label says n=k"
+    return "one seed per method unless a label says n=k (error bars: std over those seeds)"
 
 
 def bar_chart(table: Table, pair: str, path: Path, styles: dict[str, Style] | None = None) -> Path | None:

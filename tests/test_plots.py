@@ -89,6 +89,8 @@ def test_bar_chart(table, tmp_path):
         assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["student (ce)", "kd", fitnet]
         assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # the teacher level
         assert ax.get_ylim()[0] == 0  # every bar chart starts at 0, so that charts of pairs read alike
+        # The subtitle says what the error bars are; where bars rest on different seed counts it says so.
+        assert ("n=k" in ax.get_title()) == (pair == PAIRS[1]), ax.get_title()
         check_nothing_clipped(fig)
         check_png(plots.save(fig, tmp_path / f"bar-{pair}.png"), fig.get_suptitle())
     # The wrn pair's fitnet failed and fsp is n/a: no bar, a label instead.
