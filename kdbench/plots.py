@@ -708,6 +708,16 @@ def _grid_panels(
     return out
 
 
+def _seed_counts(frame: pd.DataFrame) -> str:
+    """How many seeds each point of a sensitivity panel rests on: '2 seeds', or '2 seeds; 5 at 4' where a value
+    (typically the default, with the benchmark's own runs) has more or fewer."""
+    per_value = frame.groupby("value")["seed"].nunique()
+    usual = int(per_value.mode().max())  # the most common count; of tied counts, the largest
+    text = f"{usual} seed{'s' if usual != 1 else ''}"
+    others = [f"{int(k)} at {v:g}" for v, k in per_value.items() if k != usual]
+    return "; ".join([text, *others])
+
+
 def sensitivity_figure(col: Collected, group: str, pair: str, metric: str = "top1_last") -> Figure | None:
     """Top-1 against the value of a method's setting, one panel per (method, setting) with a grid: every seed a
     small point, the mean over seeds a line, the method's default setting marked; a log axis where the values span
@@ -742,15 +752,14 @@ def sensitivity_figure(col: Collected, group: str, pair: str, metric: str = "top
             if len(ce):
                 m, s = float(ce.mean()), float(ce.std(ddof=1)) if len(ce) > 1 else 0.0
                 ax.axhspan(m - s, m + s, color=GREY, alpha=0.25, lw=0)
-                ax.axhline(m, color=GREY, lw=1.0, ls="--", label="vanilla student")
+                ax.axhline(m, color=GREY, lw=1.0, ls="--", label="vanilla student (± std)")
             lo, hi = float(means.index.min()), float(means.index.max())
             if lo > 0 and hi / lo >= 4:
                 ax.set_xscale("log")
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
                 ax.set_xticks(list(means.index))
-            seeds = frame["seed"].nunique()
-            ax.set_title(f"{base}: {key} ({seeds} seed{'s' if seeds != 1 else ''})")
+            ax.set_title(f"{base}: {key} ({_seed_counts(frame)})")
             ax.set_xlabel(key + (" (log scale)" if ax.get_xscale() == "log" else ""))
             ax.set_ylabel(_metric_label(metric))
             ax.legend(loc="best", frameon=False, fontsize=8)

@@ -165,7 +165,8 @@ def test_best_of_grid_and_the_sensitivity_figure(tmp_path):
     fig = sensitivity_figure(col, table.group, pair)
     assert fig is not None
     (ax,) = [a for a in fig.axes if a.get_visible()]
-    assert ax.get_title() == "kd: temperature (3 seeds)" and ax.get_xscale() == "log"  # 2..8 spans 4x
+    # seed counts per value: 3 at the default (4), 2 at 2 and 1 at 8; the title says each count that differs
+    assert ax.get_title() == "kd: temperature (3 seeds; 2 at 2; 1 at 8)" and ax.get_xscale() == "log"  # 2..8 spans 4x
     xs = sorted(ax.lines[0].get_xdata())
     assert xs == [2.0, 4.0, 8.0]
 
