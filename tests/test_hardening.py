@@ -763,11 +763,18 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, tiny_toml):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # A shell starts a background job (`... &`) with SIGINT ignored, and Python keeps an inherited SIG_IGN:
+        # give the run the default disposition a terminal's Ctrl-C meets, however the suite itself was started.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = _wait_for_line(proc.stderr, "| epoch 1/1000000 |")
     assert proc.poll() is None, "".join(seen)
     proc.send_signal(signal.SIGINT)
-    err = "".join(seen) + proc.communicate()[1]
+    try:
+        err = "".join(seen) + proc.communicate(timeout=600)[1]  # a bound on a wait of a second, not a race
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the run went on training after Ctrl-C") from None
     assert proc.returncode == 130, err
     assert "interrupted: rerun the same command to resume" in err and "Traceback" not in err
 
