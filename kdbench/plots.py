@@ -72,18 +72,14 @@ def styles_for(methods: list[str]) -> dict[str, Style]:
     return out
 
 
-def _wrapped(text: str, width_in: float, size: Any) -> str:
-    """`text` wrapped to lines of about `width_in` inches at font size `size` (points)."""
+def _suptitle(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped to lines of about the figure's width so that a narrow figure does not clip it."""
     import textwrap
 
-    size = size if isinstance(size, (int, float)) else 12
-    chars = max(20, int(width_in * 72 / (0.56 * size)))
-    return "\n".join(textwrap.wrap(text, chars)) if len(text) > chars else text
-
-
-def _suptitle(fig: Figure, text: str) -> None:
-    """The figure's title, wrapped to its width so that a narrow figure does not clip it."""
-    fig.suptitle(_wrapped(text, fig.get_figwidth(), matplotlib.rcParams["figure.titlesize"]))
+    size = matplotlib.rcParams["figure.titlesize"]
+    size = size if isinstance(size, (int, float)) else 12  # a named size ("large") counts as 12 points
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.56 * size)))
+    fig.suptitle("\n".join(textwrap.wrap(text, chars)) if len(text) > chars else text)
 
 
 def _legend_cols(n: int, rows: int) -> int:

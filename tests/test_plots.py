@@ -65,14 +65,21 @@ def check_png(path: Path, title: str | None = None) -> None:
     assert (pixels < 0.5).mean() > 0.005, f"{path.name} has almost nothing drawn"
 
 
+def _drawn(fig):
+    """The renderer of `fig` drawn on an Agg canvas (drawn once; later checks of the same figure reuse it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg) or not getattr(fig, "_kdbench_drawn", False):
+        FigureCanvasAgg(fig)
+        fig.canvas.draw()
+        fig._kdbench_drawn = True
+    return fig.canvas.get_renderer()
+
+
 def check_nothing_clipped(fig) -> None:
     """Everything drawn (titles, labels, tick labels, legends, annotations) lies inside the figure: matplotlib's
     tight bounding box of what is drawn (what bbox_inches="tight" would crop to) fits in the canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    fig.canvas.draw()
-    tight = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    tight = fig.get_tightbbox(_drawn(fig))  # inches
     w, h = fig.get_size_inches()
     eps = 0.02
     assert tight.x0 >= -eps and tight.y0 >= -eps and tight.x1 <= w + eps and tight.y1 <= h + eps, (
@@ -314,11 +321,7 @@ def test_report_on_a_real_run(tiny_results, tmp_path):
 
 def check_title_clear_of_legends(fig) -> None:
     """The figure's title overlaps no legend (a figure legend at the upper right shares the title's height)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    renderer = _drawn(fig)
     title = fig._suptitle.get_window_extent(renderer)
     legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
     for legend in legends:
