@@ -51,6 +51,17 @@ def test_noise_md_is_what_its_script_prints():
     )
 
 
+def test_readme_main_table_is_what_summary_py_prints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summary", RESULTS / "summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.readme_block()
+    assert block, "README.md lacks the summary.py markers"
+    assert block == module.main(), "regenerate it: python results/tinyimagenet100/summary.py --readme"
+
+
 # Every derived file that results/tinyimagenet100/regenerate.sh writes with `kdbench table`, and its arguments.
 DERIVED = {
     "vs_kd.md": ["--vs", "kd"],
@@ -76,3 +87,4 @@ def test_regenerate_sh_writes_each_derived_file_with_its_command():
         line = f"kdbench table --results $R {' '.join(args)} > $R/{name}"
         assert line in script, line
     assert "> $R/table.md" in script and "--transfer > $R/transfer.md" in script
+    assert "python $R/summary.py --readme" in script
