@@ -74,7 +74,7 @@ def main(results: Path = HERE) -> str:
         "top-1 % at the last epoch on the 5,000 validation images, mean ± sample std over the seeds listed. "
         "Paired columns: the mean of (row - baseline) over the seeds both have, with its 95% bootstrap interval "
         "(with 3 seeds or fewer, the range of the differences); **bold**: the interval excludes 0. Probe: a linear "
-        "classifier on the frozen pooled features, 100 classes no model saw (see \"Transfer\"), mean ± std over "
+        'classifier on the frozen pooled features, 100 classes no model saw (see "Transfer"), mean ± std over '
         "the seeds probed, and its mean difference from the vanilla student's probe of the same seed.",
     ]
     return "\n".join(lines) + "\n"
