@@ -51,15 +51,16 @@ def test_noise_md_is_what_its_script_prints():
     )
 
 
-def test_readme_main_table_is_what_summary_py_prints():
+def test_readme_tables_are_what_summary_py_prints():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("summary", RESULTS / "summary.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    block = module.readme_block()
-    assert block, "README.md lacks the summary.py markers"
-    assert block == module.main(), "regenerate it: python results/tinyimagenet100/summary.py --readme"
+    for readme, text in ((module.README, module.main()), (module.MAIN_README, module.digest())):
+        block = module.readme_block(readme)
+        assert block, f"{readme} lacks the summary.py markers"
+        assert block == text, "regenerate it: python results/tinyimagenet100/summary.py --readme"
 
 
 # Every derived file that results/tinyimagenet100/regenerate.sh writes with `kdbench table`, and its arguments.

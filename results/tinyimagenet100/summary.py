@@ -2,11 +2,12 @@
 the last epoch, with the paired comparisons against KD and the vanilla student and the probe on the unseen classes.
 
     python results/tinyimagenet100/summary.py            # prints the table (Markdown)
-    python results/tinyimagenet100/summary.py --readme   # writes it into README.md between its two markers
+    python results/tinyimagenet100/summary.py --readme   # writes it into README.md between its two markers, and
+                                                         # a two-column digest into the repository's README.md
 
 Every number comes from the committed run and probe JSON through kdbench's own table code (`kdbench table --vs kd`,
 `--vs ce` and `--transfer` print the same numbers, one question at a time); tests/test_committed_results.py checks
-that README.md holds exactly what this prints. Grid points (a method at another setting) are not rows here:
+that both READMEs hold exactly what this prints. Grid points (a method at another setting) are not rows here:
 best_of_grid.md and the report's sensitivity figure give them.
 """
 
@@ -37,21 +38,30 @@ def _paired(p) -> str:
     return f"**{text}**" if p.lo > 0 or p.hi < 0 else text
 
 
-def main(results: Path = HERE) -> str:
+def _tables(results: Path):
+    """The tables against KD and the vanilla student, the pair, and the rows at their reference settings (the
+    teacher first, then by mean top-1 at the last epoch)."""
     from kdbench.results import ResultStore
     from kdbench.tables import STUDENT, TEACHER, build_tables, collect
-    from kdbench.transfer import build_transfer, collect_probes
     from kdbench.variants import base_method
 
     col = collect(ResultStore(results))
     (vs_kd,) = build_tables(col, vs="kd").values()
     (vs_ce,) = build_tables(col, vs="ce").values()
     (pair,) = vs_kd.pairs
-    (transfer,) = build_transfer(col, collect_probes(ResultStore(results))[0])
-    probes = {r.row: r for r in transfer.rows}
-
     rows = [r for r in vs_kd.rows if r in (TEACHER, STUDENT) or base_method(r) == r]
     rows.sort(key=lambda r: (r != TEACHER, -vs_kd.cell(r, pair).mean))
+    return col, vs_kd, vs_ce, pair, rows
+
+
+def main(results: Path = HERE) -> str:
+    from kdbench.results import ResultStore
+    from kdbench.tables import STUDENT, TEACHER
+    from kdbench.transfer import build_transfer, collect_probes
+
+    col, vs_kd, vs_ce, pair, rows = _tables(results)
+    (transfer,) = build_transfer(col, collect_probes(ResultStore(results))[0])
+    probes = {r.row: r for r in transfer.rows}
     lines = [
         "| | method | seeds | top-1 last | - KD, same seed | - vanilla student, same seed "
         "| probe on unseen classes (seeds) | probe - vanilla student, same seed |",
@@ -80,23 +90,46 @@ def main(results: Path = HERE) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(readme: Path = HERE / "README.md") -> None:
-    text = readme.read_text()
-    head, _, rest = text.partition(BEGIN + "\n")
+def digest(results: Path = HERE) -> str:
+    """The repository README's short form: top-1 at the last epoch and the seeds of every row, in two columns."""
+    from kdbench.tables import STUDENT, TEACHER
+
+    _, vs_kd, _, pair, rows = _tables(results)
+    cells = []
+    for row in rows:
+        cell = vs_kd.cell(row, pair)
+        name = {TEACHER: "Teacher (resnet20)", STUDENT: "vanilla student (ce)"}.get(row, row)
+        value = f"{cell.mean:.2f} ± {cell.std:.2f}" if cell.n > 1 else f"{cell.mean:.2f}"
+        cells.append(f"{name} | {value} | {'0' if row == TEACHER else _seeds([s for s, _ in cell.values])}")
+    half = (len(cells) + 1) // 2
+    left, right = cells[:half], cells[half:] + [" |  | "] * (2 * half - len(cells))
+    lines = ["| method | top-1 last | seeds | method | top-1 last | seeds |", "|---|---:|---|---|---:|---|"]
+    lines += [f"| {a} | {b} |" for a, b in zip(left, right)]
+    return "\n".join(lines) + "\n"
+
+
+README = HERE / "README.md"
+MAIN_README = HERE.parents[1] / "README.md"
+
+
+def write_readme(readme: Path, text: str) -> None:
+    old = readme.read_text()
+    head, _, rest = old.partition(BEGIN + "\n")
     _, found, tail = rest.partition(END)
     if not found:
         sys.exit(f"{readme}: no {BEGIN!r} ... {END!r} markers")
-    readme.write_text(head + BEGIN + "\n" + main() + END + tail)
+    readme.write_text(head + BEGIN + "\n" + text + END + tail)
 
 
-def readme_block(readme: Path = HERE / "README.md") -> str:
-    """What README.md holds between the markers."""
+def readme_block(readme: Path = README) -> str:
+    """What a README holds between the markers."""
     return readme.read_text().partition(BEGIN + "\n")[2].partition(END)[0]
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--readme"]:
-        write_readme()
+        write_readme(README, main())
+        write_readme(MAIN_README, digest())
     elif sys.argv[1:]:
         sys.exit("usage: python results/tinyimagenet100/summary.py [--readme]")
     else:
