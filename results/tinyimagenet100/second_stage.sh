@@ -24,7 +24,9 @@ for seed in 0 1 2; do
   run --methods reviewkd,simkd,ofd --seeds $seed
 done
 for group in ce,vid,rkd,nst at,sp,cc ab,ft,fsp crd,crd+kd,rrd,rrd+kd,rrd-2025 crcd; do run --methods $group --seeds 2; done
-run --methods at --seeds 0,1 --set methods.at.weight=125,500   # with 250 (the investigation's runs) and 1000
-run --methods ft --seeds 0,1 --set methods.ft.weight=50        # with 100 and 200
-run --methods kd --seeds 0,1 --set methods.kd.temperature=1,2,8  # with 4
+# The grids, one command so that each seed's 6 runs share one cohort (one teacher pass): each --set applies to its
+# own method only, so this is 12 runs (`--dry-run` lists them): AT 125 and 500 (with 250 from the investigation and
+# the reference 1000), FT 50 (with 100 and 200), KD temperature 1, 2 and 8 (with 4).
+run --methods at,ft,kd --seeds 0,1 --set methods.at.weight=125,500 --set methods.ft.weight=50 \
+  --set methods.kd.temperature=1,2,8
 echo "=== $(date -u +%FT%TZ) second stage done"
