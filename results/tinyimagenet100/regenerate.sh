@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates every derived table of results/tinyimagenet100 from its committed JSON, README.md's main table
-# included (run from the repository root; the report is `kdbench report`, and investigation/ holds its own scripts).
+# Regenerates every derived table of results/tinyimagenet100 from its committed JSON, its README.md's main table and
+# the repository README's digest of it included (run from the repository root; the report is `kdbench report`, and
+# investigation/ holds its own scripts).
 # tests/test_committed_results.py checks that each committed file is exactly what its command prints.
 set -euo pipefail
 R=results/tinyimagenet100
@@ -14,4 +15,4 @@ kdbench table --results $R --reference crd2020,rrd2024,dkd2022,ls2024 --rank-cor
 kdbench table --results $R --best-of-grid > $R/best_of_grid.md
 kdbench table --results $R --compute > $R/compute.md
 python $R/noise/noise_floor.py > $R/noise/noise.md
-python $R/summary.py --readme  # the main table of README.md, between its markers
+python $R/summary.py --readme  # the tables of $R/README.md and README.md, between their markers

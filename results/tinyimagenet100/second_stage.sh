@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The second stage's sweep (issue 25), as it runs: from the repository root, `nohup bash
+# The second stage's sweep (issue 25): from the repository root, `nohup bash
 # results/tinyimagenet100/second_stage.sh >> second_stage.log 2>&1 &`. Resumable: a finished run is skipped, an
 # interrupted one resumes from its last epoch's checkpoint (same machine), and each group is probed on the 100 unseen
 # classes as soon as it finishes (the probe needs the student's weights, which are not committed). The runs of the
@@ -11,11 +11,13 @@ PROBE_DATA=${PROBE_DATA:-../shared/data/tiny-imagenet-100b}
 probe() {
   OMP_NUM_THREADS=1 nice -n 5 kdbench probe --all --results $R --dataset tinyimagenet --data-root "$PROBE_DATA" \
     --protocol fast --device cpu
-  echo "=== $(date -u +%FT%TZ) rc=$? probe"
+  local rc=$?
+  echo "=== $(date -u +%FT%TZ) rc=$rc probe"
 }
 run() {
   nice -n 5 kdbench run --pairs tinyimagenet100-cpu --results $R "$@"
-  echo "=== $(date -u +%FT%TZ) rc=$? run $*"
+  local rc=$?
+  echo "=== $(date -u +%FT%TZ) rc=$rc run $*"
   probe
 }
 probe

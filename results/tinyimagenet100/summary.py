@@ -75,7 +75,11 @@ def main(results: Path = HERE) -> str:
         ce = "" if row in (TEACHER, STUDENT) else _paired(vs_ce.paired.get((row, pair)))
         probe = probes.get(row)
         target = f"{probe.target.fmt()} ({_seeds(list(probe.target.values))})" if probe and probe.target.n else ""
-        gain = f"{probe.gain.mean:+.2f}" if probe and row not in (TEACHER, STUDENT) and probe.gain.n else ""
+        gain = ""
+        if probe and row not in (TEACHER, STUDENT) and probe.gain.n:
+            gain = f"{probe.gain.mean:+.2f}"
+            if probe.gain.n != probe.target.n:  # the vanilla student was probed at fewer of this row's seeds
+                gain += f" ({'seed' if probe.gain.n == 1 else 'seeds'} {_seeds(list(probe.gain.values))})"
         seeds = "0" if row == TEACHER else _seeds([s for s, _ in cell.values])
         lines.append(f"| {i or ''} | {name} | {seeds} | {top1} | {kd} | {ce} | {target} | {gain} |")
     lines += [
@@ -83,9 +87,11 @@ def main(results: Path = HERE) -> str:
         f"{len(rows) - 2} method names and the vanilla student on {pair}, 16x16 Tiny-ImageNet-100, the `cpu` protocol; "
         "top-1 % at the last epoch on the 5,000 validation images, mean ± sample std over the seeds listed. "
         "Paired columns: the mean of (row - baseline) over the seeds both have, with its 95% bootstrap interval "
-        "(with 3 seeds or fewer, the range of the differences); **bold**: the interval excludes 0. Probe: a linear "
+        "(with 3 seeds or fewer, the range of the differences); **bold**: the interval excludes 0 (with 3 seeds, the "
+        "differences agree in sign: a weaker test than the noise floor's, see below). Probe: a linear "
         'classifier on the frozen pooled features, 100 classes no model saw (see "Transfer"), mean ± std over '
-        "the seeds probed, and its mean difference from the vanilla student's probe of the same seed.",
+        "the seeds probed, and its mean difference from the vanilla student's probe of the same seed (over the "
+        "seeds named where the vanilla student was probed at fewer of them).",
     ]
     return "\n".join(lines) + "\n"
 
