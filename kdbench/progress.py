@@ -7,6 +7,7 @@ what is printed where lives here.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -26,13 +27,32 @@ def hms(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+@functools.lru_cache(maxsize=256)
+def _default_config(method: str, pair: str) -> Any:
+    from kdbench.variants import pair_defaults
+
+    return pair_defaults([(method, pair)])[(method, pair)]
+
+
+def method_label(spec: Any) -> str:
+    """The method as the tables name its row: 'kd' at its default setting on the pair, 'kd (temperature=2)' at
+    another (a --set value or grid point), so that the members of a grid are told apart in progress lines."""
+    from kdbench.variants import row_name, setting_diff
+
+    config = getattr(spec, "method_config", None)
+    if not isinstance(config, dict) or getattr(spec, "pair_set", "") == "teachers":
+        return spec.method
+    return row_name(spec.method, setting_diff(config, _default_config(spec.method, spec.pair)))
+
+
 def run_name(spec: Any) -> str:
-    """How a run is named in progress lines: 'teacher resnet20' for a teacher's own run, else 'pair method'."""
+    """How a run is named in progress lines: 'teacher resnet20' for a teacher's own run, else 'pair method', the
+    method with its setting where it is not the default ('pair kd (temperature=2)')."""
     if getattr(spec, "pair_set", "") == "teachers":
         return f"teacher {spec.student}"
     if spec.teacher is None:
-        return f"{spec.student} {spec.method}"
-    return f"{spec.pair} {spec.method}"
+        return f"{spec.student} {method_label(spec)}"
+    return f"{spec.pair} {method_label(spec)}"
 
 
 # ---------------------------------------------------------------------------------------------- the sweep's ETA

@@ -541,7 +541,9 @@ def train_cohort(
     if progress is not None and distributed.is_main():
         from rich.markup import escape
 
-        names = ", ".join(m.spec.method for m in active)
+        from kdbench.progress import method_label
+
+        names = ", ".join(method_label(m.spec) for m in active)
         task = progress.add_task(escape(f"{active[0].spec.pair} s{active[0].spec.seed} [{names}]"), total=len(loader))
     for epoch in range(start.pop(), proto.epochs):
         active = [m for m in active if not m.done]

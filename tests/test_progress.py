@@ -241,3 +241,23 @@ def test_what_a_run_and_its_report_write_is_ignored_by_git(trained, tmp_path):
     )
     not_ignored = [ln.split("\t")[-1] for ln in check.stdout.splitlines() if ln.startswith("::")]
     assert not not_ignored, f"git would show these as changes: {not_ignored}"
+
+
+def test_progress_names_a_grid_point_by_its_setting():
+    """Runs of one method at several settings train side by side in a grid's cohort: their progress lines (and the
+    cohort's progress bar) name each by its setting, as the tables name its row; the default setting stays plain."""
+    from types import SimpleNamespace
+
+    from kdbench.progress import method_label, run_name
+    from kdbench.variants import pair_defaults
+
+    pair = "resnet20:resnet8"
+    default = pair_defaults([("kd", pair)])[("kd", pair)]
+    spec = SimpleNamespace(
+        method="kd", pair=pair, teacher="resnet20", student="resnet8", pair_set="x", method_config=dict(default)
+    )
+    assert run_name(spec) == "resnet20:resnet8 kd" and method_label(spec) == "kd"
+    spec.method_config = {**default, "temperature": 2.0}
+    assert run_name(spec) == "resnet20:resnet8 kd (temperature=2)"
+    teacher = SimpleNamespace(method="ce", student="resnet20", teacher=None, pair_set="teachers", method_config={})
+    assert run_name(teacher) == "teacher resnet20"
