@@ -33,6 +33,7 @@ from kdbench.files import atomic_torch_save
 from kdbench.losses import kd_loss, widen
 from kdbench.method import Batch, Method, MethodContext, MethodEntry, Progress, make_config, resolve
 from kdbench.models import ModelOutput, create_model
+from kdbench.progress import method_label
 from kdbench.seeds import derive_seed
 from kdbench.system import environment
 
@@ -540,8 +541,6 @@ def train_cohort(
         steps_of[id(m)] = ddp_step(m.student, m.method, member_terms, device)
     if progress is not None and distributed.is_main():
         from rich.markup import escape
-
-        from kdbench.progress import method_label
 
         names = ", ".join(method_label(m.spec) for m in active)
         task = progress.add_task(escape(f"{active[0].spec.pair} s{active[0].spec.seed} [{names}]"), total=len(loader))

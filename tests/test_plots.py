@@ -66,13 +66,13 @@ def check_png(path: Path, title: str | None = None) -> None:
 
 
 def _drawn(fig):
-    """The renderer of `fig` drawn on an Agg canvas (drawn once; later checks of the same figure reuse it)."""
+    """The renderer of `fig` drawn on an Agg canvas; a figure already drawn there and unchanged since (not stale) is
+    not drawn again, so the checks of one figure share a draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    if not isinstance(fig.canvas, FigureCanvasAgg) or not getattr(fig, "_kdbench_drawn", False):
+    if not isinstance(fig.canvas, FigureCanvasAgg) or fig.stale:
         FigureCanvasAgg(fig)
         fig.canvas.draw()
-        fig._kdbench_drawn = True
     return fig.canvas.get_renderer()
 
 

@@ -13,6 +13,7 @@ best_of_grid.md and the report's sensitivity figure give them.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -38,9 +39,10 @@ def _paired(p) -> str:
     return f"**{text}**" if p.lo > 0 or p.hi < 0 else text
 
 
+@functools.lru_cache(maxsize=4)
 def _tables(results: Path):
     """The tables against KD and the vanilla student, the pair, and the rows at their reference settings (the
-    teacher first, then by mean top-1 at the last epoch)."""
+    teacher first, then by mean top-1 at the last epoch). Read once: the README's table and the digest share it."""
     from kdbench.results import ResultStore
     from kdbench.tables import STUDENT, TEACHER, build_tables, collect
     from kdbench.variants import base_method
@@ -52,6 +54,15 @@ def _tables(results: Path):
     rows = [r for r in vs_kd.rows if r in (TEACHER, STUDENT) or base_method(r) == r]
     rows.sort(key=lambda r: (r != TEACHER, -vs_kd.cell(r, pair).mean))
     return col, vs_kd, vs_ce, pair, rows
+
+
+def _top1_and_seeds(table, row: str, pair: str) -> tuple[str, str]:
+    """A row's top-1 (mean ± sample std, or the one value) and its seeds (the teacher's card is seed 0)."""
+    from kdbench.tables import TEACHER
+    from kdbench.transfer import Stat
+
+    cell = table.cell(row, pair)
+    return Stat(cell.by_seed()).fmt(), "0" if row == TEACHER else _seeds([s for s, _ in cell.values])
 
 
 def main(results: Path = HERE) -> str:
@@ -68,9 +79,8 @@ def main(results: Path = HERE) -> str:
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for i, row in enumerate(rows):
-        cell = vs_kd.cell(row, pair)
         name = {TEACHER: "Teacher (resnet20)", STUDENT: "vanilla student (`ce`, resnet8)"}.get(row, row)
-        top1 = f"{cell.mean:.2f} ± {cell.std:.2f}" if cell.n > 1 else f"{cell.mean:.2f}"
+        top1, seeds = _top1_and_seeds(vs_kd, row, pair)
         kd = "" if row in (TEACHER, "kd") else _paired(vs_kd.paired.get((row, pair)))
         ce = "" if row in (TEACHER, STUDENT) else _paired(vs_ce.paired.get((row, pair)))
         probe = probes.get(row)
@@ -80,7 +90,6 @@ def main(results: Path = HERE) -> str:
             gain = f"{probe.gain.mean:+.2f}"
             if probe.gain.n != probe.target.n:  # the vanilla student was probed at fewer of this row's seeds
                 gain += f" ({'seed' if probe.gain.n == 1 else 'seeds'} {_seeds(list(probe.gain.values))})"
-        seeds = "0" if row == TEACHER else _seeds([s for s, _ in cell.values])
         lines.append(f"| {i or ''} | {name} | {seeds} | {top1} | {kd} | {ce} | {target} | {gain} |")
     lines += [
         "",
@@ -103,10 +112,9 @@ def digest(results: Path = HERE) -> str:
     _, vs_kd, _, pair, rows = _tables(results)
     cells = []
     for row in rows:
-        cell = vs_kd.cell(row, pair)
         name = {TEACHER: "Teacher (resnet20)", STUDENT: "vanilla student (ce)"}.get(row, row)
-        value = f"{cell.mean:.2f} ± {cell.std:.2f}" if cell.n > 1 else f"{cell.mean:.2f}"
-        cells.append(f"{name} | {value} | {'0' if row == TEACHER else _seeds([s for s, _ in cell.values])}")
+        top1, seeds = _top1_and_seeds(vs_kd, row, pair)
+        cells.append(f"{name} | {top1} | {seeds}")
     half = (len(cells) + 1) // 2
     left, right = cells[:half], cells[half:] + [" |  | "] * (2 * half - len(cells))
     lines = ["| method | top-1 last | seeds | method | top-1 last | seeds |", "|---|---:|---|---|---:|---|"]
