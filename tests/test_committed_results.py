@@ -51,6 +51,20 @@ def test_noise_md_is_what_its_script_prints():
     )
 
 
+def test_noise_md_counts_a_grid_point_as_another_setting_not_another_seed():
+    # a method's seed spread (and the KD comparison with the reference code) is over its default setting only: KD's
+    # temperature grid once entered them as extra 'seeds' 0, 0, 0, 0, 1, ...
+    import re
+
+    text = (RESULTS / "noise" / "noise.md").read_text()
+    seed_lists = re.findall(r"^\| (?:kd|fitnet|pkt) \| \d+ \| ([\d, ]+) \|", text, flags=re.M)
+    seed_lists += re.findall(r"kdbench's KD, \d+ seeds \(([\d, ]+)\)", text)
+    assert len(seed_lists) == 4
+    for listed in seed_lists:
+        seeds = [int(s) for s in listed.split(", ")]
+        assert len(seeds) == len(set(seeds)), listed
+
+
 def test_readme_tables_are_what_summary_py_prints():
     import importlib.util
 

@@ -65,20 +65,33 @@ def _setting(run: dict) -> tuple[str, str]:
     return run["spec"]["method"], json.dumps(run["spec"]["method_config"], sort_keys=True)
 
 
+def _default(method: str, runs: dict) -> tuple[str, str] | None:
+    """A method at its default setting (the row `kdbench table` names by the method alone: kdbench.variants); a
+    grid point of the method is another setting, not another seed of it."""
+    keys = {_setting(r) for r in runs.values() if r["spec"]["method"] == method}
+    return next((k for k in keys if not _changed(k, runs)), None)
+
+
 def _default_kd(runs: dict) -> tuple[str, str] | None:
-    """KD at its default setting (as `kdbench table` names rows: kdbench.variants)."""
-    keys = {_setting(r) for r in runs.values() if r["spec"]["method"] == "kd"}
-    return next((k for k in keys if _row_name(k, runs) == "kd"), None)
+    return _default("kd", runs)
 
 
-def _row_name(key: tuple[str, str], runs: dict) -> str:
-    """The row `kdbench table` gives this setting: the method, with the keys where it differs from the default."""
-    from kdbench.variants import method_defaults, row_name, setting_diff
+def _changed(key: tuple[str, str], runs: dict) -> dict:
+    """The keys where this setting differs from the method's default for its pair."""
+    from kdbench.variants import method_defaults, setting_diff
 
     method, config = key
     run = next(r for r in runs.values() if _setting(r) == key)
     pair = f"{(run['spec'].get('teacher') or {}).get('arch', '-')}:{run['spec']['student']}"
-    name = row_name(method, setting_diff(json.loads(config), method_defaults([method], pair)[method]))
+    return setting_diff(json.loads(config), method_defaults([method], pair)[method])
+
+
+def _row_name(key: tuple[str, str], runs: dict) -> str:
+    """The row `kdbench table` gives this setting: the method, with the keys where it differs from the default."""
+    from kdbench.variants import row_name
+
+    method = key[0]
+    name = row_name(method, _changed(key, runs))
     return name.replace("ce", "vanilla student (ce)", 1) if method == "ce" else name
 
 
@@ -131,7 +144,7 @@ def main() -> str:
     seed_sd: dict[str, dict[str, float]] = {}
     seed_counts: dict[str, int] = {}
     for m in methods:
-        seeds = sorted((s, r) for (mm, s, r) in main_runs if mm == m)
+        seeds = sorted((s, r) for (mm, s, r), run in main_runs.items() if _setting(run) == _default(m, main_runs))
         seed_counts[m] = len(seeds)
         row = [m, str(len(rounding.get(m, {}).get("last", []))), ", ".join(str(s) for s, _ in seeds)]
         for where in ("last", "phase"):
@@ -153,7 +166,7 @@ def main() -> str:
                 dof += len(values) - 1
         return (math.sqrt(var / dof) if dof else float("nan")), dof
 
-    mine = sorted({_setting(r) for r in main_runs.values() if r["spec"]["method"] in methods})
+    mine = [_default(m, main_runs) for m in methods]
     table = sorted({_setting(r) for r in main_runs.values()})
     sigma, dof = pooled(mine)
     sigma_all, dof_all = pooled(table)
@@ -199,7 +212,7 @@ def main() -> str:
         for diff, name, n, mean, floor in sorted(rows, reverse=True):
             beyond = "yes" if abs(diff) > floor else "no"
             out.append(f"| {name} | {n} | {mean:.2f} | {diff:+.2f} | {floor:.2f} | {beyond} |")
-    kd = sorted((s, _at(r, "last")) for (m, s, _rid), r in main_runs.items() if m == "kd")
+    kd = sorted((s, _at(r, "last")) for (_m, s, _rid), r in main_runs.items() if _setting(r) == _default_kd(main_runs))
     if len(kd) >= 2:
         ours = [v for _, v in kd]
         diff = statistics.mean(REFERENCE_KD) - statistics.mean(ours)
