@@ -72,10 +72,6 @@ def _default(method: str, runs: dict) -> tuple[str, str] | None:
     return next((k for k in keys if not _changed(k, runs)), None)
 
 
-def _default_kd(runs: dict) -> tuple[str, str] | None:
-    return _default("kd", runs)
-
-
 def _changed(key: tuple[str, str], runs: dict) -> dict:
     """The keys where this setting differs from the method's default for its pair."""
     from kdbench.variants import method_defaults, setting_diff
@@ -102,6 +98,8 @@ def _sd(values: list[float]) -> float:
 def main() -> str:
     main_runs, twins = _runs(MAIN), _runs(TWINS)
     methods = sorted({m for (m, _s, _r) in twins}, key=["kd", "fitnet", "pkt"].index)
+    default = {m: _default(m, main_runs) for m in {*methods, "kd"}}  # each method's default setting, resolved once
+    kd = sorted((s, _at(r, "last")) for (_m, s, _rid), r in main_runs.items() if _setting(r) == default["kd"])
     out = [
         "# Noise floor of results/tinyimagenet100 (resnet20:resnet8, Tiny-ImageNet-100 at 16x16, `cpu` protocol)",
         "",
@@ -144,7 +142,7 @@ def main() -> str:
     seed_sd: dict[str, dict[str, float]] = {}
     seed_counts: dict[str, int] = {}
     for m in methods:
-        seeds = sorted((s, r) for (mm, s, r), run in main_runs.items() if _setting(run) == _default(m, main_runs))
+        seeds = sorted((s, r) for (_m, s, r), run in main_runs.items() if _setting(run) == default[m])
         seed_counts[m] = len(seeds)
         row = [m, str(len(rounding.get(m, {}).get("last", []))), ", ".join(str(s) for s, _ in seeds)]
         for where in ("last", "phase"):
@@ -166,7 +164,7 @@ def main() -> str:
                 dof += len(values) - 1
         return (math.sqrt(var / dof) if dof else float("nan")), dof
 
-    mine = [_default(m, main_runs) for m in methods]
+    mine = [default[m] for m in methods]
     table = sorted({_setting(r) for r in main_runs.values()})
     sigma, dof = pooled(mine)
     sigma_all, dof_all = pooled(table)
@@ -186,7 +184,7 @@ def main() -> str:
         f"{(T975[2 * n - 2] + 0.941) * sigma_all * math.sqrt(2 / n):.2f} points.",
     ]
     # which rows of the table differ from KD by more than that floor (pooled sd of the table, each row's seed count)
-    kd_values = [_at(r, "last") for r in main_runs.values() if _setting(r) == _default_kd(main_runs)]
+    kd_values = [v for _, v in kd]
     if kd_values:
         out += [
             "",
@@ -200,7 +198,7 @@ def main() -> str:
         ]
         rows = []
         for key in table:
-            if key == _default_kd(main_runs):
+            if key == default["kd"]:
                 continue
             values = [_at(r, "last") for r in main_runs.values() if _setting(r) == key]
             n, nk = len(values), len(kd_values)
@@ -212,7 +210,6 @@ def main() -> str:
         for diff, name, n, mean, floor in sorted(rows, reverse=True):
             beyond = "yes" if abs(diff) > floor else "no"
             out.append(f"| {name} | {n} | {mean:.2f} | {diff:+.2f} | {floor:.2f} | {beyond} |")
-    kd = sorted((s, _at(r, "last")) for (_m, s, _rid), r in main_runs.items() if _setting(r) == _default_kd(main_runs))
     if len(kd) >= 2:
         ours = [v for _, v in kd]
         diff = statistics.mean(REFERENCE_KD) - statistics.mean(ours)
